@@ -1,0 +1,226 @@
+import json
+from collections import Counter
+
+import pytest
+
+from vllm_deepthink.tasks import (BUILTIN_TASKS, TaskError, dev_split, eval_rows, load_task,
+                                  sample_demos)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def make_task_dir(tmp_path, spec, train=None, test=None, name="mytask"):
+    d = tmp_path / name
+    d.mkdir()
+    if spec is not None:
+        (d / "task.json").write_text(json.dumps(spec) if not isinstance(spec, str) else spec)
+    train = train if train is not None else [
+        {"text": f"text {i}", "label": i % 2} for i in range(20)]
+    write_jsonl(d / "train.jsonl", train)
+    write_jsonl(d / "test.jsonl", test if test is not None else train[:4])
+    return d
+
+
+CLS_SPEC = {"kind": "classification", "template": "Input: {text}\nAnswer: {label}",
+            "label_words": ["no", "yes"]}
+
+
+# ------------------------------------------------------------------ built-in tasks
+
+def test_sst2_prompt_matches_published_format(data_dir):
+    task = load_task(data_dir / "sst2")
+    row = {"text": "a charming film", "label": 1}
+    assert task.format_query(row) == "Review: a charming film\nSentiment:"
+    assert task.choices(row) == [" negative", " positive"]
+    assert task.format_demo(row) == "Review: a charming film\nSentiment: positive"
+    assert task.separator == "\n\n"
+    assert task.eval_split == "test"
+
+
+@pytest.mark.parametrize("name,split", [("sst5", "validation"), ("mr", "validation"),
+                                        ("copa", "validation"), ("openbookqa", "validation"),
+                                        ("sst2", "test"), ("agnews", "test"), ("trec", "test"),
+                                        ("qasc", "test"), ("hellaswag", "test"),
+                                        ("winogrande", "test")])
+def test_builtin_eval_split_is_the_papers(data_dir, name, split):
+    assert load_task(data_dir / name).eval_split == split
+
+
+def test_all_builtin_tasks_load_and_format(data_dir):
+    for name in BUILTIN_TASKS:
+        task = load_task(data_dir / name)
+        row = task.rows(task.eval_split)[0]
+        choices = task.choices(row)
+        assert len(choices) >= 2 and all(c.startswith(" ") for c in choices)
+        assert not task.format_query(row).endswith(" ")
+        assert task.format_demo(row) == task.format_query(row) + choices[task.label(row)]
+
+
+def test_label_words_come_from_verbalizers(data_dir):
+    words = json.loads((data_dir / "trec" / "verbalizers.json").read_text())
+    assert load_task(data_dir / "trec").label_words == words
+
+
+def test_copa_uses_because_or_therefore(data_dir):
+    task = load_task(data_dir / "copa")
+    cause = {"question": "My body cast a shadow.", "choices": ["The sun was rising.", "x."],
+             "label": 0, "asks_for": "cause"}
+    assert task.format_query(cause) == "My body cast a shadow because"
+    assert task.format_demo(cause) == "My body cast a shadow because The sun was rising."
+    effect = {**cause, "asks_for": "effect"}
+    assert task.format_query(effect) == "My body cast a shadow therefore"
+
+
+def test_winogrande_continuation_holds_option_and_rest(data_dir):
+    task = load_task(data_dir / "winogrande")
+    row = {"question": "Ian ate it because _ liked it.", "choices": ["Ian", "Dennis"],
+           "label": 1}
+    assert task.format_query(row) == "Ian ate it because"
+    assert task.choices(row) == [" Ian liked it.", " Dennis liked it."]
+
+
+def test_openbookqa_choice_ends_with_period(data_dir):
+    task = load_task(data_dir / "openbookqa")
+    row = {"question": "Stars are", "choices": ["balls of gas", "cold"], "label": 0}
+    assert task.format_demo(row) == "Stars are balls of gas."
+
+
+# ------------------------------------------------------------------ demos and dev
+
+def test_sample_demos_is_stratified_and_seeded(data_dir):
+    task = load_task(data_dir / "trec")
+    demos = sample_demos(task, shots_per_class=2, seed=3)
+    train = task.rows("train")
+    labels = Counter(task.label(train[i]) for i in demos.indices)
+    assert labels == {k: 2 for k in range(6)}
+    expected = "".join(task.format_demo(train[i]) + "\n\n" for i in demos.indices)
+    assert demos.text == expected
+    assert sample_demos(task, 2, 3).indices == demos.indices
+    assert sample_demos(task, 2, 4).indices != demos.indices
+
+
+def test_sample_demos_multiple_choice_counts_demos(data_dir):
+    task = load_task(data_dir / "copa")
+    demos = sample_demos(task, shots_per_class=4, seed=0)
+    assert len(demos.indices) == len(set(demos.indices)) == 4
+    assert demos.text.endswith("\n\n") and demos.text.count("\n\n") == 4
+
+
+def test_dev_split_excludes_demos_and_is_stratified(tmp_path):
+    train = [{"text": f"t{i}", "label": i % 2} for i in range(40)]
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=train))
+    demos = sample_demos(task, 2, seed=0)
+    dev = dev_split(task, size=10, seed=0, exclude=set(demos.indices))
+    demo_texts = {train[i]["text"] for i in demos.indices}
+    assert len(dev) == 10 and not demo_texts & {r["text"] for r in dev}
+    assert Counter(r["label"] for r in dev) == {0: 5, 1: 5}
+    assert len(dev_split(task, size=1000, seed=0, exclude=set(demos.indices))) == 36
+
+
+def test_too_few_rows_of_a_label(tmp_path):
+    train = [{"text": "a", "label": 0}] * 5 + [{"text": "b", "label": 1}]
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=train))
+    with pytest.raises(TaskError, match="1 rows of label 1 .*'yes'.*fewer than"):
+        sample_demos(task, 2, seed=0)
+
+
+def test_eval_rows_limit_is_seeded_subset_in_file_order(tmp_path):
+    test = [{"text": f"t{i}", "label": i % 2} for i in range(30)]
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC, test=test))
+    subset = eval_rows(task, limit=7, seed=1)
+    assert len(subset) == 7 and subset == eval_rows(task, limit=7, seed=1)
+    positions = [test.index(r) for r in subset]
+    assert positions == sorted(positions)
+    assert eval_rows(task) == test
+
+
+# ------------------------------------------------------------------ user tasks
+
+def test_user_classification_task(tmp_path):
+    task = load_task(make_task_dir(tmp_path, {**CLS_SPEC, "separator": "\n###\n"}))
+    row = {"text": "  hello  ", "label": 1}
+    assert task.name == "mytask" and task.kind == "classification"
+    assert task.format_query(row) == "Input: hello\nAnswer:"
+    assert task.choices(row) == [" no", " yes"]
+    assert sample_demos(task, 1, 0).text.count("\n###\n") == 2
+    assert task.to_dict()["template"] == CLS_SPEC["template"]
+
+
+def test_user_template_may_use_other_row_fields(tmp_path):
+    spec = {"kind": "classification", "label_words": ["no", "yes"],
+            "template": "Premise: {premise}\nHypothesis: {text}\nEntailed? {label}"}
+    train = [{"premise": "p", "text": "h", "label": 0}, {"premise": "q", "text": "g", "label": 1}]
+    task = load_task(make_task_dir(tmp_path, spec, train=train))
+    assert task.format_demo(train[1]) == "Premise: q\nHypothesis: g\nEntailed? yes"
+
+
+def test_user_multiple_choice_task(tmp_path):
+    spec = {"kind": "multiple_choice", "template": "Q: {question}\nA: {choice}"}
+    train = [{"question": "2+2?", "choices": ["4", "5", "6"], "label": 0}] * 3
+    task = load_task(make_task_dir(tmp_path, spec, train=train))
+    assert task.choices(train[0]) == [" 4", " 5", " 6"]
+    assert task.format_query(train[0]) == "Q: 2+2?\nA:"
+
+
+# ------------------------------------------------------------------ bad task dirs
+
+@pytest.mark.parametrize("spec,message", [
+    ({**CLS_SPEC, "template": "Answer: {label}"}, r"no \{text\} placeholder"),
+    ({**CLS_SPEC, "template": "Answer: {text}"}, r"must contain \{label\} exactly once"),
+    ({**CLS_SPEC, "template": "{label} {text}"}, r"\{text\} must come before \{label\}"),
+    ({**CLS_SPEC, "kind": "regression"}, "'kind' must be one of"),
+    ({k: v for k, v in CLS_SPEC.items() if k != "label_words"}, "'label_words' is missing"),
+    ({**CLS_SPEC, "label_words": ["only"]}, "at least two non-empty strings"),
+    ({**CLS_SPEC, "labelwords": ["a", "b"]}, r"unknown keys \['labelwords'\]"),
+    ({"kind": "multiple_choice", "template": "{text} {label}"}, r"no \{question\} placeholder"),
+    ("{not json", "task.json: not valid JSON"),
+])
+def test_bad_task_json(tmp_path, spec, message):
+    with pytest.raises(TaskError, match=message):
+        load_task(make_task_dir(tmp_path, spec))
+
+
+def test_missing_task_json_for_unknown_task(tmp_path):
+    with pytest.raises(TaskError, match="task.json is missing and 'mytask' is not a built-in"):
+        load_task(make_task_dir(tmp_path, None))
+
+
+def test_missing_train_file(tmp_path):
+    d = make_task_dir(tmp_path, CLS_SPEC)
+    (d / "train.jsonl").unlink()
+    with pytest.raises(TaskError, match="train.jsonl is missing"):
+        load_task(d)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(TaskError, match="no such task directory"):
+        load_task(tmp_path / "nope")
+
+
+def test_label_out_of_range(tmp_path):
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=[{"text": "a", "label": 2}]))
+    with pytest.raises(TaskError, match=r"train.jsonl:1: 'label' must be an integer in \[0, 1\]"):
+        task.rows("train")
+
+
+def test_bad_jsonl_line_names_the_line(tmp_path):
+    d = make_task_dir(tmp_path, CLS_SPEC)
+    with (d / "train.jsonl").open("a") as f:
+        f.write("{oops\n")
+    with pytest.raises(TaskError, match="train.jsonl:21: not valid JSON"):
+        load_task(d).rows("train")
+
+
+def test_row_missing_template_field(tmp_path):
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=[{"sentence": "a", "label": 0}]))
+    with pytest.raises(TaskError, match=r"uses \{text\} but the row has no string field"):
+        task.rows("train")
+
+
+def test_multiple_choice_row_without_choices(tmp_path):
+    spec = {"kind": "multiple_choice", "template": "{question} {choice}"}
+    task = load_task(make_task_dir(tmp_path, spec, train=[{"question": "q", "label": 0}]))
+    with pytest.raises(TaskError, match="needs 'choices', a list of at least two"):
+        task.rows("train")

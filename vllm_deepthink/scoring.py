@@ -1,0 +1,174 @@
+"""Choice scoring with HF transformers: log-probability of each continuation.
+
+Conventions (docs/DESIGN.md): query ids = tok(query, add_special_tokens=False),
+choice ids = tok(choice, add_special_tokens=False) (a choice carries its own leading
+space), and a choice's score is the sum of the log-probabilities of its ids after
+[prefix] + query ids. `acc` ranks choices by that sum, `acc_norm` by the mean per
+token; the prediction is the argmax, ties going to the lowest index.
+
+A prefix is either token ids (`prefix_ids`, plain ICL: demo ids, run once and
+cached) or per-layer K/V tensors (`past_key_values`, a Deep-Thinking adapter).
+Both become a batch-1 transformers cache that every batch copies, so the query
+starts at position L in both cases and T=1 Deep-Thinking equals ICL.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from vllm_deepthink import hf_cache
+
+Score = tuple[float, int]  # (sum of choice-token logprobs, number of choice tokens)
+
+
+@dataclass
+class ChoiceItem:
+    query: str
+    choices: list[str]
+    label: int
+
+
+@dataclass
+class EncodedItem:
+    query_ids: list[int]
+    choice_ids: list[list[int]]
+
+
+def items_from_rows(task, rows: Sequence[dict]) -> list[ChoiceItem]:
+    return [ChoiceItem(task.format_query(r), task.choices(r), task.label(r)) for r in rows]
+
+
+def encode_items(tokenizer, items: Sequence[ChoiceItem]) -> list[EncodedItem]:
+    """Token ids of each query and choice, without special tokens."""
+    encoded = []
+    for n, item in enumerate(items):
+        query_ids = tokenizer(item.query, add_special_tokens=False)["input_ids"]
+        choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices]
+        for c, ids in zip(item.choices, choice_ids):
+            if not ids:
+                raise ValueError(f"item {n}: choice {c!r} tokenizes to no tokens; every "
+                                 f"choice needs at least one token to be scored.")
+        encoded.append(EncodedItem(list(query_ids), [list(ids) for ids in choice_ids]))
+    return encoded
+
+
+def _prefix_cache(model, past_key_values, prefix_ids):
+    """A batch-1 cache holding the prefix, or None; and its length L."""
+    if past_key_values is not None and prefix_ids is not None:
+        raise ValueError("give either past_key_values (an adapter) or prefix_ids (ICL "
+                         "demonstrations), not both")
+    if past_key_values is not None:
+        dtype = model.get_input_embeddings().weight.dtype
+        kv = [(k.to(model.device, dtype), v.to(model.device, dtype)) for k, v in past_key_values]
+        return hf_cache.cache_from_kv(kv, model.config, batch_size=1), kv[0][0].shape[-2]
+    if prefix_ids:
+        ids = torch.tensor([list(prefix_ids)], device=model.device)  # [1, L]
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, ids.shape[1]
+    return None, 0
+
+
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal-LM head on selected hidden states [N, hidden] -> [N, vocab] (float32)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+@torch.no_grad()
+def score_encoded_hf(model, encoded: Sequence[EncodedItem], *, past_key_values=None,
+                     prefix_ids: Sequence[int] | None = None, batch_size: int = 16,
+                     progress: bool = False) -> list[list[Score]]:
+    """Scores of pre-tokenized items; see score_items_hf."""
+    base_cache, prefix_len = _prefix_cache(model, past_key_values, prefix_ids)
+    # One sequence per (item, choice): query ids + choice ids, longest first.
+    pairs = [(i, j) for i, item in enumerate(encoded) for j in range(len(item.choice_ids))]
+    for i, item in enumerate(encoded):
+        if not item.query_ids:
+            raise ValueError(f"item {i}: the query tokenizes to no tokens; the first choice "
+                             f"token is predicted from the query's last token, so every "
+                             f"item needs a non-empty query.")
+    pairs.sort(key=lambda p: -(len(encoded[p[0]].query_ids) + len(encoded[p[0]].choice_ids[p[1]])))
+    scores: list[list[Score | None]] = [[None] * len(item.choice_ids) for item in encoded]
+    pad_id = 0
+    batches = range(0, len(pairs), batch_size)
+    for start in tqdm(batches, desc="scoring (hf)", disable=not progress):
+        batch = pairs[start:start + batch_size]
+        seqs = [encoded[i].query_ids + encoded[i].choice_ids[j] for i, j in batch]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, S]
+        mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)  # [B, L+S]
+        for row, s in enumerate(seqs):
+            input_ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :prefix_len + len(s)] = 1
+        cache = None
+        if base_cache is not None:
+            cache = copy.deepcopy(base_cache)
+            cache.batch_repeat_interleave(len(seqs))
+        hidden = model.base_model(input_ids=input_ids.to(model.device),
+                                  attention_mask=mask.to(model.device),
+                                  past_key_values=cache, use_cache=cache is not None
+                                  ).last_hidden_state  # [B, S, hidden]
+        # The choice token at sequence index t is predicted by the hidden state at t - 1.
+        rows_idx, pos_idx, targets = [], [], []
+        for row, (i, j) in enumerate(batch):
+            q = len(encoded[i].query_ids)
+            for k, token in enumerate(encoded[i].choice_ids[j]):
+                rows_idx.append(row)
+                pos_idx.append(q + k - 1)
+                targets.append(token)
+        selected = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]  # [N, hidden]
+        logprobs = torch.log_softmax(_logits(model, selected), dim=-1)  # [N, vocab]
+        token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets)].double().cpu()
+        owner = torch.tensor(rows_idx)
+        for row, (i, j) in enumerate(batch):
+            lp = token_lp[owner == row]
+            scores[i][j] = (float(lp.sum()), int(lp.numel()))
+    return scores  # type: ignore[return-value]
+
+
+def score_items_hf(model, tokenizer, items: Sequence[ChoiceItem], *, past_key_values=None,
+                   prefix_ids: Sequence[int] | None = None, batch_size: int = 16,
+                   progress: bool = False) -> list[list[Score]]:
+    """Per item, per choice: (sum of the choice tokens' logprobs, number of tokens).
+
+    Args:
+        model: an HF causal LM in eval mode.
+        tokenizer: its tokenizer.
+        items: queries with their candidate continuations.
+        past_key_values: per layer (key, value), each [1, kv_heads, L, head_dim]: an
+            adapter prefix; the query starts at position L.
+        prefix_ids: token ids placed before every query (ICL demonstrations).
+        batch_size: (item, choice) sequences per forward pass.
+    """
+    return score_encoded_hf(model, encode_items(tokenizer, items),
+                            past_key_values=past_key_values, prefix_ids=prefix_ids,
+                            batch_size=batch_size, progress=progress)
+
+
+def predictions(scores: Sequence[Sequence[Score]], normalize: bool = False) -> list[int]:
+    """Argmax choice per item (ties -> lowest index); by mean logprob if normalize."""
+    preds = []
+    for item in scores:
+        values = [s / n if normalize else s for s, n in item]
+        preds.append(max(range(len(values)), key=lambda k: (values[k], -k)))
+    return preds
+
+
+def accuracy(scores: Sequence[Sequence[Score]], labels: Sequence[int]) -> dict:
+    """{"acc": by summed logprob, "acc_norm": by mean per token, "n": items}."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scored items but {len(labels)} labels")
+    n = len(labels)
+    if n == 0:
+        return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0}
+    acc = sum(p == y for p, y in zip(predictions(scores), labels)) / n
+    acc_norm = sum(p == y for p, y in zip(predictions(scores, normalize=True), labels)) / n
+    return {"acc": acc, "acc_norm": acc_norm, "n": n}
