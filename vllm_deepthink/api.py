@@ -1,0 +1,102 @@
+"""Public offline API: engine arguments and sampling parameters for adapters.
+
+    llm = LLM(model=MODEL, **vllm_deepthink.engine_args(adapters={"sst2": PATH}))
+    llm.generate(["Review: a charming film\\nSentiment:"],
+                 vllm_deepthink.sampling_params(adapter="sst2", max_tokens=4))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vllm_deepthink import frontend
+from vllm_deepthink.adapter import load_config
+
+
+def engine_args(adapters: Mapping[str, str | Path] | None = None,
+                **engine_kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` / `EngineArgs` that serve `adapters`.
+
+    Adds the DeepThink KV connector (with the adapters, by absolute path, in its
+    extra config) and turns prefix caching on unless the caller decided
+    otherwise; every other keyword is passed through. A `kv_transfer_config`
+    given by the caller must be our connector's (its adapters are merged);
+    another connector cannot share the KV connector slot.
+    """
+    from vllm.config import KVTransferConfig
+
+    resolved = _resolve_adapters(adapters or {})
+    user_config = engine_kwargs.pop("kv_transfer_config", None)
+    if user_config is None:
+        kv_config = KVTransferConfig(
+            kv_connector=frontend.CONNECTOR_NAME,
+            kv_connector_module_path=frontend.CONNECTOR_MODULE,
+            kv_role="kv_consumer",
+            kv_load_failure_policy="fail",
+            kv_connector_extra_config={frontend.EXTRA_CONFIG_ADAPTERS: resolved})
+    else:
+        kv_config = _merge_kv_config(user_config, resolved)
+    engine_kwargs["kv_transfer_config"] = kv_config
+    engine_kwargs.setdefault("enable_prefix_caching", True)
+    return engine_kwargs
+
+
+def sampling_params(adapter: str, **kwargs: Any):
+    """A `vllm.SamplingParams` that serves the request with adapter `adapter`."""
+    from vllm import SamplingParams
+
+    frontend.check_adapter_name(adapter)
+    extra_args = dict(kwargs.pop("extra_args", None) or {})
+    extra_args[frontend.ADAPTER_ARG] = adapter
+    return SamplingParams(extra_args=extra_args, **kwargs)
+
+
+def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
+    if not isinstance(adapters, Mapping):
+        raise TypeError(
+            f"adapters must map names to adapter directories, found {type(adapters).__name__}")
+    resolved = {}
+    for name, path in adapters.items():
+        frontend.check_adapter_name(name)
+        path = Path(path).expanduser().resolve()
+        load_config(path)  # a missing or malformed adapter fails here, not in a worker
+        resolved[name] = str(path)
+    return resolved
+
+
+def _merge_kv_config(user_config: Any, adapters: dict[str, str]):
+    from vllm.config import KVTransferConfig
+
+    if isinstance(user_config, dict):
+        user_config = KVTransferConfig(**user_config)
+    if not isinstance(user_config, KVTransferConfig):
+        raise TypeError(
+            f"kv_transfer_config must be a dict or KVTransferConfig, found "
+            f"{type(user_config).__name__}")
+    if user_config.kv_connector != frontend.CONNECTOR_NAME:
+        raise ValueError(
+            f"kv_transfer_config selects the {user_config.kv_connector!r} connector, but "
+            f"Deep-Thinking adapters need the KV connector slot for "
+            f"{frontend.CONNECTOR_NAME}; vLLM runs one connector per engine. Drop "
+            f"kv_transfer_config, or pass one with kv_connector={frontend.CONNECTOR_NAME!r}.")
+    if user_config.kv_load_failure_policy != "fail":
+        raise ValueError(
+            "kv_load_failure_policy must be 'fail' for Deep-Thinking adapters (a "
+            "recomputed adapter load would compute the placeholder tokens instead)")
+    extra = dict(user_config.kv_connector_extra_config)
+    merged = dict(extra.get(frontend.EXTRA_CONFIG_ADAPTERS) or {})
+    for name, path in adapters.items():
+        if name in merged and str(Path(merged[name]).resolve()) != path:
+            raise ValueError(
+                f"adapter {name!r} is given twice with different paths: {merged[name]} in "
+                f"kv_transfer_config and {path} in adapters=")
+        merged[name] = path
+    extra[frontend.EXTRA_CONFIG_ADAPTERS] = _resolve_adapters(merged)
+    user_config.kv_connector_extra_config = extra
+    if user_config.kv_connector_module_path is None:
+        user_config.kv_connector_module_path = frontend.CONNECTOR_MODULE
+    if user_config.kv_role is None:
+        user_config.kv_role = "kv_consumer"
+    return user_config
