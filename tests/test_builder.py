@@ -197,8 +197,11 @@ def test_demos_start_with_bos(llama):
     assert demo_ids(tokenizer)[0] == tokenizer.bos_token_id
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "qwen2", "mistral", "opt"])
-def test_step_two_equals_demos_twice_in_one_prompt(kind):
+@pytest.mark.parametrize("kind,mode", [
+    ("gemma3", "published"), ("gemma3", "aligned"), ("qwen2", "published"),
+    ("qwen2", "aligned"), ("mistral", "published"), ("opt", "published"),
+])
+def test_step_two_equals_demos_twice_in_one_prompt(kind, mode):
     """At step 2 the prefix is the plain forward, so the demos' new K/V equal the last L
     positions of one forward pass over [demos, demos]; sliding layers included."""
     model = tiny_gemma3() if kind == "gemma3" else tiny_other(kind)
@@ -209,11 +212,15 @@ def test_step_two_equals_demos_twice_in_one_prompt(kind):
         once = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
         twice = model(input_ids=torch.tensor([ids + ids]), use_cache=True).past_key_values
     eta = 0.5
-    steps = list(builder.deep_thinking_steps(model, ids, iterations=2, optimizer="ema", eta=eta))
+    steps = list(builder.deep_thinking_steps(model, ids, iterations=2, optimizer="ema", eta=eta,
+                                             position_mode=mode))
     for i in range(len(once.layers)):
         for name in ("keys", "values"):
             first = getattr(once.layers[i], name)[0]
             new = getattr(twice.layers[i], name)[0, :, -L:]
+            if mode == "aligned" and name == "keys":
+                new = rotary.rotate_keys_back(model, [l.keys[0, :, -L:] for l in twice.layers],
+                                              L)[i]
             expected = eta * new + (1 - eta) * first
             got = (steps[1][1] if name == "keys" else steps[1][2])[i]
             assert (got - expected).abs().max().item() < 1e-5, (kind, i, name)
@@ -439,3 +446,36 @@ def test_cli_rejects_aligned_gpt2_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--eta belongs to --optimizer ema"):
         cli.main(["build", "--model", str(model_dir), "--demos-text", str(demos),
                   "--eta", "0.1", "--out", str(tmp_path / "a")])
+
+
+def test_default_out_name():
+    from argparse import Namespace
+
+    from vllm_deepthink.commands.build import default_out
+
+    args = Namespace(task_dir="../shared/data/sst2", demos_text=None, model="models/SmolLM2-135M")
+    assert default_out(args) == Path("adapters_store/sst2-smollm2-135m")
+    args = Namespace(task_dir=None, demos_text="my_demos.txt", model="models/smollm2-135m/")
+    assert default_out(args) == Path("adapters_store/my_demos-smollm2-135m")
+
+
+def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
+    from vllm_deepthink import cli
+
+    sst2 = REPO.parent / "shared" / "data" / "sst2"
+    if not (sst2 / "train.jsonl").is_file():
+        pytest.skip(f"{sst2} not present")
+    model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
+    out = tmp_path / "adapter"
+    assert cli.main(["build", "--model", str(model_dir), "--task-dir", str(sst2),
+                     "--shots-per-class", "1", "--seed", "3", "--iterations", "3",
+                     "--dev-size", "8", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "iteration   1  dev acc" in err and "iteration   3  dev acc" in err
+    cfg = DeepThinkAdapter.from_pretrained(out).config
+    assert cfg.task["shots_per_class"] == 1 and cfg.task["seed"] == 3
+    assert len(cfg.task["demo_indices"]) == 2 and cfg.task["dev_size"] == 8
+    accs = [e["dev_acc"] for e in cfg.selection_trace]
+    assert len(accs) == 3 and all(a is not None for a in accs)
+    assert cfg.selected_iteration == 1 + accs.index(max(accs))
+    assert cfg.build_args["select_on"] == "dev"

@@ -186,20 +186,30 @@ def deep_thinking_steps(model, demo_ids: Sequence[int] | torch.Tensor, *, iterat
     rotations = (rotary.layer_rotations(model, prefix_len, 2 * prefix_len)
                  if position_mode == "aligned" else None)
 
+    # The optimizer works on float32 copies (no-ops for a float32 model): with 16-bit
+    # K/V, `old + 0.01 * m` would mostly round back to `old`.
+    def master(tensors):
+        return [t.float() for t in tensors]
+
+    def model_dtype(tensors):
+        return [t.to(dtype) for t in tensors]
+
     was_training = model.training
     model.eval()  # dropout off: the K/V must be deterministic
     try:
         kv = _forward_demos(model, ids, None)
         _check_kv_shapes(model, kv, prefix_len)
-        keys, values = [k for k, _ in kv], [v for _, v in kv]
-        yield 1, [k[0] for k in keys], [v[0] for v in values]
+        dtype = kv[0][0].dtype
+        keys, values = master(k for k, _ in kv), master(v for _, v in kv)
+        yield 1, [k[0] for k in model_dtype(keys)], [v[0] for v in model_dtype(values)]
         for iteration in range(2, iterations + 1):
-            new = _forward_demos(model, ids, list(zip(keys, values)))  # at positions L..2L-1
-            new_keys, new_values = [k for k, _ in new], [v for _, v in new]
+            past = list(zip(model_dtype(keys), model_dtype(values)))
+            new = _forward_demos(model, ids, past)  # the demos at positions L..2L-1
+            new_keys, new_values = master(k for k, _ in new), master(v for _, v in new)
             if rotations is not None:
                 new_keys = rotary.rotate_keys_back(model, new_keys, prefix_len, rotations)
             keys, values = optim_k(keys, new_keys), optim_v(values, new_values)
-            yield iteration, [k[0] for k in keys], [v[0] for v in values]
+            yield iteration, [k[0] for k in model_dtype(keys)], [v[0] for v in model_dtype(values)]
     finally:
         model.train(was_training)
 

@@ -97,6 +97,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args)
 
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from vllm_deepthink import builder
@@ -135,11 +136,10 @@ def main(args: argparse.Namespace) -> int:
     model.eval()
 
     def report(entry: dict[str, Any]) -> None:
-        if entry["dev_acc"] is None:
-            print(f"iteration {entry['iteration']:>3}", file=sys.stderr)
-        else:
-            print(f"iteration {entry['iteration']:>3}  dev acc {entry['dev_acc']:.4f}  "
-                  f"acc_norm {entry['dev_acc_norm']:.4f}", file=sys.stderr)
+        line = f"iteration {entry['iteration']:>3}"
+        if entry["dev_acc"] is not None:
+            line += f"  dev acc {entry['dev_acc']:.4f}  acc_norm {entry['dev_acc_norm']:.4f}"
+        tqdm.write(line, file=sys.stderr)
 
     build_args = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     build_args.update(select_on=select_on, out=str(out), **optim)
