@@ -1,0 +1,213 @@
+"""The vLLM internals vllm-deepthink relies on, checked without an engine.
+
+Each check names the vLLM file and what we rely on; when a vLLM release changes
+one, the failing test says where to look. Also unit tests of the patched
+behaviour (query-only outputs, local-hit cap) on hand-made objects.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.engine.logprobs import LogprobsProcessor  # noqa: E402
+from vllm.v1.engine.output_processor import OutputProcessor, RequestState  # noqa: E402
+from vllm.v1.outputs import LogprobsTensors  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
+
+from vllm_deepthink import compat, frontend, plugin  # noqa: E402
+from vllm_deepthink.connector import DeepThinkConnector  # noqa: E402
+
+
+def squashed_source(obj) -> str:
+    return re.sub(r"\s+", "", inspect.getsource(obj))
+
+
+def assert_source_has(obj, snippet: str, why: str) -> None:
+    assert re.sub(r"\s+", "", snippet) in squashed_source(obj), (
+        f"{obj.__module__}.{obj.__qualname__} no longer contains `{snippet}`; "
+        f"vllm-deepthink relies on it: {why}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    plugin.register()
+
+
+@pytest.mark.parametrize("spec", compat.PATCHES, ids=lambda s: f"{s.owner.__name__}.{s.attribute}")
+def test_patched_callables_keep_their_signature(spec):
+    vllm_callable = compat.original(spec.owner, spec.attribute)
+    found = tuple(inspect.signature(vllm_callable).parameters)
+    if spec.parameters[0] != "self":  # classmethod: the raw function takes cls
+        found = found[1:]
+    assert found == spec.parameters, (
+        f"{spec.vllm_file}: {spec.owner.__name__}.{spec.attribute} now takes {found}, "
+        f"the patch in compat.py was written for {spec.parameters}")
+
+
+def test_register_is_reentrant_and_patches_once():
+    before = {s.attribute: s.owner.__dict__[s.attribute] for s in compat.PATCHES}
+    plugin.register()
+    plugin.register()
+    for spec in compat.PATCHES:
+        assert spec.owner.__dict__[spec.attribute] is before[spec.attribute]
+        original = compat.original(spec.owner, spec.attribute)
+        assert not hasattr(original, "__deepthink_original__"), "patched twice"
+    assert frontend.CONNECTOR_NAME in KVConnectorFactory._registry
+
+
+def test_version_check():
+    plugin.check_vllm_version("0.32.0")
+    plugin.check_vllm_version("0.32.3+cpu")
+    with pytest.raises(RuntimeError, match="supports vllm>=0.32,<0.33, found vllm 0.33.0"):
+        plugin.check_vllm_version("0.33.0")
+    with pytest.raises(RuntimeError, match="VLLM_PLUGINS"):
+        plugin.check_vllm_version("0.31.9")
+
+
+def test_connector_implements_every_abstract_method():
+    assert not DeepThinkConnector.__abstractmethods__
+    signature = inspect.signature(KVConnectorBase_V1.__init__)
+    assert tuple(signature.parameters) == ("self", "vllm_config", "role", "kv_cache_config")
+
+
+def test_scheduler_contract():
+    # vllm/v1/core/sched/scheduler.py
+    assert_source_has(Scheduler.schedule,
+                      "self.connector.get_num_new_matched_tokens(request, block_aligned_local)",
+                      "the connector is offered the block-aligned local hit")
+    assert_source_has(Scheduler.schedule,
+                      "if request.skip_reading_prefix_cache: ext_tokens, load_kv_async = 0, False",
+                      "adapter requests must not skip reading the prefix cache")
+    assert_source_has(Scheduler.schedule,
+                      "self.connector.update_state_after_alloc(request, "
+                      "self.kv_cache_manager.get_blocks(request_id), num_external_computed_tokens,)",
+                      "update_state_after_alloc receives all of the request's blocks")
+    # vllm/v1/request.py
+    assert_source_has(Request.__init__,
+                      'self.kv_transfer_params = sampling_params.extra_args.get("kv_transfer_params")',
+                      "kv_transfer_params travel in SamplingParams.extra_args")
+
+
+def test_block_failures_fail_the_request():
+    # vllm/v1/core/sched/scheduler.py: failed blocks of a sync load fail the request
+    # under kv_load_failure_policy="fail" (the default engine_args sets).
+    assert_source_has(Scheduler._handle_invalid_blocks,
+                      "should_fail = not self.recompute_kv_load_failures",
+                      "failed adapter loads must fail the request")
+
+
+def test_prompt_logprob_rows_cover_the_whole_prompt():
+    # vllm/v1/worker/gpu_model_runner.py: one row per prompt token but the first,
+    # rows of computed positions only are filled (start_idx = num_computed_tokens).
+    source = GPUModelRunner._get_prompt_logprobs_dict
+    assert_source_has(source, "LogprobsTensors.empty_cpu(num_prompt_tokens - 1,",
+                      "QueryOnlyLogprobsProcessor drops the first L rows")
+    assert_source_has(source, "start_idx = request.num_computed_tokens",
+                      "rows of loaded positions are not computed")
+    assert LogprobsTensors._fields[:3] == ("logprob_token_ids", "logprobs",
+                                           "selected_token_ranks")
+
+
+def test_output_processor_contract():
+    # vllm/v1/engine/output_processor.py
+    assert_source_has(OutputProcessor.process_outputs,
+                      "req_state.num_cached_tokens = (engine_core_output.prefill_stats.num_cached_tokens)",
+                      "QueryOnlyRequestState subtracts L when this is assigned")
+    assert_source_has(RequestState.__init__, "self.num_cached_tokens = 0", "")
+    # vllm/v1/engine/logprobs.py
+    assert tuple(inspect.signature(LogprobsProcessor._update_prompt_logprobs).parameters) == (
+        "self", "prompt_logprobs_tensors")
+    assert_source_has(LogprobsProcessor.update_from_output,
+                      "self._update_prompt_logprobs(output.new_prompt_logprobs_tensors)", "")
+
+
+def test_kv_cache_manager_contract():
+    # vllm/v1/core/kv_cache_manager.py
+    assert tuple(inspect.signature(KVCacheManager.truncate_computed_blocks).parameters) == (
+        "self", "blocks", "num_computed_tokens")
+
+
+@pytest.mark.parametrize("module,cls", [
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
+])
+def test_backends_write_kv_through_do_kv_cache_update(module, cls):
+    import importlib
+
+    try:
+        impl = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:  # a backend whose kernels are not built on this machine
+        pytest.skip(f"{module}: {exc}")
+    params = tuple(inspect.signature(impl.do_kv_cache_update).parameters)
+    assert params == ("self", "layer", "key", "value", "kv_cache", "slot_mapping")
+
+
+def test_attention_layer_attributes():
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    for attribute in ("self.num_kv_heads = num_kv_heads", "self.head_size = head_size",
+                      "self.attn_type = attn_type", "self.kv_cache = torch.tensor([])",
+                      "self.kv_sharing_target_layer_name = kv_sharing_target_layer_name",
+                      "self.impl = impl_cls("):
+        assert_source_has(Attention.__init__, attribute, "the connector writes through the layer")
+
+
+# ---------------------------------------------------------------- patched behaviour
+
+def adapter_params(prefix_len, prompt_logprobs=None):
+    from vllm import SamplingParams
+
+    params = SamplingParams(prompt_logprobs=prompt_logprobs)
+    params.extra_args = {"kv_transfer_params": {frontend.PARAMS_KEY: {
+        "name": "a", "path": "/x", "digest": "d", "prefix_len": prefix_len}}}
+    return params
+
+
+def test_query_only_logprobs_drop_placeholder_rows():
+    prefix_len, query_len = 5, 4
+    processor = compat.QueryOnlyLogprobsProcessor.wrap(
+        LogprobsProcessor.from_new_request(None, SimpleNamespace(
+            sampling_params=adapter_params(prefix_len, prompt_logprobs=0))), prefix_len)
+    rows = prefix_len + query_len - 1
+    token_ids = torch.full((rows, 1), 2**40, dtype=torch.int64)   # garbage ids ...
+    token_ids[prefix_len:, 0] = torch.tensor([11, 12, 13])          # ... but the query's
+    logprobs = torch.arange(rows, dtype=torch.float32).unsqueeze(1).neg()
+    ranks = torch.ones(rows, dtype=torch.int64)
+    processor._update_prompt_logprobs(LogprobsTensors(token_ids, logprobs, ranks))
+    result = processor.prompt_logprobs
+    assert result[0] is None and len(result) == query_len
+    assert [next(iter(r)) for r in result[1:]] == [11, 12, 13]
+    assert [r[i].logprob for r, i in zip(result[1:], [11, 12, 13])] == [-5.0, -6.0, -7.0]
+
+
+def test_query_only_request_state_counts_query_cache_hits():
+    state = compat.QueryOnlyRequestState.__new__(compat.QueryOnlyRequestState)
+    state.prefix_len = 48
+    state.num_cached_tokens = 48
+    assert state.num_cached_tokens == 0
+    state.num_cached_tokens = 64
+    assert state.num_cached_tokens == 16
+
+
+def test_local_hit_cap():
+    def request(params):
+        return SimpleNamespace(sampling_params=params,
+                               kv_transfer_params=params.extra_args.get("kv_transfer_params"))
+
+    assert compat.local_hit_cap(request(adapter_params(45, prompt_logprobs=0)), 32) == 32
+    assert compat.local_hit_cap(request(adapter_params(64, prompt_logprobs=1)), 32) == 64
+    assert compat.local_hit_cap(request(adapter_params(45)), 32) is None
+    plain = SimpleNamespace(sampling_params=None, kv_transfer_params=None)
+    assert compat.local_hit_cap(plain, 32) is None
