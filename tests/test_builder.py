@@ -403,7 +403,8 @@ def test_unsupported_architecture():
 def test_cli_build_never_imports_vllm(tmp_path):
     model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
     demos = tmp_path / "toy.txt"
-    demos.write_text(DEMOS, encoding="utf-8")
+    demos_text = DEMOS.replace("\n\n", "\r\n\n", 1)  # read back exactly, \r included
+    demos.write_bytes(demos_text.encode("utf-8"))
     out = tmp_path / "adapter"
     script = (
         "import sys, json\n"
@@ -425,7 +426,7 @@ def test_cli_build_never_imports_vllm(tmp_path):
     cfg = adapter.config
     assert (cfg.optimizer, cfg.optimizer_params, cfg.position_mode) == ("ema", {"eta": 0.05},
                                                                         "aligned")
-    assert cfg.build_args["iterations"] == 3 and cfg.demos_text == DEMOS
+    assert cfg.build_args["iterations"] == 3 and cfg.demos_text == demos_text
     steps = list(builder.deep_thinking_steps(model, cfg.demo_token_ids, iterations=3,
                                              optimizer="ema", eta=0.05, position_mode="aligned"))
     assert max_diff(adapter.keys, steps[-1][1]) == 0

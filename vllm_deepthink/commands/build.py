@@ -120,7 +120,9 @@ def main(args: argparse.Namespace) -> int:
             dev_items = scoring.items_from_rows(task, rows)
             task_info["dev_size"] = len(dev_items)
     else:
-        demos_text = Path(args.demos_text).read_text(encoding="utf-8")
+        # newline="": the exact string, \r\n included (read_text would translate it)
+        with open(args.demos_text, encoding="utf-8", newline="") as handle:
+            demos_text = handle.read()
 
     demo_ids = builder.tokenize_demos(tokenizer, demos_text)
     try:  # everything checkable fails here, before the weights are loaded
