@@ -211,3 +211,110 @@ def test_local_hit_cap():
     assert compat.local_hit_cap(request(adapter_params(45)), 32) is None
     plain = SimpleNamespace(sampling_params=None, kv_transfer_params=None)
     assert compat.local_hit_cap(plain, 32) is None
+
+
+# =================================================================== serving patches
+# `vllm serve --deepthink-adapter` (compat.serving_patch_specs, serving.py). Checked
+# without a server; tests/test_server*.py run the real one.
+
+SERVING_SPECS = compat.serving_patch_specs()
+
+
+def _raw_parameters(spec) -> tuple[str, ...]:
+    found = tuple(inspect.signature(compat.original(spec.owner, spec.attribute)).parameters)
+    if isinstance(spec.owner.__dict__[spec.attribute], classmethod):
+        found = found[1:]  # cls
+    return found
+
+
+@pytest.mark.parametrize("spec", SERVING_SPECS, ids=lambda s: f"{s.owner.__name__}.{s.attribute}")
+def test_serving_patches_keep_their_signature(spec):
+    found = _raw_parameters(spec)
+    assert found == spec.parameters, (
+        f"{spec.vllm_file}: {spec.owner.__name__}.{spec.attribute} now takes {found}, "
+        f"the serving patch in compat.py was written for {spec.parameters}")
+
+
+def test_serving_patches_apply_once():
+    before = {(s.owner, s.attribute): s.owner.__dict__[s.attribute] for s in SERVING_SPECS}
+    plugin.register()
+    compat.apply_serving()
+    for spec in SERVING_SPECS:
+        assert spec.owner.__dict__[spec.attribute] is before[(spec.owner, spec.attribute)]
+        assert compat._is_patched(spec.owner, spec.attribute)
+        assert not hasattr(compat.original(spec.owner, spec.attribute), "__deepthink_original__")
+
+
+def test_serve_cli_contract():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers import app
+    from vllm.entrypoints.launchers.api_server import entry
+
+    # vllm/engine/arg_utils.py: plugins load before the engine flags are added.
+    source = squashed_source(AsyncEngineArgs.add_cli_args)
+    assert source.index("load_general_plugins()") < source.index(
+        "EngineArgs.add_cli_args(parser)"), (
+        "AsyncEngineArgs.add_cli_args must load the general plugins before "
+        "EngineArgs.add_cli_args, or --deepthink-adapter is never added")
+    # vllm/entrypoints/launchers/api_server/entry.py: the API server's engine args.
+    assert_source_has(entry.build_async_engine_client,
+                      "engine_args = AsyncEngineArgs.from_cli_args(args)",
+                      "the adapter flags become kv_transfer_config in from_cli_args")
+    # vllm/entrypoints/launchers/app.py: routes are added through the module global.
+    assert_source_has(app.build_app,
+                      "register_api_routers(args, app, supported_tasks, model_config)",
+                      "patch_api_routers wraps the name build_app calls")
+
+
+def test_openai_serving_contract():
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    why = "an adapter name must pass _check_model and resolve in _maybe_get_adapters"
+    assert_source_has(OpenAIServingCompletion.render_completion_request,
+                      "await self._check_model(request)", why)
+    assert_source_has(OpenAIServingChat.render_chat_request,
+                      "await self._check_model(request)", why)
+    for method in (OpenAIServingCompletion._create_completion,
+                   OpenAIServingChat._create_chat_completion):
+        assert_source_has(method, "lora_request = self._maybe_get_adapters(request", why)
+        assert_source_has(method, "model_name = self.models.model_name(lora_request)",
+                          "the response's model is the stand-in's name")
+        assert_source_has(method, "lora_request=lora_request,",
+                          "the stand-in reaches AsyncLLM.generate as lora_request")
+    assert_source_has(OpenAIServingModels.model_name, "return lora_request.lora_name",
+                      "the response's model is the stand-in's name")
+    assert_source_has(AsyncLLM.generate, "await self.add_request(",
+                      "patch_async_llm_add_request sees every generate call")
+
+
+def test_engine_flags_reach_vllm_serve_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["m", "--deepthink-adapter", "a=/x", "--deepthink-adapter",
+                              "b=/y", "--deepthink-adapter-dir", "/store"])
+    assert args.deepthink_adapter == [("a", "/x"), ("b", "/y")]
+    assert args.deepthink_adapter_dir == ["/store"]
+
+
+def test_adapter_stand_in_becomes_extra_args():
+    from vllm import SamplingParams
+
+    from vllm_deepthink import serving
+
+    params = SamplingParams(max_tokens=3, extra_args={"other": 1})
+    stand_in = serving.AdapterModelRequest(lora_name="sst2", lora_int_id=1, lora_path="/a")
+    params, lora_request = serving.to_engine_request(params, stand_in)
+    assert lora_request is None
+    assert params.extra_args == {"other": 1, frontend.ADAPTER_ARG: "sst2"}
+    # A real LoRA request (and none) pass untouched.
+    from vllm.lora.request import LoRARequest
+
+    lora = LoRARequest(lora_name="l", lora_int_id=2, lora_path="/l")
+    plain = SamplingParams(max_tokens=3)
+    assert serving.to_engine_request(plain, lora) == (plain, lora)
+    assert plain.extra_args is None

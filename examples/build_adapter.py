@@ -1,0 +1,52 @@
+"""Build a Deep-Thinking adapter from a model directory and a task directory (HF only).
+
+    python examples/build_adapter.py --model models/smollm2-135m \
+        --task-dir ../shared/data/sst2 --out adapters_store/sst2
+
+Samples `--shots-per-class` demonstrations from the task's train.jsonl, runs
+`--iterations` Deep-Thinking steps and keeps the iteration with the best accuracy on a
+dev split carved from train.jsonl (disjoint from the demos). No vLLM involved.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_deepthink import builder, scoring, tasks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="local HF model directory")
+    parser.add_argument("--task-dir", required=True, help="task directory (train.jsonl, ...)")
+    parser.add_argument("--out", required=True, help="adapter directory to write")
+    parser.add_argument("--shots-per-class", type=int, default=1)
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--dev-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    task = tasks.load_task(args.task_dir)
+
+    demos = tasks.sample_demos(task, args.shots_per_class, args.seed)
+    dev_rows = tasks.dev_split(task, args.dev_size, args.seed, exclude=set(demos.indices))
+    adapter = builder.build_adapter(
+        model, tokenizer, demos.text, iterations=args.iterations,
+        dev_items=scoring.items_from_rows(task, dev_rows),
+        task={**task.to_dict(), "shots_per_class": args.shots_per_class, "seed": args.seed},
+        base_model_name_or_path=str(Path(args.model).resolve()))
+    adapter.save_pretrained(args.out)
+
+    config = adapter.config
+    best = config.selection_trace[config.selected_iteration - 1]
+    print(f"{args.out}: prefix of {config.prefix_len} tokens, iteration "
+          f"{config.selected_iteration} of {config.iterations_run} kept "
+          f"(dev accuracy {best['dev_acc']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
