@@ -1,9 +1,9 @@
-"""A real `vllm serve` in a subprocess for the server tests (one per test module).
+"""A real `vllm serve` in a subprocess for the server tests (one per test module),
+and an OpenAI client for it.
 
 `VllmServer(model_dir, extra_args, env)` starts `.venv/bin/vllm serve` on 127.0.0.1
 and a free port; `wait_until_healthy()` polls /health (bounded in time) and raises
 with the log tail when the process dies; `stop()` ends the process group it started.
-Also: the HF reference logprobs of a query after an adapter prefix.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-import torch
 
 VLLM_SCRIPT = Path(sys.executable).parent / "vllm"
 
@@ -114,24 +112,8 @@ class VllmServer:
         self.process = None
 
 
-@torch.no_grad()
-def hf_query_logprobs(model, adapter, query_ids: list[int]) -> list[float]:
-    """log p(query_ids[i] | adapter prefix, query_ids[:i]) for i >= 1, from HF
-    `model(query, past_key_values=adapter)`; the query sits at positions L.."""
-    from vllm_deepthink import hf_cache
+def openai_client(server: VllmServer):
+    import openai
 
-    past = hf_cache.cache_from_kv(adapter.as_past_key_values(dtype=torch.float32), model.config)
-    ids = torch.tensor([query_ids])                                   # [1, n]
-    mask = torch.ones(1, adapter.prefix_len + len(query_ids), dtype=torch.long)
-    logits = model(input_ids=ids, attention_mask=mask, past_key_values=past).logits[0]  # [n, V]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = ids[0, 1:]                                              # [n-1]
-    return logprobs[:-1].gather(1, targets[:, None])[:, 0].tolist()
-
-
-@torch.no_grad()
-def hf_plain_logprobs(model, query_ids: list[int]) -> list[float]:
-    """log p(query_ids[i] | query_ids[:i]) for i >= 1 (no adapter)."""
-    ids = torch.tensor([query_ids])
-    logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    return logprobs[:-1].gather(1, ids[0, 1:, None])[:, 0].tolist()
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", max_retries=0,
+                         timeout=180.0)
