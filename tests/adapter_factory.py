@@ -116,3 +116,63 @@ def shutdown(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+
+
+BLOCK_SIZE = 32
+QUERIES = [
+    "Question: what is the capital of France ?\nType: The quick brown fox jumps over the lazy dog.",
+    "Review: contains no wit , only labored gags\nSentiment: the grass was cut. 0123456789 "
+    "The quick brown fox",
+    "Premise: the sun was rising. Answer:",
+    "The lazy dog. Premise: the sun was rising. Answer: the grass was cut. Review: a charming film",
+]
+
+
+def start_engine(model_dir, adapters: dict[str, Path], **kwargs):
+    """A small CPU test engine serving `adapters` (call once per test module)."""
+    engine_env()
+    import vllm_deepthink
+    from vllm import LLM
+
+    settings = dict(dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE,
+                    max_model_len=256, max_num_seqs=8, seed=0)
+    settings.update(kwargs)
+    return LLM(model=str(model_dir), **vllm_deepthink.engine_args(adapters=adapters, **settings))
+
+
+def parity_params(adapter: str | None, num_greedy: int = 16, prompt_logprobs: int | None = 0):
+    """Greedy decoding of `num_greedy` tokens (EOS ignored), with prompt logprobs."""
+    import vllm_deepthink
+    from vllm import SamplingParams
+
+    kwargs = dict(max_tokens=num_greedy, temperature=0.0, ignore_eos=True,
+                  prompt_logprobs=prompt_logprobs)
+    if adapter is None:
+        return SamplingParams(**kwargs)
+    return vllm_deepthink.sampling_params(adapter=adapter, **kwargs)
+
+
+def assert_parity(output, reference: Reference, query_ids: list[int], tol: float = 1e-4,
+                  label: str = "") -> float:
+    """Assert a vLLM RequestOutput matches the HF reference; returns the largest
+    prompt-logprob difference (printed, for the record)."""
+    assert output.outputs[0].finish_reason == "length", f"{label}: request failed"
+    assert list(output.prompt_token_ids) == list(query_ids), f"{label}: placeholders leaked"
+    assert len(output.prompt_logprobs) == len(query_ids)
+    diff = max_abs_diff(vllm_prompt_logprobs(output), reference.prompt_logprobs)
+    print(f"[parity] {label}: max |logprob diff| = {diff:.2e} over {len(query_ids) - 1} "
+          f"query tokens; greedy equal = "
+          f"{list(output.outputs[0].token_ids) == reference.greedy_tokens}")
+    assert diff <= tol, f"{label}: prompt logprobs differ from HF by {diff:.2e} > {tol}"
+    assert list(output.outputs[0].token_ids) == reference.greedy_tokens, (
+        f"{label}: greedy tokens differ from HF")
+    return diff
+
+
+def icl_reference(model, adapter: DeepThinkAdapter, query_ids: list[int]) -> Reference:
+    """HF result of the plain prompt demo ids + query ids (no adapter)."""
+    ids = list(adapter.config.demo_token_ids) + list(query_ids)
+    full = hf_reference(model, None, ids)
+    start = len(adapter.config.demo_token_ids)
+    return Reference(prompt_logprobs=full.prompt_logprobs[start:],
+                     greedy_tokens=full.greedy_tokens)
