@@ -1,0 +1,186 @@
+"""`vllm-deepthink bench` on a tiny model: JSON shape, PNG, and deepthink == icl-apc outputs.
+
+One small benchmark run (2 tasks, 8 requests, prefix 64, scoring, 1 repetition)
+is shared by the module. Block size 32 makes the 64-token prefix two full blocks,
+so icl-apc really reuses cached demo blocks and deepthink shares adapter blocks.
+No timing is asserted: only shapes, consistency of the counts, and outputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_models import make_tiny_model
+from vllm_deepthink.bench.measure import percentile
+from vllm_deepthink.bench.report import targets, task_scaling
+from vllm_deepthink.bench.workload import Workload, clip_prefix_len, make_request_set
+
+HAVE_PLUGIN = importlib.util.find_spec("vllm_deepthink.api") is not None
+SYSTEMS = (["deepthink"] if HAVE_PLUGIN else []) + ["icl-apc", "hf-reference"]
+TASKS, REQUESTS, PREFIX, QUERY = 2, 8, 64, 32
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.getbasetemp() / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "vllm_deepthink.cli", "bench", "--model", str(tiny_llama),
+           "--tasks", str(TASKS), "--requests", str(REQUESTS), "--prefix-len", str(PREFIX),
+           "--query-len", str(QUERY), "--output-len", "1", "--repetitions", "1",
+           "--warmup-requests", "4", "--systems", ",".join(SYSTEMS), "--block-size", "32",
+           "--hf-batch-sizes", "4", "--builder-iterations", "2", "--record-logprobs",
+           "--save-outputs", "--work-dir", str(out / "work"),
+           "--output-json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), out / "bench.png"
+
+
+# ------------------------------------------------------------------ no engine
+
+def test_workload_is_deterministic_and_well_shaped(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    w = Workload(num_tasks=3, prefix_len=40, query_len=7, output_len=1, num_requests=10)
+    a, b = make_request_set(tok, w, seed=1), make_request_set(tok, w, seed=1)
+    assert (a.demos, a.task_of, a.queries) == (b.demos, b.task_of, b.queries)
+    assert [len(d) for d in a.demos] == [40] * 3
+    assert all(d[0] == tok.bos_token_id for d in a.demos)
+    assert all(len(q) == 7 and tok.bos_token_id not in q for q in a.queries)
+    assert sorted(a.task_of) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len({tuple(d) for d in a.demos}) == 3
+    warm = make_request_set(tok, w, seed=1, query_seed_offset=1)
+    assert warm.demos == a.demos and warm.queries != a.queries
+
+
+def test_workload_from_task_dir(tiny_llama):
+    task_dir = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
+    if not (task_dir / "train.jsonl").is_file():
+        pytest.skip(f"{task_dir} absent")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    w = Workload(num_tasks=2, prefix_len=50, query_len=9, output_len=1, num_requests=4)
+    rs = make_request_set(tok, w, seed=0, task_dir=task_dir)
+    assert [len(d) for d in rs.demos] == [50, 50] and rs.demos[0] != rs.demos[1]
+    assert [len(q) for q in rs.queries] == [9] * 4
+    assert "Label:" in tok.decode(rs.demos[0])
+
+
+def test_clip_prefix_len_and_percentile():
+    assert clip_prefix_len(1024, 32, 32, 512) == 448
+    assert clip_prefix_len(64, 32, 1, 2048) == 64
+    with pytest.raises(ValueError, match="no room"):
+        clip_prefix_len(64, 300, 300, 512)
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+
+
+def test_targets_flag_misses_and_scaling():
+    def run(tasks, dt, apc):
+        return {"workload": {"num_tasks": tasks, "prefix_len": 256, "query_len": 32,
+                             "output_len": 1},
+                "systems": {"deepthink": {"requests_per_s": dt}},
+                "ratios": {"deepthink/icl-apc": dt / apc, "deepthink/icl-no-apc": dt / apc * 3}}
+    runs = [run(1, 10.0, 10.0), run(64, 7.0, 10.0)]
+    scaling = task_scaling(runs)
+    assert scaling == [{"system": "deepthink", "prefix_len": 256, "query_len": 32,
+                        "output_len": 1, "tasks_low": 1, "tasks_high": 64, "ratio": 0.7}]
+    met = {(t["name"], t["workload"]): t["met"] for t in targets(runs, scaling)}
+    assert met[("deepthink >= 0.95x icl-apc", "tasks=1 prefix=256 query=32 out=1")]
+    assert not met[("deepthink >= 0.95x icl-apc", "tasks=64 prefix=256 query=32 out=1")]
+    assert not met[("deepthink tasks=64 >= 0.8x tasks=1", "prefix=256 query=32 out=1")]
+    assert sum(name.startswith("deepthink >= 2x") for name, _ in met) == 2
+
+
+# ------------------------------------------------------------------ one small run
+
+@pytest.mark.engine
+def test_json_is_well_formed(bench_run):
+    report, _ = bench_run
+    assert report["schema_version"] == 1
+    env = report["environment"]
+    assert env["cpu_model"] and env["logical_cpus"] >= 1 and env["vllm_version"]
+    assert len(report["runs"]) == 1
+    run = report["runs"][0]
+    assert run["workload"] == {"num_tasks": TASKS, "prefix_len": PREFIX, "query_len": QUERY,
+                               "output_len": 1, "num_requests": REQUESTS, "kind": "scoring"}
+    assert set(run["systems"]) == set(SYSTEMS)
+    for name, fig in run["systems"].items():
+        assert "error" not in fig, fig.get("error")
+        assert fig["requests_per_s"] > 0 and fig["output_tokens_per_s"] > 0
+        assert 0 < fig["latency_p50_s"] <= fig["latency_p99_s"]
+        assert fig["peak_rss_bytes"] > 0
+        assert fig["prompt_tokens_submitted"] == REQUESTS * (PREFIX + QUERY)
+        assert len(fig["repetitions"]) == 1
+        assert len(fig["output_token_ids"]) == REQUESTS
+        assert all(len(ids) == 1 for ids in fig["output_token_ids"])
+    apc = run["systems"]["icl-apc"]
+    # The warm-up is excluded and the cache emptied before the pass: each task's two
+    # demo blocks are computed once, then hit by the task's other requests.
+    assert apc["prompt_tokens_local_cache_hit"] == (REQUESTS - TASKS) * PREFIX
+    assert apc["prompt_tokens_computed"] == REQUESTS * (PREFIX + QUERY) - (REQUESTS - TASKS) * PREFIX
+    assert apc["block_size"] == 32
+    hf = run["systems"]["hf-reference"]
+    assert hf["prompt_tokens_computed"] == REQUESTS * QUERY and hf["batch_size"] == 4
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    (cost,) = report["builder_cost"]
+    assert cost["prefix_len"] == PREFIX and cost["iteration_s"] > 0
+    assert cost["plain_forward_2l_s"] > 0
+
+
+@pytest.mark.engine
+def test_png_is_written(bench_run):
+    import matplotlib.image
+
+    _, png = bench_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert height > 100 and width > 100
+
+
+@pytest.mark.engine
+def test_icl_outputs_equal_hf_full_prompt(bench_run, tiny_llama):
+    """Ground truth: greedy token of the HF model on demo ids + query ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report, _ = bench_run
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rs = make_request_set(tok, Workload(TASKS, PREFIX, QUERY, 1, REQUESTS), seed=0)
+    systems = report["runs"][0]["systems"]
+    with torch.no_grad():
+        for i, (task, query) in enumerate(zip(rs.task_of, rs.queries)):
+            logits = model(torch.tensor([rs.demos[task] + query])).logits[0, -1]
+            expected = int(logits.argmax())
+            assert systems["icl-apc"]["output_token_ids"][i] == [expected]
+            assert systems["hf-reference"]["output_token_ids"][i] == [expected]
+            expected_lp = float(torch.log_softmax(logits, -1)[expected])
+            assert systems["icl-apc"]["output_logprobs"][i][0] == pytest.approx(expected_lp, abs=1e-3)
+            assert systems["hf-reference"]["output_logprobs"][i][0] == pytest.approx(
+                expected_lp, abs=1e-4)
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="vllm_deepthink.api (the plugin) not present yet")
+def test_deepthink_outputs_equal_icl_apc(bench_run):
+    report, _ = bench_run
+    run = report["runs"][0]
+    dt, apc = run["systems"]["deepthink"], run["systems"]["icl-apc"]
+    assert dt["output_token_ids"] == apc["output_token_ids"]
+    for a, b in zip(dt["output_logprobs"], apc["output_logprobs"]):
+        assert a[0] == pytest.approx(b[0], abs=1e-3)
+    assert run["outputs_match"]["deepthink==icl-apc"] == 1.0
+    assert dt["prompt_tokens_computed"] == REQUESTS * QUERY
