@@ -93,7 +93,9 @@ def test_query_token_ids(llama):
     assert frontend.query_token_ids({"type": "token", "prompt_token_ids": with_bos},
                                     tokenizer)[0] == with_bos
     assert frontend.query_token_ids({"prompt": text, "cache_salt": "s"}, tokenizer)[2] == "s"
-    for empty in ("", {"type": "token", "prompt_token_ids": []}):
+    # The renderer keeps no text for an empty prompt, only the special tokens.
+    rendered_empty = {"type": "token", "prompt_token_ids": [tokenizer.bos_token_id]}
+    for empty in ("", {"type": "token", "prompt_token_ids": []}, rendered_empty):
         with pytest.raises(frontend.AdapterRequestError, match="zero tokens"):
             frontend.query_token_ids(empty, tokenizer)
     with pytest.raises(frontend.AdapterRequestError, match="'embeds'"):

@@ -253,6 +253,11 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
         with_special = _encode(tokenizer, text, add_special_tokens=True)
         if list(ids) == with_special:
             ids = _encode(tokenizer, text, add_special_tokens=False)
+    elif kind == "token" and tokenizer is not None and list(ids) == _encode(
+            tokenizer, "", add_special_tokens=True):
+        # The renderer drops the text of an empty prompt and keeps only the
+        # special tokens it added (e.g. [BOS]): an empty text query.
+        ids = []
     ids = [int(i) for i in ids]
     if not ids:
         raise AdapterRequestError(
