@@ -115,6 +115,7 @@ def test_unknown_model_is_404_in_openai_shape(served, model):
     assert info.value.status_code == 404
     assert error["code"] == 404 and error["type"] == "NotFoundError"
     assert model in error["message"]
+    assert "Deep-Thinking adapters: a1, a2, a3." in error["message"]
 
 
 def test_streaming_completion(served):

@@ -85,6 +85,19 @@ def test_adapter_dir_without_adapters_is_an_error(tmp_path):
         serving.adapters_in_dir(tmp_path / "missing")
 
 
+def test_adapter_names_must_not_shadow_served_models_or_loras():
+    args = argparse.Namespace(model="models/base", served_model_name=None,
+                              lora_modules=[SimpleNamespace(name="sql-lora", path="/l")])
+    serving.check_names_are_free({"sst2": "/a"}, args)
+    with pytest.raises(serving.AdapterNameError, match="name of a served model"):
+        serving.check_names_are_free({"models/base": "/a"}, args)
+    with pytest.raises(serving.AdapterNameError, match="name of a LoRA module"):
+        serving.check_names_are_free({"sql-lora": "/a"}, args)
+    args.served_model_name = ["base", "alias"]
+    with pytest.raises(serving.AdapterNameError, match="'alias' is already the name"):
+        serving.check_names_are_free({"alias": "/a"}, args)
+
+
 # ------------------------------------------------------------------------- adapters
 
 @pytest.fixture(scope="module")

@@ -327,7 +327,7 @@ def patch_serving_check_model() -> None:
     """vllm/entrypoints/serve/engine/serving.py: BaseServing._check_model.
 
     A served adapter's name is a valid `model`; any other unknown name still gets
-    vLLM's 404.
+    vLLM's 404, whose message then also lists the adapters.
     """
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
@@ -342,7 +342,8 @@ def patch_serving_check_model() -> None:
             if self.request_logger is not None:
                 self.request_logger.log_request_body(request)
             return None
-        return await vllm_check_model(self, request)
+        error = await vllm_check_model(self, request)
+        return serving.name_served_adapters(self.models, error) if error is not None else None
 
     _replace(BaseServing, "_check_model", _check_model)
 

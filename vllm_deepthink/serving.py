@@ -149,6 +149,20 @@ def check_adapters_at_start(model: str, adapters: dict[str, str]) -> None:
               f"{ADAPTER_DIR_FLAG}, and start the server again.")
 
 
+def check_names_are_free(adapters: dict[str, str], args: argparse.Namespace) -> None:
+    """An adapter may not take the name of a served model or of a --lora-modules entry
+    (the OpenAI `model` field must name one thing)."""
+    served = getattr(args, "served_model_name", None) or [getattr(args, "model", None)]
+    served = [served] if isinstance(served, str) else list(served)
+    loras = [lora.name for lora in getattr(args, "lora_modules", None) or []]
+    for name in adapters:
+        if name in served or name in loras:
+            kind = "served model" if name in served else "LoRA module"
+            raise AdapterNameError(
+                f"Deep-Thinking adapter name {name!r} is already the name of a {kind}; "
+                f"give the adapter another name ({ADAPTER_FLAG} OTHER=PATH).")
+
+
 def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
     """Engine args of `vllm serve` with the adapter flags applied (unchanged without
     them): the DeepThink connector with the adapters in its extra config, exactly as
@@ -162,6 +176,7 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
         raise ValueError(
             f"{RUNTIME_UPDATING_ENV} cannot be used with api_server_count > 1: each API "
             f"server process has its own adapter registry. Use one API server.")
+    check_names_are_free(adapters, args)
     check_adapters_at_start(engine_args.model, adapters)
     from vllm_deepthink import api
 
@@ -208,6 +223,15 @@ class AdapterModelRequest(LoRARequest):
     to `AsyncLLM.add_request`, which turns it into `extra_args["deepthink_adapter"]` and
     drops it (`to_engine_request`): it never reaches the engine as a LoRA. Being a
     LoRARequest, the serving code reports its name as the response's `model`."""
+
+
+def name_served_adapters(models: Any, error: Any) -> Any:
+    """vLLM's 404 for an unknown `model` lists the base model names; add the adapters."""
+    registry = registry_of(models)
+    names = registry.names() if registry is not None else []
+    if names and getattr(error, "error", None) is not None and error.error.code == 404:
+        error.error.message += f" Deep-Thinking adapters: {', '.join(names)}."
+    return error
 
 
 def adapter_model_request(models: Any, model_name: str | None) -> AdapterModelRequest | None:
