@@ -172,3 +172,27 @@ def accuracy(scores: Sequence[Sequence[Score]], labels: Sequence[int]) -> dict:
     acc = sum(p == y for p, y in zip(predictions(scores), labels)) / n
     acc_norm = sum(p == y for p, y in zip(predictions(scores, normalize=True), labels)) / n
     return {"acc": acc, "acc_norm": acc_norm, "n": n}
+
+
+class HFScorer:
+    """score(encoded, prefix_ids=..., adapter=...) with an HF model; adapters by name."""
+
+    engine = "hf"
+
+    def __init__(self, model, adapters: dict | None = None, batch_size: int = 16,
+                 progress: bool = False):
+        self.model, self.batch_size, self.progress = model, batch_size, progress
+        self.adapters = dict(adapters or {})  # name -> DeepThinkAdapter
+
+    def score(self, encoded: Sequence[EncodedItem], *, prefix_ids: Sequence[int] | None = None,
+              adapter: str | None = None) -> list[list[Score]]:
+        past = None
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {sorted(self.adapters)}")
+            if prefix_ids:
+                raise ValueError("give either prefix_ids (ICL) or adapter, not both")
+            past = self.adapters[adapter].as_past_key_values(device=self.model.device)
+        return score_encoded_hf(self.model, encoded, past_key_values=past,
+                                prefix_ids=prefix_ids, batch_size=self.batch_size,
+                                progress=self.progress)
