@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def engine_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO", TOKENIZERS_PARALLELISM="false")
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO",
+               TOKENIZERS_PARALLELISM="false")
     env.update(extra)
     return env
 

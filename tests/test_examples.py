@@ -69,6 +69,7 @@ def greedy(built, adapter, text: str, n: int) -> list[int]:
     return hf_reference(built.model, adapter, ids, num_greedy=n).greedy_tokens
 
 
+@pytest.mark.engine
 def test_offline_inference(built):
     output = built.root / "offline.json"
     run_example("offline_inference.py", "--model", built.model_dir, "--adapter",
@@ -94,6 +95,7 @@ def server(built):
         proc.stop()
 
 
+@pytest.mark.engine
 def test_openai_client(built, server):
     output = built.root / "client.json"
     result = run_example("openai_client.py", "--base-url", server.base_url + "/v1",

@@ -278,6 +278,7 @@ def assert_matches_hf(tiny, response, adapter) -> None:
     assert choice["token_ids"] == reference.greedy_tokens
 
 
+@pytest.mark.engine
 def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(tiny, server):
     path = tiny.root / "runtime" / "rt"
     first = build_adapter(tiny.model, tiny.tokenizer, path, PREFIX_LEN, seed=11)
@@ -314,6 +315,7 @@ def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(tiny, server):
     assert unload(server, "rt").status_code == 200
 
 
+@pytest.mark.engine
 def test_running_request_finishes_with_the_adapter_it_started_with(tiny, server):
     path = tiny.root / "runtime" / "long"
     build_adapter(tiny.model, tiny.tokenizer, path, PREFIX_LEN, seed=14)
@@ -334,6 +336,7 @@ def test_running_request_finishes_with_the_adapter_it_started_with(tiny, server)
     assert_openai_error(complete(server, "long"), 404, "long")
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("kind", list(BAD_ADAPTERS))
 def test_bad_adapter_is_refused_and_the_others_keep_serving(tiny, server, kind):
     name = f"bad-{kind}"
@@ -345,6 +348,7 @@ def test_bad_adapter_is_refused_and_the_others_keep_serving(tiny, server, kind):
     assert response.status_code == 200 and response.json()["model"] == "good"
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("name,status,reason", [
     ("../good", 400, "a name is never a path"),
     ("a/b", 400, "a name is never a path"),
@@ -355,6 +359,7 @@ def test_path_like_adapter_names_are_refused(tiny, server, name, status, reason)
     assert set(served_models(server)) == {server.base, "good"}
 
 
+@pytest.mark.engine
 def test_missing_adapter_is_refused(tiny, server):
     assert_openai_error(load(server, "x", tiny.root / "nowhere"), 400, "no such adapter")
     response = server.http.post("/v1/load_deepthink_adapter", json={"adapter_name": "x"})
@@ -377,6 +382,7 @@ def start_and_expect_exit(tiny, args: list[str], log_name: str):
         proc.stop()
 
 
+@pytest.mark.engine
 def test_server_refuses_to_start_with_a_bad_adapter(tiny):
     build_adapter(tiny.model, tiny.tokenizer, tiny.root / "good", 24)
     code, log = start_and_expect_exit(tiny, [
@@ -389,6 +395,7 @@ def test_server_refuses_to_start_with_a_bad_adapter(tiny):
     assert "alien (" in log and BAD_ADAPTERS["wrong-base"] in log
 
 
+@pytest.mark.engine
 def test_server_refuses_a_path_like_adapter_name(tiny):
     code, log = start_and_expect_exit(
         tiny, ["--deepthink-adapter", f"../good={tiny.root / 'good'}"], "start-name.log")
