@@ -169,10 +169,11 @@ def assert_parity(output, reference: Reference, query_ids: list[int], tol: float
     return diff
 
 
-def icl_reference(model, adapter: DeepThinkAdapter, query_ids: list[int]) -> Reference:
+def icl_reference(model, adapter: DeepThinkAdapter, query_ids: list[int],
+                  num_greedy: int = 16) -> Reference:
     """HF result of the plain prompt demo ids + query ids (no adapter)."""
     ids = list(adapter.config.demo_token_ids) + list(query_ids)
-    full = hf_reference(model, None, ids)
+    full = hf_reference(model, None, ids, num_greedy=num_greedy)
     start = len(adapter.config.demo_token_ids)
     return Reference(prompt_logprobs=full.prompt_logprobs[start:],
                      greedy_tokens=full.greedy_tokens)
