@@ -9,6 +9,7 @@ ITEMS = [
     ChoiceItem("Review: a charming film\nSentiment:", [" positive", " negative"], 0),
     ChoiceItem("Question: who wrote Hamlet ?\nType:", [" HUM", " LOC", " the lazy dog"], 0),
     ChoiceItem("The quick brown fox", [" jumps over", " is"], 1),
+    ChoiceItem("Review: a charming film\nSentiment:", [" the", " is"], 1),
 ]
 DEMOS = "Review: contains no wit\nSentiment: negative\n\n"
 
@@ -42,6 +43,14 @@ def assert_scores_close(got, expected, tol=1e-4):
     for row_got, row_exp in zip(got, expected):
         for (a, _), (b, _) in zip(row_got, row_exp):
             assert a == pytest.approx(b, abs=tol)
+
+
+def test_items_cover_both_scoring_paths(tiny):
+    # ITEMS[-1] has one-token choices (scored from the query alone), the others do not.
+    _, tok = tiny
+    lengths = [[len(tok(c, add_special_tokens=False)["input_ids"]) for c in item.choices]
+               for item in ITEMS]
+    assert lengths[-1] == [1, 1] and all(max(n) > 1 for n in lengths[:-1])
 
 
 def test_zero_shot_matches_unbatched_forward(tiny):

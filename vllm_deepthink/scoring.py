@@ -82,56 +82,65 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _forward_right_padded(model, seqs: list[list[int]], base_cache, prefix_len: int
+                          ) -> torch.Tensor:
+    """Last hidden states [B, S, hidden] of right-padded `seqs` after the prefix cache."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, S]; pads masked
+    mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)  # [B, L+S]
+    for row, s in enumerate(seqs):
+        input_ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :prefix_len + len(s)] = 1
+    cache = None
+    if base_cache is not None:
+        # A forward mutates its cache: every batch gets its own copy of the prefix.
+        cache = copy.deepcopy(base_cache)
+        cache.batch_repeat_interleave(len(seqs))
+    return model.base_model(input_ids=input_ids.to(model.device),
+                            attention_mask=mask.to(model.device),
+                            past_key_values=cache, use_cache=cache is not None
+                            ).last_hidden_state
+
+
 @torch.no_grad()
 def score_encoded_hf(model, encoded: Sequence[EncodedItem], *, past_key_values=None,
                      prefix_ids: Sequence[int] | None = None, batch_size: int = 16,
                      progress: bool = False) -> list[list[Score]]:
     """Scores of pre-tokenized items; see score_items_hf."""
-    base_cache, prefix_len = _prefix_cache(model, past_key_values, prefix_ids)
-    # One sequence per (item, choice): query ids + choice ids, longest first.
-    pairs = [(i, j) for i, item in enumerate(encoded) for j in range(len(item.choice_ids))]
     for i, item in enumerate(encoded):
         if not item.query_ids:
             raise ValueError(f"item {i}: the query tokenizes to no tokens; the first choice "
                              f"token is predicted from the query's last token, so every "
                              f"item needs a non-empty query.")
-    pairs.sort(key=lambda p: -(len(encoded[p[0]].query_ids) + len(encoded[p[0]].choice_ids[p[1]])))
-    scores: list[list[Score | None]] = [[None] * len(item.choice_ids) for item in encoded]
-    pad_id = 0
-    batches = range(0, len(pairs), batch_size)
-    for start in tqdm(batches, desc="scoring (hf)", disable=not progress):
-        batch = pairs[start:start + batch_size]
-        seqs = [encoded[i].query_ids + encoded[i].choice_ids[j] for i, j in batch]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, S]
-        mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)  # [B, L+S]
-        for row, s in enumerate(seqs):
-            input_ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :prefix_len + len(s)] = 1
-        cache = None
-        if base_cache is not None:
-            cache = copy.deepcopy(base_cache)
-            cache.batch_repeat_interleave(len(seqs))
-        hidden = model.base_model(input_ids=input_ids.to(model.device),
-                                  attention_mask=mask.to(model.device),
-                                  past_key_values=cache, use_cache=cache is not None
-                                  ).last_hidden_state  # [B, S, hidden]
-        # The choice token at sequence index t is predicted by the hidden state at t - 1.
-        rows_idx, pos_idx, targets = [], [], []
-        for row, (i, j) in enumerate(batch):
-            q = len(encoded[i].query_ids)
-            for k, token in enumerate(encoded[i].choice_ids[j]):
-                rows_idx.append(row)
-                pos_idx.append(q + k - 1)
-                targets.append(token)
-        selected = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]  # [N, hidden]
+    base_cache, prefix_len = _prefix_cache(model, past_key_values, prefix_ids)
+    # Sequences to run, each with the (position, target token, item, choice) it scores.
+    # An item whose choices are all one token needs only its query (the query's last
+    # position predicts every choice); otherwise one sequence per choice.
+    units: list[tuple[list[int], list[tuple[int, int, int, int]]]] = []
+    for i, item in enumerate(encoded):
+        q = len(item.query_ids)
+        if all(len(c) == 1 for c in item.choice_ids):
+            units.append((item.query_ids, [(q - 1, c[0], i, j)
+                                           for j, c in enumerate(item.choice_ids)]))
+            continue
+        for j, choice in enumerate(item.choice_ids):
+            units.append((item.query_ids + choice,
+                          [(q + k - 1, t, i, j) for k, t in enumerate(choice)]))
+    units.sort(key=lambda u: -len(u[0]))  # similar lengths share a batch: less padding
+    totals = [[0.0] * len(item.choice_ids) for item in encoded]
+    for start in tqdm(range(0, len(units), batch_size), desc="scoring (hf)",
+                      disable=not progress):
+        batch = units[start:start + batch_size]
+        hidden = _forward_right_padded(model, [seq for seq, _ in batch], base_cache, prefix_len)
+        rows = [row for row, (_, entries) in enumerate(batch) for _ in entries]
+        entries = [e for _, unit_entries in batch for e in unit_entries]
+        selected = hidden[torch.tensor(rows), torch.tensor([e[0] for e in entries])]  # [N, H]
         logprobs = torch.log_softmax(_logits(model, selected), dim=-1)  # [N, vocab]
-        token_lp = logprobs[torch.arange(len(targets)), torch.tensor(targets)].double().cpu()
-        owner = torch.tensor(rows_idx)
-        for row, (i, j) in enumerate(batch):
-            lp = token_lp[owner == row]
-            scores[i][j] = (float(lp.sum()), int(lp.numel()))
-    return scores  # type: ignore[return-value]
+        token_lp = logprobs[torch.arange(len(entries)), torch.tensor([e[1] for e in entries])]
+        for (_, _, i, j), lp in zip(entries, token_lp.double().tolist()):
+            totals[i][j] += lp
+    return [[(totals[i][j], len(c)) for j, c in enumerate(item.choice_ids)]
+            for i, item in enumerate(encoded)]
 
 
 def score_items_hf(model, tokenizer, items: Sequence[ChoiceItem], *, past_key_values=None,
