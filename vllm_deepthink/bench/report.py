@@ -144,6 +144,8 @@ def system_figures(workload: Workload, result: dict[str, Any], process: dict[str
         "loadavg_before": process.get("loadavg_before"),
         "loadavg_after": process.get("loadavg_after"),
     }
+    if process.get("omp_binding"):
+        figures["omp_binding"] = process["omp_binding"]
     if system != "hf-reference":
         figures["prompt_tokens_local_cache_hit"] = _median(
             [r["prompt_tokens_local_cache_hit"] for r in reps])

@@ -219,6 +219,7 @@ def run_all(args, model_dir: Path, workloads, request_sets, warmups, adapter_dir
     from tqdm.auto import tqdm
 
     from vllm_deepthink.bench.report import run_entry
+    from vllm_deepthink.commands.bench import engine_env
 
     groups: dict[tuple[int, int], list] = {}
     for w in workloads:
@@ -231,8 +232,7 @@ def run_all(args, model_dir: Path, workloads, request_sets, warmups, adapter_dir
                     for t in range(num_tasks)} if adapter_dirs else {}
         for system in systems:
             port = _free_port()
-            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib),
-                       VLLM_SERVER_DEV_MODE="1")
+            env = dict(engine_env(args), VLLM_SERVER_DEV_MODE="1")
             cmd = server_command(system, model_dir, port, max_len, adapters, args.block_size)
             log = work_dir / "logs" / f"server-tasks{num_tasks}-prefix{prefix_len}-{system}.log"
             try:

@@ -52,6 +52,12 @@ def _system_list(text: str) -> list[str]:
     return names
 
 
+def _reserved_cpus(text: str) -> str:
+    if text == "auto" or (text.isdigit() and int(text) >= 0):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a number of CPUs >= 0 or 'auto', found {text!r}")
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local HF model directory")
     parser.add_argument("--tasks", type=_int_list, default=[1, 8, 64],
@@ -74,6 +80,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kv-cache-gib", type=int, default=1,
                         help="VLLM_CPU_KVCACHE_SPACE for every vLLM engine")
+    parser.add_argument("--reserved-cpus", type=_reserved_cpus, default="1",
+                        help="VLLM_CPU_NUM_OF_RESERVED_CPU for every vLLM engine: CPUs kept "
+                             "free of OpenMP threads for the scheduler process. vLLM reserves 1 "
+                             "more when a KV connector is configured, so without this the "
+                             "deepthink engine binds differently from the others. 'auto': "
+                             "leave vLLM's choice")
     parser.add_argument("--block-size", type=int, default=None,
                         help="vLLM KV block size (default: the engine's; CPU: 128)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
@@ -133,15 +145,24 @@ def _check_args(args) -> Path:
     return model_dir
 
 
+def engine_env(args) -> dict[str, str]:
+    """Environment of every system process and server: the same for all systems."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib),
+               TOKENIZERS_PARALLELISM="false")
+    if args.reserved_cpus != "auto":
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(int(args.reserved_cpus))
+    return env
+
+
 def _run_system(system: str, group_key: str, spec: dict[str, Any], work_dir: Path,
-                timeout: float, kv_cache_gib: float) -> dict[str, Any]:
+                timeout: float, args) -> dict[str, Any]:
     spec_path = work_dir / "specs" / f"{group_key}-{system}.json"
     out_path = work_dir / "results" / f"{group_key}-{system}.json"
     log_path = work_dir / "logs" / f"{group_key}-{system}.log"
     for p in (spec_path, out_path, log_path):
         p.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), TOKENIZERS_PARALLELISM="false")
+    env = engine_env(args)
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(
@@ -153,7 +174,19 @@ def _run_system(system: str, group_key: str, spec: dict[str, Any], work_dir: Pat
     if code != 0 or not out_path.is_file():
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         return {"error": f"{system} process exited with {code}; log {log_path}:\n" + "\n".join(tail)}
-    return json.loads(out_path.read_text())
+    result = json.loads(out_path.read_text())
+    result["omp_binding"] = omp_binding(log_path)
+    return result
+
+
+def omp_binding(log_path: Path) -> list[str]:
+    """vLLM's "OpenMP thread binding info" lines from an engine log (which CPUs the
+    worker's threads use, which are reserved)."""
+    lines = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "ompmultiprocessing.py" in line:
+            lines.append(line.split("] ", 1)[-1].strip())
+    return lines[:8]
 
 
 def _spec(system: str, args, model_dir: Path, group: list[Workload], request_sets, warmups,
@@ -227,7 +260,7 @@ def main(args) -> int:
         spec = _spec(system, args, model_dir, groups[group_key], request_sets, warmups,
                      adapter_dirs)
         results[(group_key, system)] = _run_system(system, group_key, spec, work_dir,
-                                                   args.system_timeout, args.kv_cache_gib)
+                                                   args.system_timeout, args)
 
     runs = []
     for group_key, group in groups.items():
@@ -259,6 +292,7 @@ def main(args) -> int:
                      "warmup_requests": args.warmup_requests, "seed": args.seed,
                      "task_dir": args.task_dir, "kv_cache_gib": args.kv_cache_gib,
                      "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+                     "VLLM_CPU_NUM_OF_RESERVED_CPU": args.reserved_cpus,
                      "hf_batch_sizes": args.hf_batch_sizes, "systems": args.systems,
                      "adapters": "T=1 (HF forward K/V of the demo ids)",
                      "dtype": "float32", "enforce_eager": True},
