@@ -116,6 +116,13 @@ def test_prompt_logprob_rows_cover_the_whole_prompt():
                       "QueryOnlyLogprobsProcessor drops the first L rows")
     assert_source_has(source, "start_idx = request.num_computed_tokens",
                       "rows of loaded positions are not computed")
+    # vllm/v1/worker/gpu/sample/prompt_logprob.py (V2 runner, default with Triton):
+    # rows of computed positions only, concatenated once at the end of prefill.
+    from vllm.v1.worker.gpu.sample.prompt_logprob import PromptLogprobsWorker
+
+    assert_source_has(PromptLogprobsWorker.compute_prompt_logprobs,
+                      "logprobs = LogprobsTensors.cat(prompt_logprobs_list)",
+                      "QueryOnlyLogprobsProcessor keeps the last q - 1 rows of one delivery")
     assert LogprobsTensors._fields[:3] == ("logprob_token_ids", "logprobs",
                                            "selected_token_ranks")
 
@@ -142,6 +149,8 @@ def test_kv_cache_manager_contract():
 @pytest.mark.parametrize("module,cls", [
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
+    ("vllm.v1.attention.backends.flashinfer", "FlashInferImpl"),
 ])
 def test_backends_write_kv_through_do_kv_cache_update(module, cls):
     import importlib
@@ -175,21 +184,24 @@ def adapter_params(prefix_len, prompt_logprobs=None):
     return params
 
 
-def test_query_only_logprobs_drop_placeholder_rows():
+@pytest.mark.parametrize("runner_rows", ["v1: every prompt position", "v2: computed positions"])
+def test_query_only_logprobs_keep_the_query_rows(runner_rows):
     prefix_len, query_len = 5, 4
     processor = compat.QueryOnlyLogprobsProcessor.wrap(
         LogprobsProcessor.from_new_request(None, SimpleNamespace(
-            sampling_params=adapter_params(prefix_len, prompt_logprobs=0))), prefix_len)
-    rows = prefix_len + query_len - 1
+            sampling_params=adapter_params(prefix_len, prompt_logprobs=0))), query_len)
+    leading = prefix_len if runner_rows.startswith("v1") else 0
+    rows = leading + query_len - 1
     token_ids = torch.full((rows, 1), 2**40, dtype=torch.int64)   # garbage ids ...
-    token_ids[prefix_len:, 0] = torch.tensor([11, 12, 13])          # ... but the query's
+    token_ids[leading:, 0] = torch.tensor([11, 12, 13])            # ... but the query's
     logprobs = torch.arange(rows, dtype=torch.float32).unsqueeze(1).neg()
     ranks = torch.ones(rows, dtype=torch.int64)
     processor._update_prompt_logprobs(LogprobsTensors(token_ids, logprobs, ranks))
     result = processor.prompt_logprobs
     assert result[0] is None and len(result) == query_len
     assert [next(iter(r)) for r in result[1:]] == [11, 12, 13]
-    assert [r[i].logprob for r, i in zip(result[1:], [11, 12, 13])] == [-5.0, -6.0, -7.0]
+    assert [r[i].logprob for r, i in zip(result[1:], [11, 12, 13])] == [
+        -float(leading), -float(leading + 1), -float(leading + 2)]
 
 
 def test_query_only_request_state_counts_query_cache_hits():

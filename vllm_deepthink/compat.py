@@ -121,27 +121,30 @@ class QueryOnlyRequestState(RequestState):
 
 @dataclass
 class QueryOnlyLogprobsProcessor(LogprobsProcessor):
-    """Drops the prompt-logprob rows of the adapter's placeholder positions.
+    """Keeps only the prompt-logprob rows that score query tokens.
 
-    The engine returns one row per prompt position but the last ([L + q - 1]
-    rows, row i scoring prompt token i + 1); rows 0..L-1 belong to positions
-    that were loaded, not computed, and hold uninitialised memory (garbage token
-    ids crash detokenisation). Row L-1 would score the first query token from
-    the placeholder's hidden state, which does not exist: like any first prompt
-    token it gets None. Dropping L rows leaves exactly the query's rows.
+    Row i of the engine's prompt logprobs scores prompt token i + 1. The V1
+    model runner (vllm/v1/worker/gpu_model_runner.py, used on CPU) returns a row
+    for every prompt position but the last, L + q - 1 rows, and the rows of the
+    L loaded positions hold uninitialised memory (garbage token ids crash
+    detokenisation); the V2 runner (vllm/v1/worker/gpu/sample/prompt_logprob.py)
+    returns rows of computed positions only, q - 1 rows. Both deliver them in one
+    tensor at the end of prefill, so the query's rows are its last q - 1. The
+    first query token, scored from the last placeholder position which has no
+    hidden state, gets None like any first prompt token.
     """
 
-    prompt_rows_to_skip: int = 0
+    query_rows: int = 0
 
     @classmethod
-    def wrap(cls, processor: LogprobsProcessor, rows_to_skip: int) -> QueryOnlyLogprobsProcessor:
+    def wrap(cls, processor: LogprobsProcessor, query_len: int) -> QueryOnlyLogprobsProcessor:
         values = {f.name: getattr(processor, f.name) for f in dataclasses.fields(processor)}
-        return cls(**values, prompt_rows_to_skip=rows_to_skip)
+        return cls(**values, query_rows=max(0, query_len - 1))
 
     def _update_prompt_logprobs(self, prompt_logprobs_tensors: LogprobsTensors) -> None:
         rows = prompt_logprobs_tensors.logprobs.shape[0]
-        skip = min(self.prompt_rows_to_skip, rows)
-        self.prompt_rows_to_skip -= skip
+        skip = max(0, rows - self.query_rows)
+        self.query_rows -= rows - skip
         if skip == rows:
             return
         token_ids, logprobs, ranks = prompt_logprobs_tensors[:3]
@@ -180,7 +183,8 @@ def patch_request_state() -> None:
         state.prefix_len = prefix_len
         processor = state.logprobs_processor
         if processor is not None and processor.prompt_logprobs is not None:
-            state.logprobs_processor = QueryOnlyLogprobsProcessor.wrap(processor, prefix_len)
+            state.logprobs_processor = QueryOnlyLogprobsProcessor.wrap(
+                processor, len(query_request.prompt_token_ids))
         return state
 
     setattr(from_new_request, _ORIGINAL, vllm_from_new_request)
