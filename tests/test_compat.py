@@ -330,3 +330,15 @@ def test_adapter_stand_in_becomes_extra_args():
     plain = SamplingParams(max_tokens=3)
     assert serving.to_engine_request(plain, lora) == (plain, lora)
     assert plain.extra_args is None
+
+
+def test_tensor_parallel_kv_head_sharding():
+    # vllm/model_executor/layers/linear.py: kv_layout.kv_head_range mirrors it.
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    assert_source_has(QKVParallelLinear.__init__,
+                      "self.num_kv_head_replicas = divide(tp_size, self.total_num_kv_heads)",
+                      "heads replicate when tp > kv heads")
+    assert_source_has(QKVParallelLinear.weight_loader,
+                      "shard_rank = self.tp_rank // self.num_kv_head_replicas",
+                      "rank r holds KV head r // replicas")

@@ -42,7 +42,8 @@ def setup(tmp_path_factory):
 def llm(setup):
     model_dir, _, _, adapters, root = setup
     paths = {name: root / name for name in [*adapters, "foreign"]}
-    llm = start_engine(model_dir, paths, disable_log_stats=False)
+    # A small token budget chunks the query prefills across steps and batches.
+    llm = start_engine(model_dir, paths, disable_log_stats=False, max_num_batched_tokens=32)
     yield llm
     shutdown(llm)
 
