@@ -285,6 +285,8 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm_deepthink.bench.measure import summarize
 
     record_logprobs = spec.get("record_logprobs", False)
+    if spec.get("hf_threads"):
+        torch.set_num_threads(spec["hf_threads"])
     started = time.perf_counter()
     model, _ = load_hf_model(spec["model"])
     engine_start_s = time.perf_counter() - started
@@ -292,13 +294,15 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     for workload in spec["workloads"]:
         adapters = [DeepThinkAdapter.from_pretrained(p) for p in workload["adapters"]]
         warm = workload["warmup"]
+        _hf_pass(model, adapters, workload, warm["task_of"], warm["queries"], 4, False)
+        # Tuning: two batches of each candidate size from the timed requests (HF keeps
+        # no cache between passes, so reusing them does not favour anyone).
         tuning = {}
         for batch_size in _hf_batch_candidates(spec, workload, adapters):
-            _hf_pass(model, adapters, workload, warm["task_of"][:batch_size],
-                     warm["queries"][:batch_size], batch_size, False)
-            timed = _hf_pass(model, adapters, workload, warm["task_of"], warm["queries"],
-                             batch_size, False)
-            tuning[batch_size] = len(warm["queries"]) / timed["elapsed_s"]
+            count = min(len(workload["queries"]), 2 * batch_size)
+            timed = _hf_pass(model, adapters, workload, workload["task_of"][:count],
+                             workload["queries"][:count], batch_size, False)
+            tuning[batch_size] = count / timed["elapsed_s"]
         best = max(tuning, key=tuning.get)
         passes = []
         # The requested repetitions, then up to two more while the spread exceeds 10 %.

@@ -91,6 +91,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--hf-batch-sizes", type=_int_list, default=[4, 16, 64],
                         help="batch sizes hf-reference tries (the best is reported)")
+    parser.add_argument("--hf-threads", type=int, default=None,
+                        help="torch threads of hf-reference (default: the OpenMP threads a "
+                             "vLLM worker gets = usable CPUs - --reserved-cpus, at least 1)")
     parser.add_argument("--builder-iterations", type=int, default=4,
                         help="Deep-Thinking iterations timed for the builder cost (0: skip)")
     parser.add_argument("--record-logprobs", action="store_true",
@@ -154,6 +157,14 @@ def engine_env(args) -> dict[str, str]:
     return env
 
 
+def hf_threads(args) -> int:
+    if args.hf_threads:
+        return args.hf_threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    reserved = 1 if args.reserved_cpus == "auto" else int(args.reserved_cpus)
+    return max(1, cpus - reserved)
+
+
 def _run_system(system: str, group_key: str, spec: dict[str, Any], work_dir: Path,
                 timeout: float, args) -> dict[str, Any]:
     spec_path = work_dir / "specs" / f"{group_key}-{system}.json"
@@ -203,6 +214,7 @@ def _spec(system: str, args, model_dir: Path, group: list[Workload], request_set
             if adapter_dirs else [],
         })
     return {"system": system, "model": str(model_dir), "repetitions": args.repetitions,
+            "hf_threads": hf_threads(args),
             "record_logprobs": args.record_logprobs, "hf_batch_sizes": args.hf_batch_sizes,
             "engine": {"max_model_len": max_len, "kv_cache_gib": args.kv_cache_gib,
                        "block_size": args.block_size, "max_num_seqs": args.max_num_seqs},
@@ -216,6 +228,11 @@ def main(args) -> int:
     from vllm_deepthink.bench.adapters import build_t1_adapters, load_hf_model
 
     model_dir = _check_args(args)
+    import torch
+
+    # HF work here (T=1 adapters, builder cost) uses the hf-reference thread count:
+    # more OpenMP threads than free cores make every barrier wait on a busy core.
+    torch.set_num_threads(hf_threads(args))
     environment = rep.environment()
     environment["note"] = args.note
     workloads = plan_workloads(args, _model_max_positions(model_dir))
@@ -293,7 +310,8 @@ def main(args) -> int:
                      "task_dir": args.task_dir, "kv_cache_gib": args.kv_cache_gib,
                      "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": args.reserved_cpus,
-                     "hf_batch_sizes": args.hf_batch_sizes, "systems": args.systems,
+                     "hf_batch_sizes": args.hf_batch_sizes, "hf_threads": hf_threads(args),
+                     "systems": args.systems,
                      "adapters": "T=1 (HF forward K/V of the demo ids)",
                      "dtype": "float32", "enforce_eager": True},
         "definitions": rep.DEFINITIONS,
