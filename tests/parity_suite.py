@@ -30,17 +30,19 @@ class ParitySuite:
     kind = ""
 
     @pytest.fixture(scope="class")
-    def setup(self, tmp_path_factory):
-        model_dir = tmp_path_factory.mktemp(self.kind)
-        model, tokenizer = load_tiny(self.kind, model_dir)
-        root = tmp_path_factory.mktemp(f"{self.kind}-adapters")
+    @classmethod
+    def setup(cls, tmp_path_factory):
+        model_dir = tmp_path_factory.mktemp(cls.kind)
+        model, tokenizer = load_tiny(cls.kind, model_dir)
+        root = tmp_path_factory.mktemp(f"{cls.kind}-adapters")
         adapters = {name: build_adapter(model, tokenizer, root / name, length,
                                         seed=i, offset=i)
                     for i, (name, length) in enumerate(PREFIX_LENS.items())}
         return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}
 
     @pytest.fixture(scope="class")
-    def llm(self, setup):
+    @classmethod
+    def llm(cls, setup):
         model_dir, _, _, _, paths = setup
         llm = start_engine(model_dir, paths)
         yield llm
@@ -57,7 +59,8 @@ class ParitySuite:
                             icl_reference(model, adapter, query_ids, num_greedy=0)
                             .prompt_logprobs) > 0.05
         (output,) = llm.generate([QUERIES[0]], parity_params(name), use_tqdm=False)
-        assert_parity(output, reference, query_ids, label=f"{self.kind} {name} L={adapter.prefix_len}")
+        assert_parity(output, reference, query_ids,
+                      label=f"{self.kind} {name} L={adapter.prefix_len}")
         assert output.num_cached_tokens == 0
 
     @pytest.mark.parametrize("name", sorted(PREFIX_LENS))

@@ -235,18 +235,21 @@ class DeepThinkConnector(KVConnectorBase_V1):
             raise AdapterLoadError(
                 f"asked for positions up to {load.end}, the adapter has {adapter.prefix_len}")
         layers = self._attention_layers(forward_context, len(adapter.keys))
-        slots = kv_layout.slot_mapping(load.block_ids, self._block_size, load.start, load.end)
-        slots = slots.to(self._store.device)
-        for name, (layer, index) in layers.items():
-            keys = kv_layout.token_major(adapter.keys[index], load.start, load.end)
-            values = kv_layout.token_major(adapter.values[index], load.start, load.end)
-            # keys/values: [end - start, rank_kv_heads, head_dim]
-            if keys.shape[1:] != (layer.num_kv_heads, layer.head_size):
+        rank_shape = tuple(adapter.keys[0].shape[::2])            # (rank_kv_heads, head_dim)
+        for name, (layer, _) in layers.items():
+            if rank_shape != (layer.num_kv_heads, layer.head_size):
                 raise AdapterLoadError(
                     f"layer {name} holds {layer.num_kv_heads} KV heads of size "
-                    f"{layer.head_size} on this rank; the adapter gives "
-                    f"{tuple(keys.shape[1:])}. It was built for another model.")
-            layer.impl.do_kv_cache_update(layer, keys, values, layer.kv_cache, slots)
+                    f"{layer.head_size} on this rank; the adapter gives {rank_shape}. It "
+                    f"was built for another model.")
+        slots = kv_layout.slot_mapping(load.block_ids, self._block_size, load.start, load.end)
+        for layer, index in layers.values():
+            device = layer.kv_cache.device
+            # keys/values: [end - start, rank_kv_heads, head_dim]
+            keys = kv_layout.token_major(adapter.keys[index], load.start, load.end)
+            values = kv_layout.token_major(adapter.values[index], load.start, load.end)
+            layer.impl.do_kv_cache_update(layer, keys.to(device), values.to(device),
+                                          layer.kv_cache, slots.to(device))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
