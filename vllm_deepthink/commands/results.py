@@ -166,6 +166,9 @@ def markdown_table(rows: list[dict[str, Any]], args) -> str:
         lines.append(f"| {r['model']} | {r['task']} | {r['split']} | {r['n']} | {r['shots']} | "
                      f"{r['prefix_len']} | {r['selected_iteration']}/{r['iterations_run']} | "
                      + " | ".join(cells) + " |")
+    if any(r["model"] == "gemma3-270m" for r in rows):
+        lines += ["", "Gemma 3 270M is provided under and subject to the Gemma Terms of Use "
+                      "(https://ai.google.dev/gemma/terms)."]
     return "\n".join(lines) + "\n"
 
 
