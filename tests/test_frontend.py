@@ -160,3 +160,21 @@ def test_engine_args_and_sampling_params(adapters):
     assert params.max_tokens == 4 and params.extra_args == {"keep": 1, "deepthink_adapter": "a"}
     with pytest.raises(frontend.AdapterRequestError, match="non-empty string"):
         vllm_deepthink.sampling_params(adapter=" a")
+
+
+def test_registry_for_builds_one_registry_per_engine(llama, adapters):
+    from types import SimpleNamespace
+
+    def config(model_dir, connector=frontend.CONNECTOR_NAME, engine_id="e1"):
+        kv = SimpleNamespace(kv_connector=connector, engine_id=engine_id,
+                             kv_connector_extra_config={"adapters": {"a": str(adapters / "a")}})
+        return SimpleNamespace(kv_transfer_config=kv,
+                               model_config=SimpleNamespace(model=str(model_dir)))
+
+    with pytest.raises(frontend.AdapterRequestError, match="not started for Deep-Thinking"):
+        frontend.registry_for(config(llama[0], connector="ExampleConnector"))
+    first = frontend.registry_for(config(llama[0]))
+    assert first.names() == ["a"] and frontend.registry_for(config(llama[0])) is first
+    assert frontend.current_registry() is first
+    other = frontend.registry_for(config(llama[0], engine_id="e2"))
+    assert other is not first and frontend.current_registry() is other

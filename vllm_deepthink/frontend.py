@@ -159,7 +159,7 @@ class AdapterRegistry:
             return dict(self._failed)
 
 
-_registries: dict[str, AdapterRegistry] = {}
+_registries: dict[tuple[str, str], AdapterRegistry] = {}
 _latest: list[AdapterRegistry] = []
 _registries_lock = threading.Lock()
 
@@ -178,7 +178,7 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
             "this engine was not started for Deep-Thinking adapters; start it with "
             "LLM(model=..., **vllm_deepthink.engine_args(adapters={...})) or "
             "`vllm serve --deepthink-adapter NAME=PATH`.")
-    key = kv_config.engine_id
+    key = (kv_config.engine_id, str(vllm_config.model_config.model))
     with _registries_lock:
         registry = _registries.get(key)
         if registry is None:
