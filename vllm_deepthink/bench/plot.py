@@ -39,7 +39,8 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
     keys = sorted(panels)
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 4.6 * cols), 3.6 * rows + 0.6),
+                             squeeze=False)
     for ax, key in zip(axes.flat, keys):
         kind, output_len, prefix_len = key
         for name, points in sorted(panels[key].items()):
@@ -58,8 +59,8 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     env = report.get("environment", {})
-    fig.suptitle(f"vllm-deepthink throughput vs icl-apc — {report['settings']['model']}, "
-                 f"{env.get('cpu_affinity')} CPUs, vLLM {env.get('vllm_version')}", fontsize=10)
+    fig.suptitle(f"vllm-deepthink: requests/s relative to icl-apc\n{report['settings']['model']}, "
+                 f"{env.get('cpu_affinity')} CPUs, vLLM {env.get('vllm_version')}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
