@@ -196,7 +196,7 @@ def run_entry(workload: Workload, systems: dict[str, dict[str, Any]],
     if systems.get("icl-apc", {}).get("requests_per_s"):
         base = systems["icl-apc"]["requests_per_s"]
         for name, fig in systems.items():
-            if fig.get("requests_per_s"):
+            if name != "icl-apc" and fig.get("requests_per_s"):
                 ratios[f"{name}/icl-apc"] = fig["requests_per_s"] / base
     matches = {}
     for other in ("icl-apc", "icl-no-apc", "hf-reference"):
