@@ -42,7 +42,7 @@ def bench_run(tiny_llama, tmp_path_factory):
            "--hf-batch-sizes", "4", "--builder-iterations", "2", "--record-logprobs",
            "--save-outputs", "--work-dir", str(out / "work"),
            "--output-json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "bench.json").read_text()), out / "bench.png"
 
