@@ -18,6 +18,7 @@ from adapter_factory import (
 from tiny_models import load_tiny, make_tiny_model
 import vllm_deepthink
 from vllm_deepthink import frontend
+from vllm_deepthink.api import connector_stats
 
 pytestmark = pytest.mark.engine
 
@@ -93,11 +94,16 @@ def test_second_request_of_an_adapter_hits_the_prefix_cache(setup, llm):
     for name, prefix_len in (("b", 64), ("a", 45)):
         # Earlier tests served this adapter: its full blocks are cached, the
         # partial tail (L mod 32 positions) is loaded again.
+        loads_before = connector_stats(llm)["by_adapter"].get(name, {"loads": 0, "tokens": 0})
         (output,), hits = hits_of(llm, lambda: llm.generate(
             [text], parity_params(name), use_tqdm=False))
         assert_parity(output, hf_reference(model, adapters[name], ids), ids,
                       label=f"cache hit {name}")
         assert hits == {"local": prefix_len // 32 * 32, "external": prefix_len % 32}, name
+        # The connector counts a load only when it writes positions.
+        loads_after = connector_stats(llm)["by_adapter"][name]
+        assert loads_after["loads"] - loads_before["loads"] == (prefix_len % 32 > 0), name
+        assert loads_after["tokens"] - loads_before["tokens"] == prefix_len % 32, name
         assert output.num_cached_tokens == 0  # the query itself was not cached
 
 

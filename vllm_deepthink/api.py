@@ -100,3 +100,26 @@ def _merge_kv_config(user_config: Any, adapters: dict[str, str]):
     if user_config.kv_role is None:
         user_config.kv_role = "kv_consumer"
     return user_config
+
+
+def connector_stats(llm) -> dict[str, Any]:
+    """Adapter loads so far in `llm` (a `vllm.LLM` built with `disable_log_stats=False`).
+
+    Returns {"adapter_loads": total, "adapter_tokens_loaded": total,
+    "by_adapter": {name: {"loads": n, "tokens": n}}}, read from the connector's
+    Prometheus counters (vllm_deepthink.connector_stats).
+    """
+    from vllm.v1.metrics.reader import Counter
+
+    from vllm_deepthink.connector_stats import LOADS_METRIC, TOKENS_METRIC
+
+    fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens"}
+    by_adapter: dict[str, dict[str, float]] = {}
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter) and metric.name in fields:
+            name = metric.labels.get("adapter", "?")
+            entry = by_adapter.setdefault(name, {"loads": 0, "tokens": 0})
+            entry[fields[metric.name]] += metric.value
+    return {"adapter_loads": sum(e["loads"] for e in by_adapter.values()),
+            "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
+            "by_adapter": by_adapter}

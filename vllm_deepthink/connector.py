@@ -30,6 +30,7 @@ from vllm.logger import init_logger
 
 from vllm_deepthink import frontend, kv_layout
 from vllm_deepthink.adapter import DeepThinkAdapter
+from vllm_deepthink.connector_stats import DeepThinkConnectorStats, DeepThinkPromMetrics
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -156,6 +157,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
                 frontend.EXTRA_CONFIG_ADAPTERS, {}))
         # Scheduler side.
         self._pending: dict[str, AdapterLoad] = {}
+        self._stats = DeepThinkConnectorStats()
         # Local prefix-cache hit last offered for each adapter request.
         self._local_hits: dict[str, int] = {}
         # Worker side.
@@ -301,7 +303,27 @@ class DeepThinkConnector(KVConnectorBase_V1):
         scheduled = scheduler_output.num_scheduled_tokens
         loads = [load for req_id, load in self._pending.items() if req_id in scheduled]
         self._pending.clear()
+        for load in loads:
+            self._stats.record_load(load.name, load.end - load.start)
         return DeepThinkConnectorMetadata(loads=loads)
+
+    def get_kv_connector_stats(self) -> DeepThinkConnectorStats | None:
+        """Loads scheduled since the last call (scheduler side; workers report none)."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, DeepThinkConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> DeepThinkConnectorStats:
+        return DeepThinkConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
+                           per_engine_labelvalues) -> DeepThinkPromMetrics:
+        return DeepThinkPromMetrics(vllm_config, metric_types, labelnames,
+                                    per_engine_labelvalues)
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
