@@ -146,6 +146,32 @@ def test_kv_cache_manager_contract():
         "self", "blocks", "num_computed_tokens")
 
 
+def test_cpu_core_reservation_ignores_our_connector(monkeypatch):
+    # vllm/utils/ompmultiprocessing.py: the extra reservation for any KV connector.
+    from vllm.platforms import current_platform
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    vllm_init = compat.original(OMPProcessManager, "__init__")
+    assert_source_has(vllm_init, "if config.kv_transfer_config: "
+                                 "self.reserve_cpu_num += self.local_world_size",
+                      "patch_cpu_core_reservation undoes exactly this reservation")
+    if not current_platform.is_cpu():
+        pytest.skip("OMPProcessManager only acts on the CPU platform")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    parallel = SimpleNamespace(local_world_size=1, data_parallel_rank_local=0,
+                               _api_process_count=1)
+
+    def reserved(connector):
+        kv = None if connector is None else SimpleNamespace(kv_connector=connector)
+        config = SimpleNamespace(parallel_config=parallel, kv_transfer_config=kv)
+        return OMPProcessManager(config).reserve_cpu_num
+
+    assert reserved(frontend.CONNECTOR_NAME) == reserved(None)
+    assert reserved("NixlConnector") == reserved(None) + 1
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    assert reserved(frontend.CONNECTOR_NAME) == 0
+
+
 @pytest.mark.parametrize("module,cls", [
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl"),
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),

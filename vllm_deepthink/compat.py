@@ -23,6 +23,7 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.logprobs import LogprobsProcessor
 from vllm.v1.engine.output_processor import RequestState
+from vllm.utils.ompmultiprocessing import OMPProcessManager
 from vllm.v1.outputs import LogprobsTensors
 
 from vllm_deepthink import frontend
@@ -52,6 +53,8 @@ PATCHES = (
                "log_stats", "stream_interval")),
     PatchSpec(KVCacheManager, "get_computed_blocks", "vllm/v1/core/kv_cache_manager.py",
               ("self", "request")),
+    PatchSpec(OMPProcessManager, "__init__", "vllm/utils/ompmultiprocessing.py",
+              ("self", "config")),
 )
 
 
@@ -234,11 +237,54 @@ def patch_kv_cache_manager() -> None:
     KVCacheManager.get_computed_blocks = get_computed_blocks
 
 
+class _ConfigWithoutKVConnector:
+    """A read-only view of a VllmConfig whose kv_transfer_config is None."""
+
+    kv_transfer_config = None
+
+    def __init__(self, config: Any):
+        self._config = config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+def uses_deepthink_connector(config: Any) -> bool:
+    kv_config = getattr(config, "kv_transfer_config", None)
+    return kv_config is not None and kv_config.kv_connector == frontend.CONNECTOR_NAME
+
+
+def patch_cpu_core_reservation() -> None:
+    """vllm/utils/ompmultiprocessing.py: OMPProcessManager.__init__ (CPU backend only).
+
+    With any KV connector configured, vLLM's CPU backend reserves one more core per
+    worker, meant for NIXL's transfer threads in prefill/decode disaggregation. The
+    DeepThink connector runs inside the forward pass on the worker's own threads, so
+    that core would idle; on 2 cores the reservation exceeds the machine, vLLM then
+    reserves none and the worker's OpenMP threads share a core with the scheduler
+    (measured: about 3x slower than the same engine without a connector). For our
+    connector the reservation is computed as without a connector;
+    VLLM_CPU_NUM_OF_RESERVED_CPU still overrides it.
+    """
+    if _is_patched(OMPProcessManager, "__init__"):
+        return
+    vllm_init = OMPProcessManager.__init__
+
+    def __init__(self, config):
+        vllm_init(self, _ConfigWithoutKVConnector(config)
+                  if uses_deepthink_connector(config) else config)
+
+    setattr(__init__, _ORIGINAL, vllm_init)
+    __init__.__doc__ = vllm_init.__doc__
+    OMPProcessManager.__init__ = __init__
+
+
 def apply_all() -> None:
     """Apply every patch (idempotent)."""
     patch_input_processor()
     patch_request_state()
     patch_kv_cache_manager()
+    patch_cpu_core_reservation()
     apply_serving()
 
 
