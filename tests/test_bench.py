@@ -1,7 +1,7 @@
 """`vllm-deepthink bench` on a tiny model: JSON shape, PNG, and deepthink == icl-apc outputs.
 
-One small benchmark run (2 tasks, 8 requests, prefix 64, scoring, 1 repetition)
-is shared by the module. Block size 32 makes the 64-token prefix two full blocks,
+One small benchmark run (2 tasks, 8 requests, prefix 64, output 1 and 2 tokens:
+two workloads in one process per system, 1 repetition) is shared by the module. Block size 32 makes the 64-token prefix two full blocks,
 so icl-apc really reuses cached demo blocks and deepthink shares adapter blocks.
 No timing is asserted: only shapes, consistency of the counts, and outputs.
 """
@@ -37,11 +37,12 @@ def bench_run(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "vllm_deepthink.cli", "bench", "--model", str(tiny_llama),
            "--tasks", str(TASKS), "--requests", str(REQUESTS), "--prefix-len", str(PREFIX),
-           "--query-len", str(QUERY), "--output-len", "1", "--repetitions", "1",
+           "--query-len", str(QUERY), "--output-len", "1,2", "--repetitions", "1",
            "--warmup-requests", "4", "--systems", ",".join(SYSTEMS), "--block-size", "32",
            "--hf-batch-sizes", "4", "--builder-iterations", "2", "--record-logprobs",
            "--save-outputs", "--work-dir", str(out / "work"),
-           "--output-json", str(out / "bench.json"), "--plot", str(out / "bench.png")]
+           "--output-json", str(out / "bench.json"), "--plot", str(out / "bench.png"),
+           "--server", "--server-requests", "4", "--request-rate", "20"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "bench.json").read_text()), out / "bench.png"
@@ -113,7 +114,11 @@ def test_json_is_well_formed(bench_run):
     assert report["schema_version"] == 1
     env = report["environment"]
     assert env["cpu_model"] and env["logical_cpus"] >= 1 and env["vllm_version"]
-    assert len(report["runs"]) == 1
+    assert [r["workload"]["output_len"] for r in report["runs"]] == [1, 2]
+    generation = report["runs"][1]
+    for name, fig in generation["systems"].items():
+        assert "error" not in fig, fig.get("error")
+        assert all(len(ids) == 2 for ids in fig["output_token_ids"]), name
     run = report["runs"][0]
     assert run["workload"] == {"num_tasks": TASKS, "prefix_len": PREFIX, "query_len": QUERY,
                                "output_len": 1, "num_requests": REQUESTS, "kind": "scoring"}
@@ -133,6 +138,12 @@ def test_json_is_well_formed(bench_run):
     assert apc["prompt_tokens_local_cache_hit"] == (REQUESTS - TASKS) * PREFIX
     assert apc["prompt_tokens_computed"] == REQUESTS * (PREFIX + QUERY) - (REQUESTS - TASKS) * PREFIX
     assert apc["block_size"] == 32
+    if HAVE_PLUGIN:
+        # Requests of a task scheduled in one step may each load its adapter; later
+        # ones hit the cached blocks. Each load writes the whole (block-aligned) prefix.
+        dt = run["systems"]["deepthink"]
+        assert TASKS <= dt["adapter_loads"] <= REQUESTS
+        assert dt["prompt_tokens_external_loaded"] == dt["adapter_loads"] * PREFIX
     hf = run["systems"]["hf-reference"]
     assert hf["prompt_tokens_computed"] == REQUESTS * QUERY and hf["batch_size"] == 4
     assert all(isinstance(t["met"], bool) for t in report["targets"])
@@ -184,3 +195,18 @@ def test_deepthink_outputs_equal_icl_apc(bench_run):
         assert a[0] == pytest.approx(b[0], abs=1e-3)
     assert run["outputs_match"]["deepthink==icl-apc"] == 1.0
     assert dt["prompt_tokens_computed"] == REQUESTS * QUERY
+
+
+@pytest.mark.engine
+def test_server_mode_measures_every_vllm_system_over_http(bench_run):
+    report, _ = bench_run
+    server = report["server"]
+    assert [r["workload"]["output_len"] for r in server["runs"]] == [1, 2]
+    for run in server["runs"]:
+        assert set(run["systems"]) == set(SYSTEMS) - {"hf-reference"}
+        for name, fig in run["systems"].items():
+            assert "error" not in fig, fig.get("error")
+            assert fig["completed"] == 4 and fig["num_errors"] == 0, (name, fig["errors"])
+            assert 0 < fig["ttft_p50_s"] <= fig["ttft_p99_s"]
+            assert fig["ttft_p50_s"] <= fig["latency_p50_s"]
+            assert fig["output_tokens_per_s"] > 0

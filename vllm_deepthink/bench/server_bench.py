@@ -1,8 +1,8 @@
 """`--server`: the same workloads against `vllm serve` over HTTP on 127.0.0.1.
 
-For each workload group and vLLM system a server subprocess is started (its own
+For each vLLM system one server subprocess serves every workload (its own
 session; always killed, process group included, when the measurement ends or
-fails), warmed up, then sent `--server-requests` streamed /v1/completions
+fails); per workload it is warmed up, its prefix cache emptied, then sent `--server-requests` streamed /v1/completions
 requests at a fixed `--request-rate` (request i leaves at i / rate s). The timed
 phase is bounded by `--server-duration` seconds: requests not sent by then are
 not sent, requests still running are cancelled; both are counted.
@@ -221,33 +221,29 @@ def run_all(args, model_dir: Path, workloads, request_sets, warmups, adapter_dir
     from vllm_deepthink.bench.report import run_entry
     from vllm_deepthink.commands.bench import engine_env
 
-    groups: dict[tuple[int, int], list] = {}
-    for w in workloads:
-        groups.setdefault((w.num_tasks, w.prefix_len), []).append(w)
     systems = [s for s in args.systems if s in VLLM_SYSTEMS]
     figures: dict[tuple[str, str], dict[str, Any]] = {}
-    for (num_tasks, prefix_len), group in tqdm(groups.items(), desc="server groups"):
-        max_len = max(w.prefix_len + w.query_len + w.output_len for w in group)
-        adapters = {adapter_name(prefix_len, t): str(adapter_dirs[(prefix_len, t)])
-                    for t in range(num_tasks)} if adapter_dirs else {}
-        for system in systems:
-            port = _free_port()
-            env = dict(engine_env(args), VLLM_SERVER_DEV_MODE="1")
-            cmd = server_command(system, model_dir, port, max_len, adapters, args.block_size)
-            log = work_dir / "logs" / f"server-tasks{num_tasks}-prefix{prefix_len}-{system}.log"
-            try:
-                with Server(cmd, env, log, port, args.server_start_timeout) as server:
-                    for w in group:
-                        warm = _bodies(system, w, warmups[w.key], args.warmup_requests)
-                        asyncio.run(_timed_phase(server.base_url, warm, 1e6, args.server_duration))
-                        _post(server.base_url + "/reset_prefix_cache")
-                        bodies = _bodies(system, w, request_sets[w.key], args.server_requests)
-                        phase = asyncio.run(_timed_phase(server.base_url, bodies,
-                                                         args.request_rate, args.server_duration))
-                        figures[(w.key, system)] = _figures(phase, args.request_rate)
-            except Exception as exc:
-                for w in group:
-                    figures[(w.key, system)] = {"error": str(exc)}
+    max_len = max(w.prefix_len + w.query_len + w.output_len for w in workloads)
+    adapters = {adapter_name(w.prefix_len, t): str(adapter_dirs[(w.prefix_len, t)])
+                for w in workloads for t in range(w.num_tasks)} if adapter_dirs else {}
+    for system in tqdm(systems, desc="servers"):
+        port = _free_port()
+        env = dict(engine_env(args), VLLM_SERVER_DEV_MODE="1")
+        cmd = server_command(system, model_dir, port, max_len, adapters, args.block_size)
+        log = work_dir / "logs" / f"server-{system}.log"
+        try:
+            with Server(cmd, env, log, port, args.server_start_timeout) as server:
+                for w in workloads:
+                    warm = _bodies(system, w, warmups[w.key], args.warmup_requests)
+                    asyncio.run(_timed_phase(server.base_url, warm, 1e6, args.server_duration))
+                    _post(server.base_url + "/reset_prefix_cache")
+                    bodies = _bodies(system, w, request_sets[w.key], args.server_requests)
+                    phase = asyncio.run(_timed_phase(server.base_url, bodies,
+                                                     args.request_rate, args.server_duration))
+                    figures[(w.key, system)] = _figures(phase, args.request_rate)
+        except Exception as exc:
+            for w in workloads:
+                figures.setdefault((w.key, system), {"error": str(exc)})
     runs = []
     for w in workloads:
         entry = run_entry(w, {s: figures[(w.key, s)] for s in systems}, {})

@@ -4,10 +4,10 @@
         --prefix-len 256 --query-len 32 --output-len 1 \\
         --output-json results/bench.json --plot results/bench.png
 
-Every workload (tasks x prefix length x output length) runs each system in its own
-process, back to back (workloads that differ only in output length share one
-process per system): `deepthink`, `icl-apc`, `icl-no-apc`, `zero-shot`,
-`hf-reference` (see vllm_deepthink/bench/systems.py). Adapters are T=1 (plain
+Each system runs in its own process, back to back, and that process runs every
+workload (tasks x prefix length x output length), so an engine starts once per
+system: `deepthink`, `icl-apc`, `icl-no-apc`, `zero-shot`, `hf-reference` (see
+vllm_deepthink/bench/systems.py). Each timed pass starts from an empty prefix cache. Adapters are T=1 (plain
 ICL K/V of the demo ids), so `deepthink` must reproduce `icl-apc`'s greedy tokens.
 The JSON schema is documented in vllm_deepthink/bench/report.py.
 """
@@ -78,8 +78,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="take demos/queries from a task dir (e.g. ../shared/data/sst2) "
                              "instead of synthetic token ids")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kv-cache-gib", type=int, default=1,
-                        help="VLLM_CPU_KVCACHE_SPACE for every vLLM engine")
+    parser.add_argument("--kv-cache-gib", type=int, default=None,
+                        help="VLLM_CPU_KVCACHE_SPACE for every vLLM engine (default: room for "
+                             "the largest workload's prefixes, all resident, plus 1 GiB)")
     parser.add_argument("--reserved-cpus", type=_reserved_cpus, default="1",
                         help="VLLM_CPU_NUM_OF_RESERVED_CPU for every vLLM engine: CPUs kept "
                              "free of OpenMP threads for the scheduler process. vLLM reserves 1 "
@@ -111,6 +112,25 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     from vllm_deepthink.bench import server_bench
 
     server_bench.add_cli_args(parser)
+
+
+def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
+    """K and V bytes of one token over all layers (float32 engines)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def auto_kv_cache_gib(workloads: list[Workload], bytes_per_token: int) -> int:
+    """GiB that hold every prefix of the largest workload at once, plus 1 GiB for the
+    running requests: a smaller cache evicts prefixes between requests of a task."""
+    prefixes = max(w.num_tasks * w.prefix_len for w in workloads)
+    return 1 + -(-prefixes * bytes_per_token // (1 << 30))
 
 
 def _model_max_positions(model_dir: Path) -> int:
@@ -236,6 +256,8 @@ def main(args) -> int:
     environment = rep.environment()
     environment["note"] = args.note
     workloads = plan_workloads(args, _model_max_positions(model_dir))
+    if args.kv_cache_gib is None:
+        args.kv_cache_gib = auto_kv_cache_gib(workloads, kv_bytes_per_token(model_dir))
     tmp = None
     if args.work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="deepthink-bench-")
@@ -268,9 +290,7 @@ def main(args) -> int:
     del model
     gc.collect()
 
-    groups: dict[str, list[Workload]] = {}
-    for w in workloads:
-        groups.setdefault(f"tasks{w.num_tasks}-prefix{w.prefix_len}", []).append(w)
+    groups = {"all": workloads}  # one process per system for the whole run
     results: dict[tuple[str, str], dict[str, Any]] = {}
     jobs = [(g, s) for g in groups for s in args.systems]
     for group_key, system in tqdm(jobs, desc="systems"):
