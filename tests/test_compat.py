@@ -250,6 +250,17 @@ def test_local_hit_cap():
     plain = SimpleNamespace(sampling_params=None, kv_transfer_params=None)
     assert compat.local_hit_cap(plain, 32) is None
 
+    def scoring(scored_from, **kwargs):
+        params = vllm.SamplingParams(extra_args={frontend.SCORED_FROM_ARG: scored_from},
+                                     skip_reading_prefix_cache=False, **kwargs)
+        return SimpleNamespace(sampling_params=params, kv_transfer_params=None)
+
+    # Row s - 1 scores token s: the hit must leave position s - 1 to be computed.
+    assert compat.local_hit_cap(scoring(65, prompt_logprobs=0), 32) == 64
+    assert compat.local_hit_cap(scoring(64, prompt_logprobs=0), 32) == 32
+    assert compat.local_hit_cap(scoring(1, prompt_logprobs=0), 32) == 0
+    assert compat.local_hit_cap(scoring(64), 32) is None  # no prompt logprobs: no cap
+
 
 # =================================================================== serving patches
 # `vllm serve --deepthink-adapter` (compat.serving_patch_specs, serving.py). Checked

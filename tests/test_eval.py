@@ -9,7 +9,7 @@ import torch
 from tiny_models import load_tiny
 from vllm_deepthink.builder import build_adapter
 from vllm_deepthink.commands import eval as eval_cmd
-from vllm_deepthink.scoring import HFScorer, encode_items, items_from_rows
+from vllm_deepthink.scoring import EncodedItem, HFScorer, encode_items, items_from_rows
 from vllm_deepthink.tasks import TaskError, load_task, sample_demos
 
 pytestmark = pytest.mark.engine
@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
 def vllm_scorer(setup):
     scorer = eval_cmd.make_scorer(
         "vllm", setup["model_dir"], {}, {n: setup["base"] / n for n in setup["adapters"]},
-        max_len=200, progress=False, block_size=32)
+        max_len=200, progress=False, block_size=32, disable_log_stats=False)
     yield scorer
     scorer.close()
 
@@ -92,6 +92,46 @@ def test_one_iteration_deep_thinking_equals_icl(setup, vllm_scorer, engine):
     # More iterations do change the prefix (so the comparison above can fail).
     t3 = scorer.score(setup["encoded"], adapter="t3")
     assert max(abs(a[0] - b[0]) for ra, rb in zip(t3, icl) for a, b in zip(ra, rb)) > 1e-3
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prefix_cache_hits(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+
+
+@pytest.mark.parametrize("mode", ["zero-shot", "icl", "deepthink"])
+def test_single_token_choices_score_from_one_request_per_item(setup, vllm_scorer, mode):
+    tok = setup["tok"]
+    vocab = sorted(set(ids(tok, " ".join(TEXTS))))
+    items = [EncodedItem(ids(tok, text + " :"), [[t] for t in vocab[k:k + 3]])
+             for k, text in enumerate(TEXTS[:4])]
+    hf = HFScorer(setup["model"], setup["adapters"], batch_size=5)
+    kwargs = mode_kwargs(setup, mode)
+    assert_close(vllm_scorer.score(items, **kwargs), hf.score(items, **kwargs))
+
+
+def test_multi_token_choices_read_cached_demos_and_stay_exact(setup, vllm_scorer):
+    """Choices sharing 40 tokens: the second pass finds every block of every prompt
+    cached; the scored positions must still be computed (compat.local_hit_cap)."""
+    tok, llm = setup["tok"], vllm_scorer.llm
+    demos = setup["adapters"]["t3"].config.demo_token_ids
+    shared = (ids(tok, " the quick brown fox jumps over the lazy dog") * 8)[:40]
+    items = [EncodedItem(ids(tok, "who wrote Hamlet ?"),
+                         [shared + ids(tok, " a film"), shared + ids(tok, " the sun"),
+                          ids(tok, " no")])]
+    expected = HFScorer(setup["model"], setup["adapters"]).score(items, prefix_ids=demos)
+    first = vllm_scorer.score(items, prefix_ids=demos)
+    before = prefix_cache_hits(llm)
+    second = vllm_scorer.score(items, prefix_ids=demos)
+    # Each prompt reads its cached blocks up to the last one before its choice.
+    start = len(demos) + len(items[0].query_ids)
+    assert start - 1 >= 32 and len(shared) > 32, "the test needs cached blocks on both sides"
+    assert prefix_cache_hits(llm) - before == 3 * ((start - 1) // 32 * 32)
+    assert_close(first, expected)
+    assert_close(second, expected)
 
 
 def test_evaluate_with_both_engines_gives_same_predictions(setup, vllm_scorer):

@@ -195,28 +195,35 @@ def patch_request_state() -> None:
 
 
 def local_hit_cap(request: Any, block_size: int) -> int | None:
-    """The longest local prefix-cache hit an adapter request may take, or None.
+    """The longest local prefix-cache hit a prompt-logprob request may take, or None.
 
-    A prompt-logprob request must compute every query position (the runner has
-    no logprobs for cached ones), so its local hit stops at the adapter's last
-    full block; the connector loads the rest of the prefix.
+    The runner has no logprobs for cached positions, so a prompt-logprob request
+    must compute every position it scores. An adapter request's local hit stops at
+    the adapter's last full block (the connector loads the rest of the prefix). A
+    plain request with extra_args[SCORED_FROM_ARG] = s (it reads the prefix cache,
+    skip_reading_prefix_cache=False) stops at the last full block before s - 1,
+    whose hidden state scores token s. Other requests: no cap.
     """
-    kv_params = getattr(request, "kv_transfer_params", None)
-    entry = kv_params.get(frontend.PARAMS_KEY) if isinstance(kv_params, dict) else None
-    if not isinstance(entry, dict):
-        return None
     params = request.sampling_params
     if params is None or params.prompt_logprobs is None:
         return None
-    return int(entry["prefix_len"]) // block_size * block_size
+    kv_params = getattr(request, "kv_transfer_params", None)
+    entry = kv_params.get(frontend.PARAMS_KEY) if isinstance(kv_params, dict) else None
+    if isinstance(entry, dict):
+        return int(entry["prefix_len"]) // block_size * block_size
+    scored_from = (params.extra_args or {}).get(frontend.SCORED_FROM_ARG)
+    if scored_from is None:
+        return None
+    return max(0, int(scored_from) - 1) // block_size * block_size
 
 
 def patch_kv_cache_manager() -> None:
     """vllm/v1/core/kv_cache_manager.py: KVCacheManager.get_computed_blocks.
 
-    Caps the local prefix-cache hit of prompt-logprob adapter requests at the
-    adapter's full blocks (local_hit_cap). Without it the same query sent twice
-    hits its own cached blocks past L and those query rows get no logprobs.
+    Caps the local prefix-cache hit of prompt-logprob requests (local_hit_cap):
+    adapter requests at the adapter's full blocks (without it the same query sent
+    twice hits its own cached blocks past L and those query rows get no
+    logprobs), scoring requests before the positions they score.
     """
     if _is_patched(KVCacheManager, "get_computed_blocks"):
         return

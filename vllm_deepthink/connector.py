@@ -78,13 +78,14 @@ def transfer_entry(request: Request) -> dict[str, Any] | None:
 
 @dataclass
 class ResidentAdapter:
-    """An adapter as one worker writes it: this rank's heads, the model dtype."""
+    """An adapter as one worker writes it: this rank's heads, the model dtype, token
+    major (the layout do_kv_cache_update takes), so a load slices without copying."""
 
     name: str
     digest: str
     prefix_len: int
-    keys: list[torch.Tensor]    # per layer [rank_kv_heads, L, head_dim]
-    values: list[torch.Tensor]  # per layer [rank_kv_heads, L, head_dim]
+    keys: list[torch.Tensor]    # per layer [L, rank_kv_heads, head_dim]
+    values: list[torch.Tensor]  # per layer [L, rank_kv_heads, head_dim]
 
 
 class ResidentAdapters:
@@ -113,6 +114,7 @@ class ResidentAdapters:
 
         def place(kv: torch.Tensor) -> torch.Tensor:
             rank_kv = kv_layout.rank_heads(kv, self.tp_size, self.tp_rank)
+            rank_kv = kv_layout.token_major(rank_kv, 0, rank_kv.shape[1])
             return kv_layout.to_cache_dtype(rank_kv, self.dtype, what).to(self.device)
 
         resident = ResidentAdapter(name=name, digest=adapter.digest,
@@ -237,7 +239,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
             raise AdapterLoadError(
                 f"asked for positions up to {load.end}, the adapter has {adapter.prefix_len}")
         layers = self._attention_layers(forward_context, len(adapter.keys))
-        rank_shape = tuple(adapter.keys[0].shape[::2])            # (rank_kv_heads, head_dim)
+        rank_shape = tuple(adapter.keys[0].shape[1:])             # (rank_kv_heads, head_dim)
         for name, (layer, _) in layers.items():
             if rank_shape != (layer.num_kv_heads, layer.head_size):
                 raise AdapterLoadError(
@@ -247,9 +249,9 @@ class DeepThinkConnector(KVConnectorBase_V1):
         slots = kv_layout.slot_mapping(load.block_ids, self._block_size, load.start, load.end)
         for layer, index in layers.values():
             device = layer.kv_cache.device
-            # keys/values: [end - start, rank_kv_heads, head_dim]
-            keys = kv_layout.token_major(adapter.keys[index], load.start, load.end)
-            values = kv_layout.token_major(adapter.values[index], load.start, load.end)
+            # keys/values: [end - start, rank_kv_heads, head_dim], contiguous views
+            keys = adapter.keys[index][load.start:load.end]
+            values = adapter.values[index][load.start:load.end]
             layer.impl.do_kv_cache_update(layer, keys.to(device), values.to(device),
                                           layer.kv_cache, slots.to(device))
 

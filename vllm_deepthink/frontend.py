@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 # SamplingParams.extra_args key naming the adapter of a request.
 ADAPTER_ARG = "deepthink_adapter"
+# SamplingParams.extra_args key of a plain prompt-logprob request that only needs the
+# rows scoring prompt positions >= this one: earlier positions may come from the
+# prefix cache (compat.local_hit_cap). Used by the scorer for ICL demonstrations.
+SCORED_FROM_ARG = "deepthink_scored_from"
 # Key of our entry inside kv_transfer_params.
 PARAMS_KEY = "deepthink"
 SALT_PREFIX = "deepthink"

@@ -1,14 +1,18 @@
-"""Choice scoring with a vLLM engine (prompt logprobs), same numbers as scoring.py.
+"""Choice scoring with a vLLM engine, same numbers as scoring.py.
 
-One prompt per (item, choice): [prefix ids] + query ids + choice ids, sent as token
-ids with `SamplingParams(max_tokens=1, prompt_logprobs=0)`; the choice's score is the
-sum of the prompt logprobs at its positions. With a Deep-Thinking adapter the prompt
-is query + choice ids only: the plugin puts the adapter's K/V in front (positions
-0..L-1) and the returned prompt logprobs cover the sent tokens.
+An item whose choices are all one token is one request: [prefix ids] + query ids
+with `max_tokens=1, logprob_token_ids=<the choice tokens>`; the first generated
+position's raw logprobs of those tokens are the scores. It reads the prefix cache
+like any generation request, so ICL demonstrations are computed once per engine.
 
-Plain prompts (zero-shot, ICL) keep vLLM's default for prompt-logprob requests,
-which does not read the prefix cache: every position is computed, so no cached
-position can come back without its logprob.
+Otherwise one request per (item, choice): [prefix ids] + query ids + choice ids
+with `prompt_logprobs=0`; the score is the sum of the prompt logprobs at the
+choice's positions. A plain request (zero-shot, ICL) reads the prefix cache up to
+the block before its choice (`skip_reading_prefix_cache=False` and
+extra_args[SCORED_FROM_ARG], capped by compat.local_hit_cap), so demonstrations and
+the query shared by an item's choices are not recomputed. With a Deep-Thinking
+adapter the prompt is query (+ choice) ids only: the plugin puts the adapter's K/V
+in front (positions 0..L-1).
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ def make_engine(model: str | Path, *, adapters: Mapping[str, str | Path] | None 
     return LLM(**kwargs)
 
 
-def _sampling_params(adapter: str | None):
-    params = dict(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+def _sampling_params(adapter: str | None, **params: Any):
+    params = dict(max_tokens=1, temperature=0.0, detokenize=False, **params)
     if adapter is None:
         from vllm import SamplingParams
 
@@ -51,6 +55,21 @@ def _sampling_params(adapter: str | None):
     import vllm_deepthink
 
     return vllm_deepthink.sampling_params(adapter=adapter, **params)
+
+
+def _next_token_params(adapter: str | None, token_ids: Sequence[int]):
+    """Scores of single-token choices: raw logprobs of `token_ids` at the next position."""
+    return _sampling_params(adapter, logprob_token_ids=sorted(set(token_ids)))
+
+
+def _choice_params(adapter: str | None, start: int):
+    """Prompt logprobs of the positions from `start` on (the choice tokens)."""
+    if adapter is not None:
+        return _sampling_params(adapter, prompt_logprobs=0)
+    from vllm_deepthink import frontend
+
+    return _sampling_params(None, prompt_logprobs=0, skip_reading_prefix_cache=False,
+                            extra_args={frontend.SCORED_FROM_ARG: start})
 
 
 def score_encoded_vllm(llm, encoded: Sequence[EncodedItem], *,
@@ -67,31 +86,39 @@ def score_encoded_vllm(llm, encoded: Sequence[EncodedItem], *,
     if adapter is not None and prefix_ids:
         raise ValueError("give either prefix_ids (ICL) or adapter (Deep-Thinking), not both")
     prefix = list(prefix_ids or [])
-    prompts, spans = [], []
+    prompts, params, reads = [], [], []  # reads: (item, choice or None, start, length)
     for i, item in enumerate(encoded):
         if not item.query_ids:
             raise ValueError(f"item {i}: the query tokenizes to no tokens; every item "
                              f"needs a non-empty query.")
-        for choice in item.choice_ids:
-            start = len(prefix) + len(item.query_ids)
+        start = len(prefix) + len(item.query_ids)
+        if all(len(c) == 1 for c in item.choice_ids):
+            prompts.append({"prompt_token_ids": prefix + item.query_ids})
+            params.append(_next_token_params(adapter, [c[0] for c in item.choice_ids]))
+            reads.append((i, None, start, 1))
+            continue
+        for j, choice in enumerate(item.choice_ids):
             prompts.append({"prompt_token_ids": prefix + item.query_ids + choice})
-            spans.append((start, len(choice)))
-    outputs = llm.generate(prompts, _sampling_params(adapter), use_tqdm=progress)
-    flat: list[Score] = []
-    for prompt, (start, length), out in zip(prompts, spans, outputs):
+            params.append(_choice_params(adapter, start))
+            reads.append((i, j, start, len(choice)))
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    scores: list[list[Score]] = [[(0.0, len(c)) for c in item.choice_ids] for item in encoded]
+    for prompt, (i, j, start, length), out in zip(prompts, reads, outputs):
         ids = prompt["prompt_token_ids"]
+        if j is None:
+            (step,) = out.outputs[0].logprobs
+            scores[i] = [(step[c[0]].logprob, 1) for c in encoded[i].choice_ids]
+            continue
+        # The choice's rows are the list's last `length` (a runner may leave out
+        # rows of cached positions instead of returning them empty).
         logprobs = out.prompt_logprobs
-        if logprobs is None or len(logprobs) != len(ids):
+        if logprobs is None or len(logprobs) < length + 1:
             raise RuntimeError(f"vLLM returned {None if logprobs is None else len(logprobs)} "
-                               f"prompt logprobs for a {len(ids)}-token prompt")
-        total = 0.0
-        for pos in range(start, start + length):
-            total += logprobs[pos][ids[pos]].logprob
-        flat.append((total, length))
-    scores, k = [], 0
-    for item in encoded:
-        scores.append(flat[k:k + len(item.choice_ids)])
-        k += len(item.choice_ids)
+                               f"prompt logprobs for a {len(ids)}-token prompt scored from "
+                               f"position {start}")
+        rows = logprobs[len(logprobs) - length:]
+        total = sum(row[token].logprob for row, token in zip(rows, ids[start:]))
+        scores[i][j] = (total, length)
     return scores
 
 
