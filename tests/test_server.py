@@ -182,3 +182,27 @@ def test_64_concurrent_requests_equal_the_same_requests_alone(served):
         ids = (query_ids(served, prompt) if adapter is not None
                else served.tokenizer(prompt)["input_ids"])
         assert single == hf_reference(served.model, adapter, ids, num_greedy=6).greedy_tokens
+
+
+def adapter_loads_metric(served) -> dict[str, float]:
+    """vllm:deepthink_adapter_loads_total by adapter, from the server's /metrics."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(served.server.base_url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    loads = {}
+    for match in re.finditer(r'^vllm:deepthink_adapter_loads_total\{([^}]*)\} ([0-9.e+]+)$',
+                             text, re.MULTILINE):
+        adapter = re.search(r'adapter="([^"]*)"', match.group(1)).group(1)
+        loads[adapter] = loads.get(adapter, 0.0) + float(match.group(2))
+    return loads
+
+
+def test_metrics_count_adapter_loads(served):
+    before = adapter_loads_metric(served)
+    completion(served, "a1", "Review: an entirely new query for the metrics\nSentiment:")
+    after = adapter_loads_metric(served)
+    # a1 (L=40) is shorter than a block (128): every request writes it again.
+    assert after.get("a1", 0) - before.get("a1", 0) == 1
+    assert after.get("a3", 0) == before.get("a3", 0)
