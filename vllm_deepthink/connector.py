@@ -16,7 +16,9 @@ with a missing prefix.
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,16 +89,41 @@ class ResidentAdapter:
     keys: list[torch.Tensor]    # per layer [L, rank_kv_heads, head_dim]
     values: list[torch.Tensor]  # per layer [L, rank_kv_heads, head_dim]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+# Worker memory for resident adapters (GiB); least recently used ones beyond it are
+# dropped and read from disk again when a request needs them.
+RESIDENT_GIB_ENV = "VLLM_DEEPTHINK_RESIDENT_GIB"
+DEFAULT_RESIDENT_GIB = 4.0
+
+
+def resident_budget_bytes(environ=os.environ) -> int:
+    text = environ.get(RESIDENT_GIB_ENV, str(DEFAULT_RESIDENT_GIB))
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ValueError(f"{RESIDENT_GIB_ENV} must be a positive number of GiB (worker memory "
+                         f"for resident adapters), found {text!r}")
+    return int(gib * (1 << 30))
+
 
 class ResidentAdapters:
-    """Adapters resident on one worker, keyed by weights digest. Thread-safe."""
+    """Adapters resident on one worker, keyed by weights digest, least recently used
+    dropped beyond `max_bytes` (the newest always stays). Thread-safe."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, tp_size: int, tp_rank: int):
+    def __init__(self, dtype: torch.dtype, device: torch.device, tp_size: int, tp_rank: int,
+                 max_bytes: int | None = None):
         self.dtype = dtype
         self.device = device
         self.tp_size = tp_size
         self.tp_rank = tp_rank
-        self._by_digest: dict[str, ResidentAdapter] = {}
+        self.max_bytes = max_bytes
+        self._by_digest: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self._lock = threading.Lock()
 
     def load(self, name: str, path: str, expected_digest: str | None = None) -> ResidentAdapter:
@@ -123,11 +150,23 @@ class ResidentAdapters:
                                    values=[place(v) for v in adapter.values])
         with self._lock:
             self._by_digest[adapter.digest] = resident
+            self._by_digest.move_to_end(adapter.digest)
+            self._evict()
         return resident
+
+    def _evict(self) -> None:
+        if self.max_bytes is None:
+            return
+        total = sum(r.nbytes for r in self._by_digest.values())
+        while total > self.max_bytes and len(self._by_digest) > 1:
+            _, dropped = self._by_digest.popitem(last=False)
+            total -= dropped.nbytes
 
     def get(self, name: str, path: str, digest: str) -> ResidentAdapter:
         with self._lock:
             resident = self._by_digest.get(digest)
+            if resident is not None:
+                self._by_digest.move_to_end(digest)
         return resident if resident is not None else self.load(name, path, digest)
 
     def digests(self) -> list[str]:
@@ -188,7 +227,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
         self._store = ResidentAdapters(
             dtype=model_dtype, device=torch.device(current_platform.device_type),
             tp_size=get_tensor_model_parallel_world_size(),
-            tp_rank=get_tensor_model_parallel_rank())
+            tp_rank=get_tensor_model_parallel_rank(), max_bytes=resident_budget_bytes())
         for name, path in self._start_adapters.items():
             try:
                 self._store.load(name, path)
