@@ -59,7 +59,7 @@ serve: adapters
 results: install
 	$(BIN)/vllm-deepthink results --data-dir $(DATA_DIR) --out results \
 	  --models smollm2,gemma3-270m --iterations 10 --dev-size 100 --patience 4 \
-	  --limit 500 --seed 0
+	  --limit 200 --seed 0
 
 restore-vllm-script:
 	$(BIN)/python -m vllm_deepthink.vllm_cli restore

@@ -55,6 +55,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16,
                         help="HF engine: (item, choice) sequences per forward")
+    add_block_size_arg(parser)
     parser.add_argument("--output-json", default=None, help="write the results here")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -154,6 +155,17 @@ def load_adapter_for(model_dir: str | Path, adapter_dir: str | Path):
         adapter_dir, expected_fingerprint=ModelFingerprint.from_checkpoint(model_dir))
 
 
+def add_block_size_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="vLLM KV block size (prefix-cache granularity): demonstrations and "
+                             "a query shared by several choices are cached in whole blocks "
+                             "(the CPU backend takes multiples of 32; its default is 128)")
+
+
+def vllm_engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"block_size": args.block_size} if args.engine == "vllm" else {}
+
+
 def make_scorer(engine: str, model_dir: str | Path, adapters: dict[str, Any],
                 adapter_dirs: dict[str, str | Path], max_len: int, batch_size: int = 16,
                 progress: bool = True, **engine_kwargs: Any):
@@ -189,12 +201,13 @@ def main(args: argparse.Namespace) -> int:
     needed = max_prompt_len(tokenizer, task, rows, adapter, modes)
     dirs = {ADAPTER_NAME: args.adapter} if "deepthink" in modes else {}
     scorer = make_scorer(args.engine, args.model, {ADAPTER_NAME: adapter} if adapter else {},
-                         dirs, needed, args.batch_size, progress=not args.no_progress)
+                         dirs, needed, args.batch_size, progress=not args.no_progress,
+                         **vllm_engine_kwargs(args))
     result = evaluate(scorer, tokenizer, task, rows, modes, adapter,
                       progress=not args.no_progress)
     settings = {"model": str(args.model), "task_dir": str(args.task_dir),
                 "task": task.to_dict(), "split": split, "limit": args.limit, "seed": args.seed,
-                "engine": args.engine, "modes": modes,
+                "engine": args.engine, "modes": modes, "block_size": args.block_size,
                 "adapter": str(args.adapter) if args.adapter else None,
                 "adapter_config": adapter_summary(adapter)}
     if hasattr(scorer, "close"):

@@ -59,6 +59,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=None,
                         help="stop a build after this many iterations without dev gain")
     parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    from vllm_deepthink.commands.eval import add_block_size_arg
+
+    add_block_size_arg(parser)
     parser.add_argument("--output-json", default=None,
                         help="also write the combined rows here (default OUT/results.json)")
 
@@ -115,7 +118,8 @@ def run_model(name: str, task_names: list[str], args) -> list[dict[str, Any]]:
     start = time.perf_counter()
     scorer = eval_cmd.make_scorer(args.engine, model_dir,
                                   {t.name: a for t, _, a, _, _, _ in plans},
-                                  {t.name: d for t, d, _, _, _, _ in plans}, needed)
+                                  {t.name: d for t, d, _, _, _, _ in plans}, needed,
+                                  **eval_cmd.vllm_engine_kwargs(args))
     startup = time.perf_counter() - start
     out_rows = []
     try:
@@ -125,7 +129,8 @@ def run_model(name: str, task_names: list[str], args) -> list[dict[str, Any]]:
             settings = {"model": str(model_dir), "model_name": name,
                         "task_dir": str(task.directory), "task": task.to_dict(),
                         "split": task.eval_split, "limit": limit, "seed": args.seed,
-                        "engine": args.engine, "modes": modes, "adapter": str(adapter_dir),
+                        "engine": args.engine, "modes": modes, "block_size": args.block_size,
+                        "adapter": str(adapter_dir),
                         "adapter_config": eval_cmd.adapter_summary(adapter),
                         "build_seconds": build_seconds, "engine_startup_seconds": startup}
             output = {"schema_version": eval_cmd.SCHEMA_VERSION, "settings": settings, **result}
