@@ -210,3 +210,32 @@ def test_server_mode_measures_every_vllm_system_over_http(bench_run):
             assert 0 < fig["ttft_p50_s"] <= fig["ttft_p99_s"]
             assert fig["ttft_p50_s"] <= fig["latency_p50_s"]
             assert fig["output_tokens_per_s"] > 0
+
+
+def test_plot_of_several_reports_merges_their_runs(tmp_path):
+    """`python -m vllm_deepthink.bench.plot a.json b.json`: one panel per (kind, prefix)."""
+    import matplotlib.image
+
+    def report(prefix, tasks, rates):
+        return {"settings": {"model": "m"}, "environment": {},
+                "runs": [{"workload": {"kind": "scoring", "output_len": 1, "prefix_len": prefix,
+                                       "num_tasks": tasks},
+                          "systems": {name: {"requests_per_s": r} for name, r in rates.items()}}]}
+
+    paths = []
+    for i, rep in enumerate([report(64, 8, {"icl-apc": 2.0, "deepthink": 5.0}),
+                             report(256, 8, {"icl-apc": 1.0, "icl-no-apc": 0.2})]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(rep))
+    png = tmp_path / "all.png"
+    proc = subprocess.run([sys.executable, "-m", "vllm_deepthink.bench.plot", *map(str, paths),
+                           "--out", str(png)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert width > height > 100  # two panels side by side
+
+    (tmp_path / "bad.json").write_text(json.dumps(report(64, 8, {"deepthink": 5.0})))
+    proc = subprocess.run([sys.executable, "-m", "vllm_deepthink.bench.plot",
+                           str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "icl-apc" in proc.stderr

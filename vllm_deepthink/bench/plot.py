@@ -1,11 +1,18 @@
 """PNG of the benchmark: requests/s of every system relative to `icl-apc`.
 
 One panel per (workload kind, prefix length); x = number of tasks; one line per
-system; the dashed line at 1 is `icl-apc` itself.
+system; the dashed line at 1 is `icl-apc` itself. Every ratio is taken within one
+run (one workload of one benchmark invocation), so reports of several invocations
+can share a plot:
+
+    python -m vllm_deepthink.bench.plot results/bench.json results/bench-prefix.json \
+        --out results/bench-all.png
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +26,18 @@ SYSTEM_STYLE = {
 
 
 def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
+    return plot_reports([report], path)
+
+
+def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> Path:
+    """Where two reports measured the same system on the same workload, the later wins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels: dict[tuple[str, int, int], dict[str, dict[int, float]]] = {}
-    for run in report["runs"]:
+    for run in (run for report in reports for run in report["runs"]):
         w = run["workload"]
         base = run["systems"].get("icl-apc", {}).get("requests_per_s")
         if not base:
@@ -57,9 +69,14 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    env = report.get("environment", {})
-    fig.suptitle(f"vllm-deepthink: requests/s relative to icl-apc\n{report['settings']['model']}, "
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes.flat[0].legend(handles.values(), handles.keys(), fontsize=8)
+    env = reports[0].get("environment", {})
+    fig.suptitle(f"vllm-deepthink: requests/s relative to icl-apc\n"
+                 f"{reports[0]['settings']['model']}, "
                  f"{env.get('cpu_affinity')} CPUs, vLLM {env.get('vllm_version')}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -67,3 +84,19 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", help="JSON files written by `bench --output-json`")
+    parser.add_argument("--out", required=True, help="PNG to write")
+
+
+def main(args: argparse.Namespace) -> None:
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    print(f"wrote {plot_reports(reports, args.out)}")
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(_parser)
+    main(_parser.parse_args())

@@ -83,10 +83,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              "the largest workload's prefixes, all resident, plus 1 GiB)")
     parser.add_argument("--reserved-cpus", type=_reserved_cpus, default="1",
                         help="VLLM_CPU_NUM_OF_RESERVED_CPU for every vLLM engine: CPUs kept "
-                             "free of OpenMP threads for the scheduler process. vLLM reserves 1 "
-                             "more when a KV connector is configured, so without this the "
-                             "deepthink engine binds differently from the others. 'auto': "
-                             "leave vLLM's choice")
+                             "free of OpenMP threads for the scheduler process, the same for "
+                             "every system. 'auto': leave vLLM's choice (the DeepThink "
+                             "connector reserves as no connector does: compat."
+                             "patch_cpu_core_reservation)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="vLLM KV block size (default: the engine's; CPU: 128)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
