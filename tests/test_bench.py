@@ -239,3 +239,18 @@ def test_plot_of_several_reports_merges_their_runs(tmp_path):
                            str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.png")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "icl-apc" in proc.stderr
+
+
+def test_kv_bytes_per_token_matches_the_models_cache(tiny_llama):
+    """The auto-sized KV cache counts exactly the K/V bytes HF caches per token."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_deepthink.commands.bench import auto_kv_cache_gib, kv_bytes_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 // 3
+    assert kv_bytes_per_token(tiny_llama) == per_token
+    w = Workload(num_tasks=64, prefix_len=1024, query_len=32, output_len=1, num_requests=8)
+    assert auto_kv_cache_gib([w], 1 << 20) == 1 + 64

@@ -103,7 +103,7 @@ def prefix_cache_hits(llm) -> float:
 
 
 @pytest.mark.parametrize("mode", ["zero-shot", "icl", "deepthink"])
-def test_single_token_choices_score_from_one_request_per_item(setup, vllm_scorer, mode):
+def test_single_token_choices_scored_at_the_next_position_match_hf(setup, vllm_scorer, mode):
     tok = setup["tok"]
     vocab = sorted(set(ids(tok, " ".join(TEXTS))))
     items = [EncodedItem(ids(tok, text + " :"), [[t] for t in vocab[k:k + 3]])

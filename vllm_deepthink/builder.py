@@ -18,7 +18,7 @@ import torch
 
 from vllm_deepthink import hf_cache, rotary
 from vllm_deepthink.adapter import DeepThinkAdapter, DeepThinkConfig, dtype_name
-from vllm_deepthink.fingerprint import ModelFingerprint
+from vllm_deepthink.fingerprint import ModelFingerprint, kv_geometry
 
 OPTIMIZERS = ("momentum", "ema")
 POSITION_MODES = ("published", "aligned")
@@ -138,14 +138,11 @@ def _device(model) -> torch.device:
 
 
 def _check_kv_shapes(model, kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_len: int) -> None:
-    fp_text = rotary.text_config(model.config)
-    num_heads = fp_text.num_attention_heads
-    num_kv_heads = getattr(fp_text, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(fp_text, "head_dim", None) or fp_text.hidden_size // num_heads
+    num_layers, num_kv_heads, head_dim = kv_geometry(model.config)
     expected = (1, num_kv_heads, prefix_len, head_dim)
-    if len(kv) != fp_text.num_hidden_layers:
+    if len(kv) != num_layers:
         raise BuildError(f"the model returned {len(kv)} cache layers, expected "
-                         f"{fp_text.num_hidden_layers}; this architecture is not supported")
+                         f"{num_layers}; this architecture is not supported")
     for i, (k, v) in enumerate(kv):
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise BuildError(

@@ -288,11 +288,13 @@ class DeepThinkConnector(KVConnectorBase_V1):
         slots = kv_layout.slot_mapping(load.block_ids, self._block_size, load.start, load.end)
         for layer, index in layers.values():
             device = layer.kv_cache.device
+            if slots.device != device:  # once per load: every layer sits on one device
+                slots = slots.to(device)
             # keys/values: [end - start, rank_kv_heads, head_dim], contiguous views
             keys = adapter.keys[index][load.start:load.end]
             values = adapter.values[index][load.start:load.end]
             layer.impl.do_kv_cache_update(layer, keys.to(device), values.to(device),
-                                          layer.kv_cache, slots.to(device))
+                                          layer.kv_cache, slots)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

@@ -25,6 +25,16 @@ _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight",
                        "word_embeddings.weight")
 
 
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of an HF config's text model: the shape of
+    its K/V cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    return int(text.num_hidden_layers), int(num_kv_heads), int(head_dim)
+
+
 @dataclass(frozen=True)
 class ModelFingerprint:
     """Architecture facts and an embedding digest of a base model.
@@ -78,9 +88,7 @@ class ModelFingerprint:
     @classmethod
     def from_hf_config(cls, config: Any, embedding: torch.Tensor) -> ModelFingerprint:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        num_heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-        num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+        num_layers, num_kv_heads, head_dim = kv_geometry(config)
         architectures = getattr(config, "architectures", None) or [type(config).__name__]
         rope = {}
         for key in _ROPE_KEYS:
@@ -89,9 +97,9 @@ class ModelFingerprint:
                 rope[key] = _normalise(value)
         return cls(architecture=architectures[0],
                    model_type=text.model_type,
-                   num_layers=int(text.num_hidden_layers),
-                   num_kv_heads=int(num_kv_heads),
-                   head_dim=int(head_dim),
+                   num_layers=num_layers,
+                   num_kv_heads=num_kv_heads,
+                   head_dim=head_dim,
                    hidden_size=int(text.hidden_size),
                    vocab_size=int(text.vocab_size),
                    rope=rope,

@@ -118,12 +118,10 @@ def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
     """K and V bytes of one token over all layers (float32 engines)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    from vllm_deepthink.fingerprint import kv_geometry
+
+    num_layers, kv_heads, head_dim = kv_geometry(AutoConfig.from_pretrained(model_dir))
+    return 2 * num_layers * kv_heads * head_dim * dtype_bytes
 
 
 def auto_kv_cache_gib(workloads: list[Workload], bytes_per_token: int) -> int:
