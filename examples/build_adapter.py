@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_deepthink import builder, scoring, tasks
+from vllm_deepthink import tasks
+from vllm_deepthink.producers.deepthink import builder
+from vllm_deepthink.tasks import scoring
 
 
 def main() -> None:

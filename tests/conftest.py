@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 MODELS_DIR = REPO_ROOT / "models"
 
@@ -21,7 +21,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an HF fp32 directory, converted once into <repo>/models."""
-    from vllm_deepthink.models import convert_model
+    from vllm_deepthink.tools.gguf_models import convert_model
 
     return convert_model("smollm2", MODELS_DIR / "smollm2-135m")
 
@@ -29,6 +29,6 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_dir() -> Path:
     """Gemma 3 270M (base) as an HF fp32 directory, converted once into <repo>/models."""
-    from vllm_deepthink.models import convert_model
+    from vllm_deepthink.tools.gguf_models import convert_model
 
     return convert_model("gemma3-270m", MODELS_DIR / "gemma3-270m")

@@ -1,7 +1,17 @@
-"""vllm-deepthink: serve Deep-Thinking KV adapters from vLLM's paged KV cache.
+"""vllm-deepthink: serve Deep-Thinking and other KV-prefix adapters from vLLM's paged KV cache.
 
-Importing this package does not import vLLM; `engine_args` and
-`sampling_params` import it when called.
+Packages, each importing only those listed before it:
+
+- format/     the adapter format, the contract everything meets (no vLLM, no producer);
+- tasks/      task directories, templates and choice scoring with transformers;
+- producers/  adapters from HF transformers: the Deep-Thinking builder (never vLLM);
+- plugin/     the vLLM consumer: plugin registration, KV connector, patches, serving,
+              offline API (never a producer);
+- apps/       the `vllm-deepthink` CLI: build, eval, results, bench, model;
+- tools/      environment tools that are not the product.
+
+Importing this package imports neither vLLM nor transformers; `engine_args` and
+`sampling_params` import vLLM when called.
 """
 
 from __future__ import annotations
@@ -9,22 +19,31 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["engine_args", "sampling_params", "__version__"]
+__all__ = ["DeepThinkAdapter", "DeepThinkConfig", "engine_args", "sampling_params",
+           "__version__"]
 
 
 def engine_args(adapters=None, **engine_kwargs: Any) -> dict[str, Any]:
-    from vllm_deepthink.api import engine_args as _engine_args
+    from vllm_deepthink.plugin.api import engine_args as _engine_args
 
     return _engine_args(adapters, **engine_kwargs)
 
 
-engine_args.__doc__ = "See vllm_deepthink.api.engine_args."
+engine_args.__doc__ = "See vllm_deepthink.plugin.api.engine_args."
 
 
 def sampling_params(adapter: str, **kwargs: Any):
-    from vllm_deepthink.api import sampling_params as _sampling_params
+    from vllm_deepthink.plugin.api import sampling_params as _sampling_params
 
     return _sampling_params(adapter, **kwargs)
 
 
-sampling_params.__doc__ = "See vllm_deepthink.api.sampling_params."
+sampling_params.__doc__ = "See vllm_deepthink.plugin.api.sampling_params."
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("DeepThinkAdapter", "DeepThinkConfig"):
+        from vllm_deepthink import format as adapter_format
+
+        return getattr(adapter_format, name)
+    raise AttributeError(f"module 'vllm_deepthink' has no attribute {name!r}")

@@ -1,0 +1,252 @@
+"""`vllm-deepthink bench` on a tiny model: JSON shape, PNG, and deepthink == icl-apc outputs.
+
+One small benchmark run (2 tasks, 8 requests, prefix 64, output 1 and 2 tokens:
+two workloads in one process per system, 1 repetition) is shared by the module. Block size 32 makes the 64-token prefix two full blocks,
+so icl-apc really reuses cached demo blocks and deepthink shares adapter blocks.
+No timing is asserted: only shapes, consistency of the counts, and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO_ROOT
+from tests.helpers.tiny_models import make_tiny_model
+from vllm_deepthink.apps.bench.measure import percentile
+from vllm_deepthink.apps.bench.report import targets, task_scaling
+from vllm_deepthink.apps.bench.workload import Workload, clip_prefix_len, make_request_set
+
+SYSTEMS = ["deepthink", "icl-apc", "hf-reference"]
+TASKS, REQUESTS, PREFIX, QUERY = 2, 8, 64, 32
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.getbasetemp() / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "vllm_deepthink.apps.cli", "bench", "--model", str(tiny_llama),
+           "--tasks", str(TASKS), "--requests", str(REQUESTS), "--prefix-len", str(PREFIX),
+           "--query-len", str(QUERY), "--output-len", "1,2", "--repetitions", "1",
+           "--warmup-requests", "4", "--systems", ",".join(SYSTEMS), "--block-size", "32",
+           "--hf-batch-sizes", "4", "--builder-iterations", "2", "--record-logprobs",
+           "--save-outputs", "--work-dir", str(out / "work"),
+           "--output-json", str(out / "bench.json"), "--plot", str(out / "bench.png"),
+           "--server", "--server-requests", "4", "--request-rate", "20"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), out / "bench.png"
+
+
+# ------------------------------------------------------------------ no engine
+
+def test_workload_is_deterministic_and_well_shaped(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    w = Workload(num_tasks=3, prefix_len=40, query_len=7, output_len=1, num_requests=10)
+    a, b = make_request_set(tok, w, seed=1), make_request_set(tok, w, seed=1)
+    assert (a.demos, a.task_of, a.queries) == (b.demos, b.task_of, b.queries)
+    assert [len(d) for d in a.demos] == [40] * 3
+    assert all(d[0] == tok.bos_token_id for d in a.demos)
+    assert all(len(q) == 7 and tok.bos_token_id not in q for q in a.queries)
+    assert sorted(a.task_of) == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len({tuple(d) for d in a.demos}) == 3
+    warm = make_request_set(tok, w, seed=1, query_seed_offset=1)
+    assert warm.demos == a.demos and warm.queries != a.queries
+
+
+def test_workload_from_task_dir(tiny_llama):
+    task_dir = REPO_ROOT.parent / "shared" / "data" / "sst2"
+    if not (task_dir / "train.jsonl").is_file():
+        pytest.skip(f"{task_dir} absent")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    w = Workload(num_tasks=2, prefix_len=50, query_len=9, output_len=1, num_requests=4)
+    rs = make_request_set(tok, w, seed=0, task_dir=task_dir)
+    assert [len(d) for d in rs.demos] == [50, 50] and rs.demos[0] != rs.demos[1]
+    assert [len(q) for q in rs.queries] == [9] * 4
+    assert "Label:" in tok.decode(rs.demos[0])
+
+
+def test_clip_prefix_len_and_percentile():
+    assert clip_prefix_len(1024, 32, 32, 512) == 448
+    assert clip_prefix_len(64, 32, 1, 2048) == 64
+    with pytest.raises(ValueError, match="no room"):
+        clip_prefix_len(64, 300, 300, 512)
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0], 99) == pytest.approx(1.99)
+
+
+def test_targets_flag_misses_and_scaling():
+    def run(tasks, dt, apc):
+        return {"workload": {"num_tasks": tasks, "prefix_len": 256, "query_len": 32,
+                             "output_len": 1},
+                "systems": {"deepthink": {"requests_per_s": dt}},
+                "ratios": {"deepthink/icl-apc": dt / apc, "deepthink/icl-no-apc": dt / apc * 3}}
+    runs = [run(1, 10.0, 10.0), run(64, 7.0, 10.0)]
+    scaling = task_scaling(runs)
+    assert scaling == [{"system": "deepthink", "prefix_len": 256, "query_len": 32,
+                        "output_len": 1, "tasks_low": 1, "tasks_high": 64, "ratio": 0.7}]
+    met = {(t["name"], t["workload"]): t["met"] for t in targets(runs, scaling)}
+    assert met[("deepthink >= 0.95x icl-apc", "tasks=1 prefix=256 query=32 out=1")]
+    assert not met[("deepthink >= 0.95x icl-apc", "tasks=64 prefix=256 query=32 out=1")]
+    assert not met[("deepthink tasks=64 >= 0.8x tasks=1", "prefix=256 query=32 out=1")]
+    assert sum(name.startswith("deepthink >= 2x") for name, _ in met) == 2
+
+
+# ------------------------------------------------------------------ one small run
+
+@pytest.mark.engine
+def test_json_is_well_formed(bench_run):
+    report, _ = bench_run
+    assert report["schema_version"] == 1
+    env = report["environment"]
+    assert env["cpu_model"] and env["logical_cpus"] >= 1 and env["vllm_version"]
+    assert [r["workload"]["output_len"] for r in report["runs"]] == [1, 2]
+    generation = report["runs"][1]
+    for name, fig in generation["systems"].items():
+        assert "error" not in fig, fig.get("error")
+        assert all(len(ids) == 2 for ids in fig["output_token_ids"]), name
+    run = report["runs"][0]
+    assert run["workload"] == {"num_tasks": TASKS, "prefix_len": PREFIX, "query_len": QUERY,
+                               "output_len": 1, "num_requests": REQUESTS, "kind": "scoring"}
+    assert set(run["systems"]) == set(SYSTEMS)
+    for name, fig in run["systems"].items():
+        assert "error" not in fig, fig.get("error")
+        assert fig["requests_per_s"] > 0 and fig["output_tokens_per_s"] > 0
+        assert 0 < fig["latency_p50_s"] <= fig["latency_p99_s"]
+        assert fig["peak_rss_bytes"] > 0
+        assert fig["prompt_tokens_submitted"] == REQUESTS * (PREFIX + QUERY)
+        assert len(fig["repetitions"]) == 1
+        assert len(fig["output_token_ids"]) == REQUESTS
+        assert all(len(ids) == 1 for ids in fig["output_token_ids"])
+    apc = run["systems"]["icl-apc"]
+    # The warm-up is excluded and the cache emptied before the pass: each task's two
+    # demo blocks are computed once, then hit by the task's other requests.
+    assert apc["prompt_tokens_local_cache_hit"] == (REQUESTS - TASKS) * PREFIX
+    assert apc["prompt_tokens_computed"] == REQUESTS * (PREFIX + QUERY) - (REQUESTS - TASKS) * PREFIX
+    assert apc["block_size"] == 32
+    # Requests of a task scheduled in one step may each load its adapter; later
+    # ones hit the cached blocks. Each load writes the whole (block-aligned) prefix.
+    dt = run["systems"]["deepthink"]
+    assert TASKS <= dt["adapter_loads"] <= REQUESTS
+    assert dt["prompt_tokens_external_loaded"] == dt["adapter_loads"] * PREFIX
+    hf = run["systems"]["hf-reference"]
+    assert hf["prompt_tokens_computed"] == REQUESTS * QUERY and hf["batch_size"] == 4
+    assert all(isinstance(t["met"], bool) for t in report["targets"])
+    (cost,) = report["builder_cost"]
+    assert cost["prefix_len"] == PREFIX and cost["iteration_s"] > 0
+    assert cost["plain_forward_2l_s"] > 0
+
+
+@pytest.mark.engine
+def test_png_is_written(bench_run):
+    import matplotlib.image
+
+    _, png = bench_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert height > 100 and width > 100
+
+
+@pytest.mark.engine
+def test_icl_outputs_equal_hf_full_prompt(bench_run, tiny_llama):
+    """Ground truth: greedy token of the HF model on demo ids + query ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report, _ = bench_run
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    rs = make_request_set(tok, Workload(TASKS, PREFIX, QUERY, 1, REQUESTS), seed=0)
+    systems = report["runs"][0]["systems"]
+    with torch.no_grad():
+        for i, (task, query) in enumerate(zip(rs.task_of, rs.queries)):
+            logits = model(torch.tensor([rs.demos[task] + query])).logits[0, -1]
+            expected = int(logits.argmax())
+            assert systems["icl-apc"]["output_token_ids"][i] == [expected]
+            assert systems["hf-reference"]["output_token_ids"][i] == [expected]
+            expected_lp = float(torch.log_softmax(logits, -1)[expected])
+            assert systems["icl-apc"]["output_logprobs"][i][0] == pytest.approx(expected_lp, abs=1e-3)
+            assert systems["hf-reference"]["output_logprobs"][i][0] == pytest.approx(
+                expected_lp, abs=1e-4)
+
+
+@pytest.mark.engine
+def test_deepthink_outputs_equal_icl_apc(bench_run):
+    report, _ = bench_run
+    run = report["runs"][0]
+    dt, apc = run["systems"]["deepthink"], run["systems"]["icl-apc"]
+    assert dt["output_token_ids"] == apc["output_token_ids"]
+    for a, b in zip(dt["output_logprobs"], apc["output_logprobs"]):
+        assert a[0] == pytest.approx(b[0], abs=1e-3)
+    assert run["outputs_match"]["deepthink==icl-apc"] == 1.0
+    assert dt["prompt_tokens_computed"] == REQUESTS * QUERY
+
+
+@pytest.mark.engine
+def test_server_mode_measures_every_vllm_system_over_http(bench_run):
+    report, _ = bench_run
+    server = report["server"]
+    assert [r["workload"]["output_len"] for r in server["runs"]] == [1, 2]
+    for run in server["runs"]:
+        assert set(run["systems"]) == set(SYSTEMS) - {"hf-reference"}
+        for name, fig in run["systems"].items():
+            assert "error" not in fig, fig.get("error")
+            assert fig["completed"] == 4 and fig["num_errors"] == 0, (name, fig["errors"])
+            assert 0 < fig["ttft_p50_s"] <= fig["ttft_p99_s"]
+            assert fig["ttft_p50_s"] <= fig["latency_p50_s"]
+            assert fig["output_tokens_per_s"] > 0
+
+
+def test_plot_of_several_reports_merges_their_runs(tmp_path):
+    """`python -m vllm_deepthink.apps.bench.plot a.json b.json`: one panel per (kind, prefix)."""
+    import matplotlib.image
+
+    def report(prefix, tasks, rates):
+        return {"settings": {"model": "m"}, "environment": {},
+                "runs": [{"workload": {"kind": "scoring", "output_len": 1, "prefix_len": prefix,
+                                       "num_tasks": tasks},
+                          "systems": {name: {"requests_per_s": r} for name, r in rates.items()}}]}
+
+    paths = []
+    for i, rep in enumerate([report(64, 8, {"icl-apc": 2.0, "deepthink": 5.0}),
+                             report(256, 8, {"icl-apc": 1.0, "icl-no-apc": 0.2})]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(rep))
+    png = tmp_path / "all.png"
+    proc = subprocess.run([sys.executable, "-m", "vllm_deepthink.apps.bench.plot", *map(str, paths),
+                           "--out", str(png)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert width > height > 100  # two panels side by side
+
+    (tmp_path / "bad.json").write_text(json.dumps(report(64, 8, {"deepthink": 5.0})))
+    proc = subprocess.run([sys.executable, "-m", "vllm_deepthink.apps.bench.plot",
+                           str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "icl-apc" in proc.stderr
+
+
+def test_kv_bytes_per_token_matches_the_models_cache(tiny_llama):
+    """The auto-sized KV cache counts exactly the K/V bytes HF caches per token."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_deepthink.apps.bench.cli import auto_kv_cache_gib, kv_bytes_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 // 3
+    assert kv_bytes_per_token(tiny_llama) == per_token
+    w = Workload(num_tasks=64, prefix_len=1024, query_len=32, output_len=1, num_requests=8)
+    assert auto_kv_cache_gib([w], 1 << 20) == 1 + 64

@@ -1,0 +1,179 @@
+"""Test adapters built directly from HF K/V, and HF reference results.
+
+An adapter here is the model's own K/V of some demo ids, perturbed (so serving
+it is not plain in-context learning) and saved in the adapter format. The HF
+reference is `model(query, past_key_values=adapter)`: the ground truth every
+vLLM parity test compares against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tests.helpers.tiny_models import CORPUS
+from vllm_deepthink.format import DeepThinkAdapter, DeepThinkConfig
+from vllm_deepthink.format import ModelFingerprint
+
+
+def demo_ids(tokenizer, length: int, offset: int = 0) -> list[int]:
+    """`length` demo token ids: BOS + corpus text (rotated by `offset`), cut to length."""
+    text = "\n\n".join(CORPUS[offset:] + CORPUS[:offset])
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    while len(ids) < length:
+        ids = ids + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[:length]
+
+
+def prefix_cache(model, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    """A fresh transformers cache holding per-layer [kv_heads, L, D] K/V."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.unsqueeze(0).clone(), v.unsqueeze(0).clone())
+                         for k, v in zip(keys, values)], config=model.config)
+
+
+def build_adapter(model, tokenizer, out_dir: str | Path, prefix_len: int, *,
+                  noise: float = 0.3, seed: int = 0, offset: int = 0) -> DeepThinkAdapter:
+    """Save an adapter: K/V of `prefix_len` demo ids, each tensor moved by
+    `noise` times its own std in a random direction."""
+    ids = demo_ids(tokenizer, prefix_len, offset)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = [], []
+    for layer in out.past_key_values.layers:
+        for source, target in ((layer.keys, keys), (layer.values, values)):
+            kv = source[0].float()                          # [kv_heads, L, D]
+            kv = kv + noise * kv.std() * torch.randn(kv.shape, generator=generator)
+            target.append(kv.contiguous())
+    config = DeepThinkConfig(
+        base_model_name_or_path=str(getattr(model, "name_or_path", "")),
+        fingerprint=ModelFingerprint.from_model(model), prefix_len=prefix_len,
+        dtype="float32", demos_text=tokenizer.decode(ids), demo_token_ids=ids,
+        optimizer="momentum", optimizer_params={"step_size": 0.01, "beta": 0.9},
+        position_mode="published", iterations_run=1, selected_iteration=1,
+        build_args={"test_noise": noise, "seed": seed})
+    adapter = DeepThinkAdapter(config=config, keys=keys, values=values)
+    adapter.save_pretrained(out_dir)
+    return adapter
+
+
+@dataclass
+class Reference:
+    """HF results for one query: logprob of query token j (j >= 1) given the
+    prefix and the query before it, and the greedy continuation."""
+
+    prompt_logprobs: list[float]
+    greedy_tokens: list[int]
+
+
+def hf_reference(model, adapter: DeepThinkAdapter | None, query_ids: list[int],
+                 num_greedy: int = 16) -> Reference:
+    """`model(query, past_key_values=adapter)`; adapter None = no prefix."""
+    cache = (prefix_cache(model, adapter.keys, adapter.values) if adapter is not None
+             else None)
+    with torch.no_grad():
+        out = model(torch.tensor([query_ids]), past_key_values=cache, use_cache=True)
+        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)     # [q, vocab]
+        prompt = [logprobs[j - 1, query_ids[j]].item() for j in range(1, len(query_ids))]
+        cache = out.past_key_values
+        greedy = []
+        next_id = int(logprobs[-1].argmax())
+        for _ in range(num_greedy):
+            greedy.append(next_id)
+            out = model(torch.tensor([[next_id]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            next_id = int(out.logits[0, -1].argmax())
+    return Reference(prompt_logprobs=prompt, greedy_tokens=greedy)
+
+
+def vllm_prompt_logprobs(output) -> list[float]:
+    """Logprob of each query token after the first, from a vLLM RequestOutput."""
+    rows = output.prompt_logprobs
+    assert rows is not None and rows[0] is None, "first prompt token must have no logprob"
+    ids = output.prompt_token_ids
+    return [rows[j][ids[j]].logprob for j in range(1, len(ids))]
+
+
+def max_abs_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), f"lengths differ: {len(a)} vs {len(b)}"
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def engine_env() -> None:
+    """Environment of CPU test engines (set before the engine starts)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def shutdown(llm) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+BLOCK_SIZE = 32
+QUERIES = [
+    "Question: what is the capital of France ?\nType: The quick brown fox jumps over the lazy dog.",
+    "Review: contains no wit , only labored gags\nSentiment: the grass was cut. 0123456789 "
+    "The quick brown fox",
+    "Premise: the sun was rising. Answer:",
+    "The lazy dog. Premise: the sun was rising. Answer: the grass was cut. Review: a charming film",
+]
+
+
+def start_engine(model_dir, adapters: dict[str, Path], **kwargs):
+    """A small CPU test engine serving `adapters` (call once per test module)."""
+    engine_env()
+    import vllm_deepthink
+    from vllm import LLM
+
+    settings = dict(dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE,
+                    max_model_len=256, max_num_seqs=8, seed=0)
+    settings.update(kwargs)
+    return LLM(model=str(model_dir), **vllm_deepthink.engine_args(adapters=adapters, **settings))
+
+
+def parity_params(adapter: str | None, num_greedy: int = 16, prompt_logprobs: int | None = 0):
+    """Greedy decoding of `num_greedy` tokens (EOS ignored), with prompt logprobs."""
+    import vllm_deepthink
+    from vllm import SamplingParams
+
+    kwargs = dict(max_tokens=num_greedy, temperature=0.0, ignore_eos=True,
+                  prompt_logprobs=prompt_logprobs)
+    if adapter is None:
+        return SamplingParams(**kwargs)
+    return vllm_deepthink.sampling_params(adapter=adapter, **kwargs)
+
+
+def assert_parity(output, reference: Reference, query_ids: list[int], tol: float = 1e-4,
+                  label: str = "") -> float:
+    """Assert a vLLM RequestOutput matches the HF reference; returns the largest
+    prompt-logprob difference (printed, for the record)."""
+    assert output.outputs[0].finish_reason == "length", f"{label}: request failed"
+    assert list(output.prompt_token_ids) == list(query_ids), f"{label}: placeholders leaked"
+    assert len(output.prompt_logprobs) == len(query_ids)
+    diff = max_abs_diff(vllm_prompt_logprobs(output), reference.prompt_logprobs)
+    print(f"[parity] {label}: max |logprob diff| = {diff:.2e} over {len(query_ids) - 1} "
+          f"query tokens; greedy equal = "
+          f"{list(output.outputs[0].token_ids) == reference.greedy_tokens}")
+    assert diff <= tol, f"{label}: prompt logprobs differ from HF by {diff:.2e} > {tol}"
+    assert list(output.outputs[0].token_ids) == reference.greedy_tokens, (
+        f"{label}: greedy tokens differ from HF")
+    return diff
+
+
+def icl_reference(model, adapter: DeepThinkAdapter, query_ids: list[int],
+                  num_greedy: int = 16) -> Reference:
+    """HF result of the plain prompt demo ids + query ids (no adapter)."""
+    ids = list(adapter.config.demo_token_ids) + list(query_ids)
+    full = hf_reference(model, None, ids, num_greedy=num_greedy)
+    start = len(adapter.config.demo_token_ids)
+    return Reference(prompt_logprobs=full.prompt_logprobs[start:],
+                     greedy_tokens=full.greedy_tokens)

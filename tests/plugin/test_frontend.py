@@ -1,0 +1,183 @@
+"""Adapter registry, request rewriting and the offline API, without an engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.tiny_models import load_tiny, make_tiny_model
+from vllm_deepthink.plugin import frontend, protocol
+from vllm_deepthink.plugin.protocol import AdapterNameError
+from vllm_deepthink.format import AdapterFormatError
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    model, tokenizer = load_tiny("llama", directory)
+    return directory, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapters(llama, tmp_path_factory):
+    _, model, tokenizer = llama
+    root = tmp_path_factory.mktemp("adapters")
+    build_adapter(model, tokenizer, root / "a", 12, seed=1)
+    build_adapter(model, tokenizer, root / "b", 20, seed=2)
+    other_dir = make_tiny_model("llama", tmp_path_factory.mktemp("other"), seed=1)
+    other, _ = load_tiny("llama", other_dir)
+    build_adapter(other, tokenizer, root / "foreign", 12)
+    return root
+
+
+def test_import_does_not_import_vllm():
+    code = ("import sys, vllm_deepthink, vllm_deepthink.plugin.frontend, "
+            "vllm_deepthink.plugin.protocol, vllm_deepthink.plugin.connector.kv_layout; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registry_register_get_unregister(llama, adapters):
+    registry = frontend.AdapterRegistry(llama[0])
+    info = registry.register("a", adapters / "a")
+    assert info.prefix_len == 12 and len(info.placeholder_ids) == 12
+    assert info.path == str((adapters / "a").resolve()) and len(info.digest) == 64
+    assert registry.get("a") == info and registry.names() == ["a"]
+    assert info.cache_salt() == f"deepthink:a:{info.digest}"
+    assert info.cache_salt("user") == f"deepthink:a:{info.digest}:user"
+    # Same name, other weights: another digest, so another salt.
+    replaced = registry.register("a", adapters / "b")
+    assert replaced.digest != info.digest and registry.get("a") == replaced
+    assert registry.unregister("a") == replaced and registry.names() == []
+    with pytest.raises(frontend.AdapterRequestError, match="unknown adapter 'a'"):
+        registry.get("a")
+    with pytest.raises(frontend.AdapterRequestError, match="no adapter named 'a'"):
+        registry.unregister("a")
+
+
+def test_registry_refuses_foreign_adapter_and_records_start_failures(llama, adapters):
+    registry = frontend.AdapterRegistry(llama[0])
+    with pytest.raises(AdapterFormatError, match="embedding_sha256"):
+        registry.register("foreign", adapters / "foreign")
+    assert registry.names() == []
+    registry.register_at_start({"a": str(adapters / "a"), "foreign": str(adapters / "foreign"),
+                                "missing": str(adapters / "nope")})
+    assert registry.names() == ["a"]
+    assert set(registry.failed()) == {"foreign", "missing"}
+    with pytest.raises(frontend.AdapterRequestError,
+                       match="'foreign' failed to load at engine start.*embedding_sha256"):
+        registry.get("foreign")
+
+
+def test_registry_is_thread_safe(llama, adapters):
+    registry = frontend.AdapterRegistry(llama[0])
+    names = [f"n{i}" for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: registry.register(n, adapters / "a"), names))
+    assert registry.names() == sorted(names)
+
+
+def test_query_token_ids(llama):
+    tokenizer = llama[2]
+    text = "Review: a charming film\nSentiment:"
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    with_bos = tokenizer.encode(text, add_special_tokens=True)
+    assert with_bos[0] == tokenizer.bos_token_id and with_bos[1:] == plain
+    assert frontend.query_token_ids(text, tokenizer)[0] == plain
+    # A rendered text prompt (the renderer added BOS) is tokenized again without it.
+    rendered = {"type": "token", "prompt_token_ids": with_bos, "prompt": text}
+    assert frontend.query_token_ids(rendered, tokenizer) == (plain, text, None)
+    # Token ids are used as given, BOS included.
+    assert frontend.query_token_ids({"type": "token", "prompt_token_ids": with_bos},
+                                    tokenizer)[0] == with_bos
+    assert frontend.query_token_ids({"prompt": text, "cache_salt": "s"}, tokenizer)[2] == "s"
+    # The renderer keeps no text for an empty prompt, only the special tokens.
+    rendered_empty = {"type": "token", "prompt_token_ids": [tokenizer.bos_token_id]}
+    for empty in ("", {"type": "token", "prompt_token_ids": []}, rendered_empty):
+        with pytest.raises(frontend.AdapterRequestError, match="zero tokens"):
+            frontend.query_token_ids(empty, tokenizer)
+    with pytest.raises(frontend.AdapterRequestError, match="'embeds'"):
+        frontend.query_token_ids({"type": "embeds"}, tokenizer)
+
+
+def test_rewrite_request(llama, adapters):
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+
+    tokenizer = llama[2]
+    info = frontend.AdapterRegistry(llama[0]).register("a", adapters / "a")
+    user_params = SamplingParams(prompt_logprobs=0, max_tokens=3,
+                                 extra_args={protocol.ADAPTER_ARG: "a",
+                                             "kv_transfer_params": {"other": 1}})
+    assert user_params.skip_reading_prefix_cache
+    engine_input, params = frontend.rewrite_request(
+        info, {"type": "token", "prompt_token_ids": [5, 6], "arrival_time": 1.0,
+               "cache_salt": "u"}, user_params, tokenizer, max_model_len=64)
+    assert engine_input == {"type": "token", "prompt_token_ids": list(info.placeholder_ids) + [5, 6],
+                            "cache_salt": info.cache_salt("u"), "arrival_time": 1.0}
+    assert params.extra_args["kv_transfer_params"] == {"other": 1,
+                                                       "deepthink": info.transfer_params()}
+    assert params.skip_reading_prefix_cache is False
+    assert user_params.extra_args["kv_transfer_params"] == {"other": 1}, "caller's params changed"
+    with pytest.raises(frontend.AdapterRequestError, match="max_model_len=14"):
+        frontend.rewrite_request(info, "Review: a", user_params, tokenizer, max_model_len=14)
+    with pytest.raises(frontend.AdapterRequestError, match="reserved"):
+        frontend.reject_forged_params(params)
+    frontend.reject_forged_params(user_params)
+
+
+def test_engine_args_and_sampling_params(adapters):
+    pytest.importorskip("vllm")
+    import vllm_deepthink
+    from vllm.config import KVTransferConfig
+
+    kwargs = vllm_deepthink.engine_args(adapters={"a": adapters / "a"}, dtype="float32",
+                                        enable_prefix_caching=False)
+    assert kwargs["dtype"] == "float32" and kwargs["enable_prefix_caching"] is False
+    config = kwargs["kv_transfer_config"]
+    assert config.kv_connector == protocol.CONNECTOR_NAME
+    assert config.kv_connector_extra_config == {"adapters": {"a": str((adapters / "a").resolve())}}
+    assert vllm_deepthink.engine_args()["enable_prefix_caching"] is True
+
+    merged = vllm_deepthink.engine_args(adapters={"a": adapters / "a"}, kv_transfer_config={
+        "kv_connector": protocol.CONNECTOR_NAME, "kv_role": "kv_consumer",
+        "kv_connector_extra_config": {"adapters": {"b": str(adapters / "b")}}})
+    assert sorted(merged["kv_transfer_config"].kv_connector_extra_config["adapters"]) == ["a", "b"]
+    with pytest.raises(ValueError, match="one connector per engine"):
+        vllm_deepthink.engine_args(kv_transfer_config=KVTransferConfig(
+            kv_connector="ExampleConnector", kv_role="kv_both"))
+    with pytest.raises(ValueError, match="given twice"):
+        vllm_deepthink.engine_args(adapters={"a": adapters / "a"}, kv_transfer_config={
+            "kv_connector": protocol.CONNECTOR_NAME, "kv_role": "kv_consumer",
+            "kv_connector_extra_config": {"adapters": {"a": str(adapters / "b")}}})
+    with pytest.raises(AdapterFormatError, match="no such adapter directory"):
+        vllm_deepthink.engine_args(adapters={"x": adapters / "nope"})
+
+    params = vllm_deepthink.sampling_params(adapter="a", max_tokens=4,
+                                            extra_args={"keep": 1})
+    assert params.max_tokens == 4 and params.extra_args == {"keep": 1, "deepthink_adapter": "a"}
+    for bad in (" a", "../x", "a/b", ""):
+        with pytest.raises(AdapterNameError, match="invalid Deep-Thinking adapter name"):
+            vllm_deepthink.sampling_params(adapter=bad)
+
+
+def test_registry_for_builds_one_registry_per_engine(llama, adapters):
+    from types import SimpleNamespace
+
+    def config(model_dir, connector=protocol.CONNECTOR_NAME, engine_id="e1"):
+        kv = SimpleNamespace(kv_connector=connector, engine_id=engine_id,
+                             kv_connector_extra_config={"adapters": {"a": str(adapters / "a")}})
+        return SimpleNamespace(kv_transfer_config=kv,
+                               model_config=SimpleNamespace(model=str(model_dir)))
+
+    with pytest.raises(frontend.AdapterRequestError, match="not started for Deep-Thinking"):
+        frontend.registry_for(config(llama[0], connector="ExampleConnector"))
+    first = frontend.registry_for(config(llama[0]))
+    assert first.names() == ["a"] and frontend.registry_for(config(llama[0])) is first
+    assert frontend.current_registry() is first
+    other = frontend.registry_for(config(llama[0], engine_id="e2"))
+    assert other is not first and frontend.current_registry() is other

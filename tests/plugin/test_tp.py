@@ -1,0 +1,55 @@
+"""Tensor parallel 2 on CPU: each rank writes its own KV heads (tiny Llama, 2 KV
+heads, so one per rank) and the result still matches HF."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers.adapter_factory import (
+    QUERIES,
+    assert_parity,
+    build_adapter,
+    hf_reference,
+    parity_params,
+    shutdown,
+    start_engine,
+)
+from tests.helpers.tiny_models import load_tiny
+
+pytestmark = pytest.mark.engine
+
+PREFIX_LENS = {"aligned": 64, "unaligned": 45}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("llama")
+    model, tokenizer = load_tiny("llama", model_dir)
+    assert model.config.num_key_value_heads == 2
+    root = tmp_path_factory.mktemp("adapters")
+    adapters = {name: build_adapter(model, tokenizer, root / name, length, seed=i, offset=i)
+                for i, (name, length) in enumerate(PREFIX_LENS.items())}
+    return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}
+
+
+@pytest.fixture(scope="module")
+def llm(setup):
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    model_dir, _, _, _, paths = setup
+    llm = start_engine(model_dir, paths, tensor_parallel_size=2,
+                       distributed_executor_backend="mp")
+    yield llm
+    shutdown(llm)
+
+
+def test_tensor_parallel_parity(setup, llm):
+    _, model, tokenizer, adapters, _ = setup
+    requests = [("aligned", QUERIES[0]), ("unaligned", QUERIES[1]), ("unaligned", QUERIES[3])]
+    outputs = llm.generate([q for _, q in requests], [parity_params(n) for n, _ in requests],
+                           use_tqdm=False)
+    for (name, query), output in zip(requests, outputs):
+        ids = tokenizer.encode(query, add_special_tokens=False)
+        assert_parity(output, hf_reference(model, adapters[name], ids), ids,
+                      label=f"tp=2 {name}: {query[:20]!r}")

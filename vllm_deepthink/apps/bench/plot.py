@@ -1,0 +1,102 @@
+"""PNG of the benchmark: requests/s of every system relative to `icl-apc`.
+
+One panel per (workload kind, prefix length); x = number of tasks; one line per
+system; the dashed line at 1 is `icl-apc` itself. Every ratio is taken within one
+run (one workload of one benchmark invocation), so reports of several invocations
+can share a plot:
+
+    python -m vllm_deepthink.apps.bench.plot results/bench.json results/bench-prefix.json \
+        --out results/bench-all.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+SYSTEM_STYLE = {
+    "deepthink": ("tab:red", "o"),
+    "icl-apc": ("tab:blue", "s"),
+    "icl-no-apc": ("tab:cyan", "v"),
+    "zero-shot": ("tab:gray", "^"),
+    "hf-reference": ("tab:green", "D"),
+}
+
+
+def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
+    return plot_reports([report], path)
+
+
+def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> Path:
+    """Where two reports measured the same system on the same workload, the later wins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple[str, int, int], dict[str, dict[int, float]]] = {}
+    for run in (run for report in reports for run in report["runs"]):
+        w = run["workload"]
+        base = run["systems"].get("icl-apc", {}).get("requests_per_s")
+        if not base:
+            continue
+        panel = panels.setdefault((w["kind"], w["output_len"], w["prefix_len"]), {})
+        for name, fig in run["systems"].items():
+            if fig.get("requests_per_s"):
+                panel.setdefault(name, {})[w["num_tasks"]] = fig["requests_per_s"] / base
+    if not panels:
+        raise ValueError("no run has an icl-apc figure to normalise by; nothing to plot")
+    keys = sorted(panels)
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 4.6 * cols), 3.6 * rows + 0.6),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        kind, output_len, prefix_len = key
+        for name, points in sorted(panels[key].items()):
+            color, marker = SYSTEM_STYLE.get(name, ("black", "x"))
+            tasks = sorted(points)
+            ax.plot(tasks, [points[t] for t in tasks], marker=marker, color=color, label=name)
+        ax.axhline(1.0, color="tab:blue", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        all_tasks = sorted({t for p in panels[key].values() for t in p})
+        ax.set_xticks(all_tasks, [str(t) for t in all_tasks])
+        ax.set_title(f"{kind} (out={output_len}), prefix {prefix_len}")
+        ax.set_xlabel("tasks (adapters)")
+        ax.set_ylabel("requests/s ÷ icl-apc")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes.flat[0].legend(handles.values(), handles.keys(), fontsize=8)
+    env = reports[0].get("environment", {})
+    fig.suptitle(f"vllm-deepthink: requests/s relative to icl-apc\n"
+                 f"{reports[0]['settings']['model']}, "
+                 f"{env.get('cpu_affinity')} CPUs, vLLM {env.get('vllm_version')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", help="JSON files written by `bench --output-json`")
+    parser.add_argument("--out", required=True, help="PNG to write")
+
+
+def main(args: argparse.Namespace) -> None:
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    print(f"wrote {plot_reports(reports, args.out)}")
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(_parser)
+    main(_parser.parse_args())

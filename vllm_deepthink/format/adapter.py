@@ -1,0 +1,166 @@
+"""The adapter itself: `DeepThinkAdapter` (config + per-layer K/V), saved and loaded
+like a PEFT adapter (`save_pretrained` / `from_pretrained` mirror each other).
+
+The weights file holds `layers.{i}.key` / `layers.{i}.value`, each
+[num_kv_heads, prefix_len, head_dim] (K post-RoPE, as in HF's cache), and the
+config's digest in its header, so a config and weights that do not belong
+together are refused. Its sha256 identifies the weights everywhere else (the
+serving side salts the prefix cache with it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from vllm_deepthink.format.config import (
+    CONFIG_DIGEST_KEY,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    DeepThinkConfig,
+    check_fingerprint,
+    load_config,
+    torch_dtype,
+)
+from vllm_deepthink.format.errors import AdapterFormatError
+from vllm_deepthink.format.fingerprint import ModelFingerprint
+
+
+def _weights_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class DeepThinkAdapter:
+    """A loaded adapter: its config and per-layer K/V, each [num_kv_heads, L, head_dim]."""
+
+    config: DeepThinkConfig
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    # sha256 of the safetensors file; identifies the weights (used in cache salts).
+    digest: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.config.prefix_len
+
+    def as_past_key_values(self, device: str | torch.device = "cpu",
+                           dtype: torch.dtype | None = None):
+        """Per-layer (key, value) pairs shaped [1, num_kv_heads, L, head_dim] for HF."""
+        return [(k.unsqueeze(0).to(device=device, dtype=dtype),
+                 v.unsqueeze(0).to(device=device, dtype=dtype))
+                for k, v in zip(self.keys, self.values)]
+
+    def _validate_tensors(self, source: str) -> None:
+        fp = self.config.fingerprint
+        expected_shape = (fp.num_kv_heads, self.config.prefix_len, fp.head_dim)
+        expected_dtype = torch_dtype(self.config.dtype)
+        if len(self.keys) != fp.num_layers or len(self.values) != fp.num_layers:
+            raise AdapterFormatError(
+                f"{source}: expected {fp.num_layers} layers of keys and values (from the "
+                f"config's fingerprint), found {len(self.keys)} keys and {len(self.values)} "
+                f"values. The weights do not belong to this config: rebuild the adapter.")
+        for kind, tensors in (("key", self.keys), ("value", self.values)):
+            for i, t in enumerate(tensors):
+                name = f"layers.{i}.{kind}"
+                if tuple(t.shape) != expected_shape:
+                    raise AdapterFormatError(
+                        f"{source}: tensor {name} has shape {tuple(t.shape)}, expected "
+                        f"[num_kv_heads, prefix_len, head_dim] = {list(expected_shape)}. "
+                        f"Rebuild the adapter.")
+                if t.dtype != expected_dtype:
+                    raise AdapterFormatError(
+                        f"{source}: tensor {name} has dtype {t.dtype}, the config says "
+                        f"{self.config.dtype}. Rebuild the adapter.")
+                if not torch.isfinite(t).all():
+                    raise AdapterFormatError(
+                        f"{source}: tensor {name} contains NaN or Inf values. The build "
+                        f"diverged or the file is corrupt: rebuild the adapter (a smaller "
+                        f"step size or fewer iterations help a diverging build).")
+
+    def to_safetensors_bytes(self) -> bytes:
+        tensors = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            tensors[f"layers.{i}.key"] = k.detach().contiguous().cpu()
+            tensors[f"layers.{i}.value"] = v.detach().contiguous().cpu()
+        return safetensors_save(tensors, metadata={
+            CONFIG_DIGEST_KEY: self.config.digest(),
+            "format": "deepthink",
+            "format_version": str(FORMAT_VERSION),
+        })
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter directory; returns its path. Mirrors from_pretrained."""
+        self._validate_tensors("adapter to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self.to_safetensors_bytes()
+        # Write to temporary names first so a crash never leaves a mixed adapter.
+        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
+        tmp_config = directory / (CONFIG_NAME + ".tmp")
+        tmp_weights.write_bytes(data)
+        tmp_config.write_text(self.config.to_json(), encoding="utf-8")
+        tmp_weights.replace(directory / WEIGHTS_NAME)
+        tmp_config.replace(directory / CONFIG_NAME)
+        self.digest = _weights_digest(data)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path,
+                        expected_fingerprint: ModelFingerprint | None = None
+                        ) -> DeepThinkAdapter:
+        """Load and validate an adapter directory.
+
+        If expected_fingerprint is given (the model the adapter will be used with),
+        a mismatch is an AdapterFormatError naming the fields that differ.
+        """
+        directory = Path(directory)
+        config = load_config(directory)
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise AdapterFormatError(
+                f"{directory}: {WEIGHTS_NAME} is missing; expected it next to {CONFIG_NAME}. "
+                f"Rebuild the adapter with `vllm-deepthink build`.")
+        data = weights_path.read_bytes()
+        source = str(weights_path)
+        try:
+            tensors = safetensors_load(data)
+            with safe_open(str(weights_path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise AdapterFormatError(
+                f"{source}: not a readable safetensors file ({exc}); it is truncated or "
+                f"corrupt. Rebuild the adapter.") from None
+        found_digest = metadata.get(CONFIG_DIGEST_KEY)
+        if found_digest != config.digest():
+            raise AdapterFormatError(
+                f"{source}: header {CONFIG_DIGEST_KEY} is {found_digest!r} but "
+                f"{CONFIG_NAME} hashes to {config.digest()!r}: the config was edited or "
+                f"belongs to other weights. Rebuild the adapter or restore the config.")
+        n = config.fingerprint.num_layers
+        expected_names = {f"layers.{i}.{kind}" for i in range(n) for kind in ("key", "value")}
+        if set(tensors) != expected_names:
+            missing = sorted(expected_names - set(tensors))[:4]
+            extra = sorted(set(tensors) - expected_names)[:4]
+            raise AdapterFormatError(
+                f"{source}: expected tensors layers.0..{n - 1}.key/value; missing {missing}, "
+                f"unexpected {extra}. Rebuild the adapter.")
+        adapter = cls(config=config,
+                      keys=[tensors[f"layers.{i}.key"] for i in range(n)],
+                      values=[tensors[f"layers.{i}.value"] for i in range(n)],
+                      digest=_weights_digest(data))
+        adapter._validate_tensors(source)
+        if expected_fingerprint is not None:
+            check_fingerprint(config, expected_fingerprint, str(directory))
+        return adapter

@@ -1,0 +1,125 @@
+"""Public offline API: engine arguments and sampling parameters for adapters.
+
+    llm = LLM(model=MODEL, **vllm_deepthink.engine_args(adapters={"sst2": PATH}))
+    llm.generate(["Review: a charming film\\nSentiment:"],
+                 vllm_deepthink.sampling_params(adapter="sst2", max_tokens=4))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vllm_deepthink.format import load_config
+from vllm_deepthink.plugin import protocol
+
+
+def engine_args(adapters: Mapping[str, str | Path] | None = None,
+                **engine_kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` / `EngineArgs` that serve `adapters`.
+
+    Adds the DeepThink KV connector (with the adapters, by absolute path, in its
+    extra config) and turns prefix caching on unless the caller decided
+    otherwise; every other keyword is passed through. A `kv_transfer_config`
+    given by the caller must be our connector's (its adapters are merged);
+    another connector cannot share the KV connector slot.
+    """
+    from vllm.config import KVTransferConfig
+
+    resolved = _resolve_adapters(adapters or {})
+    user_config = engine_kwargs.pop("kv_transfer_config", None)
+    if user_config is None:
+        kv_config = KVTransferConfig(
+            kv_connector=protocol.CONNECTOR_NAME,
+            kv_connector_module_path=protocol.CONNECTOR_MODULE,
+            kv_role="kv_consumer",
+            kv_load_failure_policy="fail",
+            kv_connector_extra_config={protocol.EXTRA_CONFIG_ADAPTERS: resolved})
+    else:
+        kv_config = _merge_kv_config(user_config, resolved)
+    engine_kwargs["kv_transfer_config"] = kv_config
+    engine_kwargs.setdefault("enable_prefix_caching", True)
+    return engine_kwargs
+
+
+def sampling_params(adapter: str, **kwargs: Any):
+    """A `vllm.SamplingParams` that serves the request with adapter `adapter`."""
+    from vllm import SamplingParams
+
+    protocol.check_adapter_name(adapter)
+    extra_args = dict(kwargs.pop("extra_args", None) or {})
+    extra_args[protocol.ADAPTER_ARG] = adapter
+    return SamplingParams(extra_args=extra_args, **kwargs)
+
+
+def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
+    if not isinstance(adapters, Mapping):
+        raise TypeError(
+            f"adapters must map names to adapter directories, found {type(adapters).__name__}")
+    resolved = {}
+    for name, path in adapters.items():
+        protocol.check_adapter_name(name)
+        path = Path(path).expanduser().resolve()
+        load_config(path)  # a missing or malformed adapter fails here, not in a worker
+        resolved[name] = str(path)
+    return resolved
+
+
+def _merge_kv_config(user_config: Any, adapters: dict[str, str]):
+    from vllm.config import KVTransferConfig
+
+    if isinstance(user_config, dict):
+        user_config = KVTransferConfig(**user_config)
+    if not isinstance(user_config, KVTransferConfig):
+        raise TypeError(
+            f"kv_transfer_config must be a dict or KVTransferConfig, found "
+            f"{type(user_config).__name__}")
+    if user_config.kv_connector != protocol.CONNECTOR_NAME:
+        raise ValueError(
+            f"kv_transfer_config selects the {user_config.kv_connector!r} connector, but "
+            f"Deep-Thinking adapters need the KV connector slot for "
+            f"{protocol.CONNECTOR_NAME}; vLLM runs one connector per engine. Drop "
+            f"kv_transfer_config, or pass one with kv_connector={protocol.CONNECTOR_NAME!r}.")
+    if user_config.kv_load_failure_policy != "fail":
+        raise ValueError(
+            "kv_load_failure_policy must be 'fail' for Deep-Thinking adapters (a "
+            "recomputed adapter load would compute the placeholder tokens instead)")
+    extra = dict(user_config.kv_connector_extra_config)
+    merged = dict(extra.get(protocol.EXTRA_CONFIG_ADAPTERS) or {})
+    for name, path in adapters.items():
+        if name in merged and str(Path(merged[name]).resolve()) != path:
+            raise ValueError(
+                f"adapter {name!r} is given twice with different paths: {merged[name]} in "
+                f"kv_transfer_config and {path} in adapters=")
+        merged[name] = path
+    extra[protocol.EXTRA_CONFIG_ADAPTERS] = _resolve_adapters(merged)
+    user_config.kv_connector_extra_config = extra
+    if user_config.kv_connector_module_path is None:
+        user_config.kv_connector_module_path = protocol.CONNECTOR_MODULE
+    if user_config.kv_role is None:
+        user_config.kv_role = "kv_consumer"
+    return user_config
+
+
+def connector_stats(llm) -> dict[str, Any]:
+    """Adapter loads so far in `llm` (a `vllm.LLM` built with `disable_log_stats=False`).
+
+    Returns {"adapter_loads": total, "adapter_tokens_loaded": total,
+    "by_adapter": {name: {"loads": n, "tokens": n}}}, read from the connector's
+    Prometheus counters (plugin/connector/stats.py).
+    """
+    from vllm.v1.metrics.reader import Counter
+
+    from vllm_deepthink.plugin.connector.stats import LOADS_METRIC, TOKENS_METRIC
+
+    fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens"}
+    by_adapter: dict[str, dict[str, float]] = {}
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter) and metric.name in fields:
+            name = metric.labels.get("adapter", "?")
+            entry = by_adapter.setdefault(name, {"loads": 0, "tokens": 0})
+            entry[fields[metric.name]] += metric.value
+    return {"adapter_loads": sum(e["loads"] for e in by_adapter.values()),
+            "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
+            "by_adapter": by_adapter}

@@ -1,0 +1,11 @@
+"""The DeepThink KV connector (`kv_connector_module_path` = its connector.py).
+
+- connector.py: `DeepThinkConnector`, the thin KV-connector class over both sides;
+- scheduler.py: which adapter positions each request loads (`AdapterLoad`);
+- worker.py: writing them through the attention backend's `do_kv_cache_update`;
+- resident.py: the per-worker LRU of resident adapters;
+- stats.py: adapter-load counters in vLLM's KV-connector stats API;
+- kv_layout.py: pure tensor functions (slot mapping, head sharding, dtype).
+
+This package's __init__ imports nothing, so kv_layout imports without vLLM.
+"""

@@ -1,0 +1,119 @@
+"""Adapters resident on one worker: an LRU keyed by weights digest, bounded in bytes.
+
+A worker reads an adapter from disk the first time a request needs it (verifying
+its weights digest), keeps this rank's KV heads in the cache dtype, token-major
+(the layout `do_kv_cache_update` takes), and drops the least recently used beyond
+its budget; a dropped adapter is read again when a request needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from vllm_deepthink.format import DeepThinkAdapter
+from vllm_deepthink.plugin.connector import kv_layout
+
+
+class AdapterLoadError(RuntimeError):
+    """A worker could not place an adapter into the KV cache."""
+
+
+@dataclass
+class ResidentAdapter:
+    """An adapter as one worker writes it: this rank's heads, the model dtype, token
+    major (the layout do_kv_cache_update takes), so a load slices without copying."""
+
+    name: str
+    digest: str
+    prefix_len: int
+    keys: list[torch.Tensor]    # per layer [L, rank_kv_heads, head_dim]
+    values: list[torch.Tensor]  # per layer [L, rank_kv_heads, head_dim]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+# Worker memory for resident adapters (GiB); least recently used ones beyond it are
+# dropped and read from disk again when a request needs them.
+RESIDENT_GIB_ENV = "VLLM_DEEPTHINK_RESIDENT_GIB"
+DEFAULT_RESIDENT_GIB = 4.0
+
+
+def resident_budget_bytes(environ=os.environ) -> int:
+    text = environ.get(RESIDENT_GIB_ENV, str(DEFAULT_RESIDENT_GIB))
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ValueError(f"{RESIDENT_GIB_ENV} must be a positive number of GiB (worker memory "
+                         f"for resident adapters), found {text!r}")
+    return int(gib * (1 << 30))
+
+
+class ResidentAdapters:
+    """Adapters resident on one worker, keyed by weights digest, least recently used
+    dropped beyond `max_bytes` (the newest always stays). Thread-safe."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, tp_size: int, tp_rank: int,
+                 max_bytes: int | None = None):
+        self.dtype = dtype
+        self.device = device
+        self.tp_size = tp_size
+        self.tp_rank = tp_rank
+        self.max_bytes = max_bytes
+        self._by_digest: OrderedDict[str, ResidentAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, name: str, path: str, expected_digest: str | None = None) -> ResidentAdapter:
+        """Read the adapter at `path`; refuse it if its digest differs."""
+        try:
+            adapter = DeepThinkAdapter.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise AdapterLoadError(f"adapter {name!r} at {path}: {exc}") from exc
+        if expected_digest is not None and adapter.digest != expected_digest:
+            raise AdapterLoadError(
+                f"adapter {name!r} at {path} has weights digest {adapter.digest[:12]}..., "
+                f"but {expected_digest[:12]}... was registered: the files changed after "
+                f"registration. Register the adapter again to serve the new weights.")
+        what = f"adapter {name!r}"
+
+        def place(kv: torch.Tensor) -> torch.Tensor:
+            rank_kv = kv_layout.rank_heads(kv, self.tp_size, self.tp_rank)
+            rank_kv = kv_layout.token_major(rank_kv, 0, rank_kv.shape[1])
+            return kv_layout.to_cache_dtype(rank_kv, self.dtype, what).to(self.device)
+
+        resident = ResidentAdapter(name=name, digest=adapter.digest,
+                                   prefix_len=adapter.prefix_len,
+                                   keys=[place(k) for k in adapter.keys],
+                                   values=[place(v) for v in adapter.values])
+        with self._lock:
+            self._by_digest[adapter.digest] = resident
+            self._by_digest.move_to_end(adapter.digest)
+            self._evict()
+        return resident
+
+    def _evict(self) -> None:
+        if self.max_bytes is None:
+            return
+        total = sum(r.nbytes for r in self._by_digest.values())
+        while total > self.max_bytes and len(self._by_digest) > 1:
+            _, dropped = self._by_digest.popitem(last=False)
+            total -= dropped.nbytes
+
+    def get(self, name: str, path: str, digest: str) -> ResidentAdapter:
+        with self._lock:
+            resident = self._by_digest.get(digest)
+            if resident is not None:
+                self._by_digest.move_to_end(digest)
+        return resident if resident is not None else self.load(name, path, digest)
+
+    def digests(self) -> list[str]:
+        with self._lock:
+            return list(self._by_digest)

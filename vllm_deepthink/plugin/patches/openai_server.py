@@ -1,0 +1,215 @@
+"""Patches of vLLM's OpenAI server (`vllm serve`), one function per patch.
+
+The serving logic lives in plugin/serving/ (flags.py, models.py, routes.py); these
+functions only plug it in. Applied in every process like the engine patches; the
+entrypoint modules are imported inside the functions, so this module stays cheap
+to import. Each patch leaves requests for the base model and LoRA adapters, and
+servers started without the DeepThink connector, on vLLM's own path.
+"""
+
+from __future__ import annotations
+
+from vllm_deepthink.plugin.patches import PatchSpec, is_patched, original, replace
+
+
+def patch_specs() -> tuple[PatchSpec, ...]:
+    """PatchSpecs of the OpenAI-server patches (imports vLLM's entrypoint modules)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers import app as app_module
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return (
+        PatchSpec(EngineArgs, "add_cli_args", "vllm/engine/arg_utils.py", ("parser",)),
+        PatchSpec(EngineArgs, "from_cli_args", "vllm/engine/arg_utils.py", ("args",)),
+        PatchSpec(BaseServing, "_check_model", "vllm/entrypoints/serve/engine/serving.py",
+                  ("self", "request")),
+        PatchSpec(BaseServing, "_maybe_get_adapters",
+                  "vllm/entrypoints/serve/engine/serving.py",
+                  ("self", "request", "supports_default_mm_loras")),
+        PatchSpec(OpenAIServingModels, "show_available_models",
+                  "vllm/entrypoints/openai/models/serving.py", ("self",)),
+        PatchSpec(AsyncLLM, "add_request", "vllm/v1/engine/async_llm.py",
+                  ("self", "request_id", "prompt", "params", "arrival_time", "lora_request",
+                   "tokenization_kwargs", "trace_headers", "priority", "data_parallel_rank",
+                   "session_id", "prompt_text", "reasoning_ended", "reasoning_parser_kwargs",
+                   "kv_hints")),
+        PatchSpec(app_module, "register_api_routers", "vllm/entrypoints/launchers/app.py",
+                  ("args", "app", "supported_tasks", "model_config")),
+    )
+
+
+def patch_engine_args_add_cli_args() -> None:
+    """vllm/engine/arg_utils.py: EngineArgs.add_cli_args.
+
+    Adds --deepthink-adapter NAME=PATH and --deepthink-adapter-dir DIR.
+    AsyncEngineArgs.add_cli_args loads the general plugins (so this patch) right
+    before it calls EngineArgs.add_cli_args: `vllm serve` parses the flags and
+    lists them in --help.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    if is_patched(EngineArgs, "add_cli_args"):
+        return
+    vllm_add_cli_args = original(EngineArgs, "add_cli_args")
+
+    def add_cli_args(parser):
+        from vllm_deepthink.plugin.serving import flags
+
+        return flags.add_cli_args(vllm_add_cli_args(parser))
+
+    replace(EngineArgs, "add_cli_args", add_cli_args, staticmethod)
+
+
+def patch_engine_args_from_cli_args() -> None:
+    """vllm/engine/arg_utils.py: EngineArgs.from_cli_args.
+
+    Every `vllm serve` path (one API server, several, headless) builds its engine
+    arguments here: the adapter flags become the connector's kv_transfer_config,
+    as api.engine_args(adapters=...) does (serving.flags.apply_adapter_args).
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    if is_patched(EngineArgs, "from_cli_args"):
+        return
+    vllm_from_cli_args = original(EngineArgs, "from_cli_args")
+
+    def from_cli_args(cls, args):
+        from vllm_deepthink.plugin.serving import flags
+
+        return flags.apply_adapter_args(vllm_from_cli_args(cls, args), args)
+
+    replace(EngineArgs, "from_cli_args", from_cli_args, classmethod)
+
+
+def patch_serving_check_model() -> None:
+    """vllm/entrypoints/serve/engine/serving.py: BaseServing._check_model.
+
+    A served adapter's name is a valid `model`; any other unknown name still gets
+    vLLM's 404, whose message then also lists the adapters.
+    """
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    if is_patched(BaseServing, "_check_model"):
+        return
+    vllm_check_model = BaseServing._check_model
+
+    async def _check_model(self, request):
+        from vllm_deepthink.plugin.serving import models as serving
+
+        if serving.is_adapter_model(self.models, getattr(request, "model", None)):
+            if self.request_logger is not None:
+                self.request_logger.log_request_body(request)
+            return None
+        error = await vllm_check_model(self, request)
+        return serving.name_served_adapters(self.models, error) if error is not None else None
+
+    replace(BaseServing, "_check_model", _check_model)
+
+
+def patch_serving_maybe_get_adapters() -> None:
+    """vllm/entrypoints/serve/engine/serving.py: BaseServing._maybe_get_adapters.
+
+    An adapter's name resolves to serving.AdapterModelRequest, a LoRARequest
+    stand-in: the serving code reports its name as the response's `model`, and
+    patch_async_llm_add_request turns it into extra_args before the engine.
+    """
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    if is_patched(BaseServing, "_maybe_get_adapters"):
+        return
+    vllm_maybe_get_adapters = BaseServing._maybe_get_adapters
+
+    def _maybe_get_adapters(self, request, supports_default_mm_loras=False):
+        from vllm_deepthink.plugin.serving import models as serving
+
+        stand_in = serving.adapter_model_request(self.models, getattr(request, "model", None))
+        if stand_in is not None:
+            return stand_in
+        return vllm_maybe_get_adapters(self, request, supports_default_mm_loras)
+
+    replace(BaseServing, "_maybe_get_adapters", _maybe_get_adapters)
+
+
+def patch_async_llm_add_request() -> None:
+    """vllm/v1/engine/async_llm.py: AsyncLLM.add_request.
+
+    The funnel of every generate call of the OpenAI server (beam search included):
+    an AdapterModelRequest passed as lora_request becomes
+    extra_args["deepthink_adapter"] (which patch_input_processor then rewrites)
+    and never reaches the engine as a LoRA.
+    """
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    if is_patched(AsyncLLM, "add_request"):
+        return
+    vllm_add_request = AsyncLLM.add_request
+
+    async def add_request(self, request_id, prompt, params, arrival_time=None,
+                          lora_request=None, *args, **kwargs):
+        from vllm_deepthink.plugin.serving import models as serving
+
+        params, lora_request = serving.to_engine_request(params, lora_request)
+        return await vllm_add_request(self, request_id, prompt, params, arrival_time,
+                                      lora_request, *args, **kwargs)
+
+    replace(AsyncLLM, "add_request", add_request)
+
+
+def patch_serving_models_list() -> None:
+    """vllm/entrypoints/openai/models/serving.py: OpenAIServingModels.show_available_models.
+
+    /v1/models lists each served adapter like a LoRA module: id = name,
+    parent = base model, root = adapter path.
+    """
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    if is_patched(OpenAIServingModels, "show_available_models"):
+        return
+    vllm_show_available_models = OpenAIServingModels.show_available_models
+
+    async def show_available_models(self):
+        from vllm_deepthink.plugin.serving import models as serving
+
+        model_list = await vllm_show_available_models(self)
+        model_list.data.extend(serving.model_cards(self))
+        return model_list
+
+    replace(OpenAIServingModels, "show_available_models", show_available_models)
+
+
+def patch_api_routers() -> None:
+    """vllm/entrypoints/launchers/app.py: register_api_routers, the name build_app calls.
+
+    Adds POST /v1/load_deepthink_adapter and /v1/unload_deepthink_adapter when
+    VLLM_ALLOW_RUNTIME_DEEPTHINK_UPDATING is true (serving/routes.py), like vLLM's
+    LoRA routes. Not an endpoint plugin: those load only when named in
+    VLLM_PLUGINS, a second switch next to the environment variable.
+    """
+    from vllm.entrypoints.launchers import app as app_module
+
+    if is_patched(app_module, "register_api_routers"):
+        return
+    vllm_register_api_routers = app_module.register_api_routers
+
+    def register_api_routers(args, app, supported_tasks, model_config=None):
+        vllm_register_api_routers(args, app, supported_tasks, model_config)
+        if "generate" in (supported_tasks or ()):
+            from vllm_deepthink.plugin.serving import routes
+
+            routes.attach_router(app)
+
+    replace(app_module, "register_api_routers", register_api_routers)
+
+
+def apply() -> None:
+    """Apply the OpenAI-server patches (idempotent)."""
+    patch_engine_args_add_cli_args()
+    patch_engine_args_from_cli_args()
+    patch_serving_check_model()
+    patch_serving_maybe_get_adapters()
+    patch_async_llm_add_request()
+    patch_serving_models_list()
+    patch_api_routers()
+

@@ -1,0 +1,185 @@
+"""The OpenAI server side of `vllm serve --deepthink-adapter`: adapters as models.
+
+- model-name resolution: a request whose `model` is an adapter name runs on the base
+  model with the adapter (`adapter_model_request`, `to_engine_request`), and its
+  response carries the adapter name as `model`;
+- the `/v1/models` cards of the adapters (`model_cards`);
+- runtime load/unload (`load_adapter`, `unload_adapter`), used by routes.py.
+
+The adapter registry of the API server process (plugin/frontend.py) is the one
+source of truth: loading is `register`, unloading is `unregister`; the engine is
+untouched and requests already running finish with the adapter they started with.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from vllm.lora.request import LoRARequest
+
+from vllm_deepthink.format import AdapterFormatError
+from vllm_deepthink.plugin import frontend, protocol
+from vllm_deepthink.plugin.frontend import AdapterRequestError
+from vllm_deepthink.plugin.protocol import ADAPTER_ARG, AdapterNameError, check_adapter_name
+from vllm_deepthink.plugin.serving.flags import (
+    ADAPTER_DIR_FLAG,
+    ADAPTER_FLAG,
+    RUNTIME_UPDATING_ENV,
+)
+
+
+def registry_of(models: Any):
+    """The adapter registry of the engine behind an OpenAIServingModels, or None when that
+    engine was not started for Deep-Thinking adapters (or there is no engine)."""
+    vllm_config = getattr(getattr(models, "engine_client", None), "vllm_config", None)
+    if vllm_config is None or not protocol.uses_deepthink_connector(vllm_config):
+        return None
+    return frontend.registry_for(vllm_config)
+
+
+def _served(registry: Any, model_name: str | None) -> Any:
+    """The AdapterInfo served as model_name, or None."""
+    if registry is None or not model_name or model_name not in registry.names():
+        return None
+    try:
+        return registry.get(model_name)
+    except AdapterRequestError:  # unloaded meanwhile
+        return None
+
+
+def is_adapter_model(models: Any, model_name: str | None) -> bool:
+    return _served(registry_of(models), model_name) is not None
+
+
+class AdapterModelRequest(LoRARequest):
+    """Carries an adapter's name from the OpenAI model resolution (`_maybe_get_adapters`)
+    to `AsyncLLM.add_request`, which turns it into `extra_args["deepthink_adapter"]` and
+    drops it (`to_engine_request`): it never reaches the engine as a LoRA. Being a
+    LoRARequest, the serving code reports its name as the response's `model`."""
+
+
+def name_served_adapters(models: Any, error: Any) -> Any:
+    """vLLM's 404 for an unknown `model` lists the base model names; add the adapters."""
+    registry = registry_of(models)
+    names = registry.names() if registry is not None else []
+    if names and getattr(error, "error", None) is not None and error.error.code == 404:
+        error.error.message += f" Deep-Thinking adapters: {', '.join(names)}."
+    return error
+
+
+def adapter_model_request(models: Any, model_name: str | None) -> AdapterModelRequest | None:
+    """The stand-in LoRARequest for an adapter name, or None when model_name is not one."""
+    info = _served(registry_of(models), model_name)
+    if info is None:
+        return None
+    return AdapterModelRequest(lora_name=model_name, lora_int_id=1, lora_path=str(info.path))
+
+
+def to_engine_request(params: Any, lora_request: Any) -> tuple[Any, Any]:
+    """(params, lora_request) as the engine takes them: an adapter stand-in becomes
+    `params.extra_args["deepthink_adapter"]` and lora_request None; anything else passes."""
+    if not isinstance(lora_request, AdapterModelRequest):
+        return params, lora_request
+    params.extra_args = {**(params.extra_args or {}), ADAPTER_ARG: lora_request.lora_name}
+    return params, None
+
+
+def model_cards(models: Any) -> list[Any]:
+    """/v1/models entries of the registered adapters, shaped like LoRA modules' cards:
+    id = adapter name, parent = base model, root = adapter path; max_model_len is what
+    is left for the query and the completion after the adapter's prefix."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    registry = registry_of(models)
+    if registry is None:
+        return []
+    base_model_name = models.base_model_paths[0].name
+    cards = []
+    for name in registry.names():
+        info = _served(registry, name)
+        if info is not None:
+            cards.append(ModelCard(
+                id=name, root=info.path, parent=base_model_name,
+                max_model_len=models.model_config.max_model_len - info.prefix_len,
+                permission=[ModelPermission()]))
+    return cards
+
+
+def _error(message: str, status: HTTPStatus, err_type: str, param: str | None = None):
+    from vllm.entrypoints.serve import create_error_response
+
+    return create_error_response(message=message, err_type=err_type, status_code=status,
+                                 param=param)
+
+
+_update_lock = None
+
+
+def _lock():
+    """One asyncio lock for load/unload (they run on the server's event loop)."""
+    import asyncio
+
+    global _update_lock
+    if _update_lock is None:
+        _update_lock = asyncio.Lock()
+    return _update_lock
+
+
+async def load_adapter(models: Any, name: str, path: str, replace: bool = False):
+    """POST /v1/load_deepthink_adapter: serve the adapter at `path` as `name`.
+
+    Returns a success string or an ErrorResponse (400: bad or taken name, adapter
+    refused with its reason). `models` is the server's OpenAIServingModels. With
+    replace=True an adapter already served as `name` is swapped for the new one: new
+    requests use the new weights (their digest salts the prefix cache, so no stale
+    block is reused) while running requests finish with the old ones.
+    """
+    import asyncio
+
+    if not name or not path:
+        return _error("Both 'adapter_name' and 'adapter_path' must be provided.",
+                      HTTPStatus.BAD_REQUEST, "InvalidUserInput")
+    try:
+        check_adapter_name(name)
+    except AdapterNameError as exc:
+        return _error(str(exc), HTTPStatus.BAD_REQUEST, "InvalidUserInput", "adapter_name")
+    registry = registry_of(models)
+    if registry is None:
+        return _error(_NOT_DEEPTHINK, HTTPStatus.BAD_REQUEST, "InvalidUserInput")
+    if models.is_base_model(name) or name in models.lora_requests:
+        return _error(f"The Deep-Thinking adapter name '{name}' is already the name of a "
+                      f"served model or LoRA adapter; choose another name.",
+                      HTTPStatus.BAD_REQUEST, "InvalidUserInput", "adapter_name")
+    async with _lock():
+        if not replace and name in registry.names():
+            return _error(f"The Deep-Thinking adapter '{name}' is already loaded. Unload it "
+                          f"first, or set 'load_inplace' to true to replace it.",
+                          HTTPStatus.BAD_REQUEST, "InvalidUserInput", "adapter_name")
+        try:
+            # Reading and hashing the weights must not block the event loop.
+            await asyncio.to_thread(registry.register, name, path)
+        except (AdapterFormatError, AdapterRequestError, OSError) as exc:
+            return _error(f"Deep-Thinking adapter '{name}' was refused: {exc}",
+                          HTTPStatus.BAD_REQUEST, "BadRequestError", "adapter_path")
+    return f"Success: Deep-Thinking adapter '{name}' added successfully."
+
+
+async def unload_adapter(models: Any, name: str):
+    """POST /v1/unload_deepthink_adapter: a success string or an ErrorResponse (404 when
+    no adapter has that name). Requests already running finish with the adapter."""
+    if not name:
+        return _error("'adapter_name' needs to be provided to unload a Deep-Thinking adapter.",
+                      HTTPStatus.BAD_REQUEST, "InvalidUserInput")
+    registry = registry_of(models)
+    async with _lock():
+        if registry is None or name not in registry.names():
+            return _error(f"The Deep-Thinking adapter '{name}' cannot be found.",
+                          HTTPStatus.NOT_FOUND, "NotFoundError", "adapter_name")
+        registry.unregister(name)
+    return f"Success: Deep-Thinking adapter '{name}' removed successfully."
+
+
+_NOT_DEEPTHINK = ("This server was not started for Deep-Thinking adapters; start it with "
+                  f"{ADAPTER_FLAG} NAME=PATH, {ADAPTER_DIR_FLAG} DIR or "
+                  f"{RUNTIME_UPDATING_ENV}=True.")
