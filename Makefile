@@ -2,6 +2,7 @@
 #   make test     install cpu+dev extras, fix the environment, run the test suite
 #   make serve    build the default model and adapters when missing, start `vllm serve`
 #   make results  accuracy table of the README (long)
+#   make gpu-check  parity on CUDA (EXTRAS=cuda,dev)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ PORT ?= 8000
 MODEL_DIR ?= models/smollm2-135m
 DATA_DIR ?= ../shared/data
 
-.PHONY: install test test-fast serve models adapters results bench restore-vllm-script clean
+.PHONY: install test test-fast gpu-check serve models adapters results bench restore-vllm-script clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not engine and not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine: make gpu-check EXTRAS=cuda,dev (the parity suite across model
+# runners, dtypes, attention backends and CUDA graphs; one table of differences).
+gpu-check: install
+	$(BIN)/python -m vllm_deepthink.tools.gpu_check --output-json gpu-check.json
 
 models: install
 	$(BIN)/vllm-deepthink model smollm2 --out $(MODEL_DIR)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,28 @@ def engine_env() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+# The engine the parity tests run, from the environment (vllm_deepthink.tools.gpu_check
+# sets these to sweep CUDA settings); the defaults are the CPU settings of `make test`.
+#   DEEPTHINK_TEST_DTYPE              float32 | bfloat16 | float16
+#   DEEPTHINK_TEST_BLOCK_SIZE         KV block size (CPU needs a multiple of 32)
+#   DEEPTHINK_TEST_EAGER              1 = enforce_eager (CPU); 0 = CUDA graphs
+#   DEEPTHINK_TEST_ATTENTION_BACKEND  e.g. FLASH_ATTN, FLASHINFER (vLLM's choice if unset)
+#   DEEPTHINK_TEST_TOL                largest prompt-logprob difference to HF fp32
+#   DEEPTHINK_TEST_GREEDY             1 = greedy tokens must equal HF's (0 records only)
+#   DEEPTHINK_PARITY_LOG              JSONL file every parity check appends its figures to
+ENV = os.environ
+BLOCK_SIZE = int(ENV.get("DEEPTHINK_TEST_BLOCK_SIZE", "32"))
+
+
+def engine_settings() -> dict:
+    settings = dict(dtype=ENV.get("DEEPTHINK_TEST_DTYPE", "float32"),
+                    enforce_eager=ENV.get("DEEPTHINK_TEST_EAGER", "1") == "1",
+                    block_size=BLOCK_SIZE)
+    if ENV.get("DEEPTHINK_TEST_ATTENTION_BACKEND"):
+        settings["attention_backend"] = ENV["DEEPTHINK_TEST_ATTENTION_BACKEND"]
+    return settings
+
+
 def shutdown(llm) -> None:
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()
@@ -118,7 +141,6 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-BLOCK_SIZE = 32
 QUERIES = [
     "Question: what is the capital of France ?\nType: The quick brown fox jumps over the lazy dog.",
     "Review: contains no wit , only labored gags\nSentiment: the grass was cut. 0123456789 "
@@ -134,8 +156,7 @@ def start_engine(model_dir, adapters: dict[str, Path], **kwargs):
     import vllm_deepthink
     from vllm import LLM
 
-    settings = dict(dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE,
-                    max_model_len=256, max_num_seqs=8, seed=0)
+    settings = dict(max_model_len=256, max_num_seqs=8, seed=0, **engine_settings())
     settings.update(kwargs)
     return LLM(model=str(model_dir), **vllm_deepthink.engine_args(adapters=adapters, **settings))
 
@@ -152,20 +173,25 @@ def parity_params(adapter: str | None, num_greedy: int = 16, prompt_logprobs: in
     return vllm_deepthink.sampling_params(adapter=adapter, **kwargs)
 
 
-def assert_parity(output, reference: Reference, query_ids: list[int], tol: float = 1e-4,
-                  label: str = "") -> float:
+def assert_parity(output, reference: Reference, query_ids: list[int],
+                  tol: float | None = None, label: str = "") -> float:
     """Assert a vLLM RequestOutput matches the HF reference; returns the largest
-    prompt-logprob difference (printed, for the record)."""
+    prompt-logprob difference (printed, and logged to DEEPTHINK_PARITY_LOG)."""
+    tol = float(ENV.get("DEEPTHINK_TEST_TOL", "1e-4")) if tol is None else tol
     assert output.outputs[0].finish_reason == "length", f"{label}: request failed"
     assert list(output.prompt_token_ids) == list(query_ids), f"{label}: placeholders leaked"
     assert len(output.prompt_logprobs) == len(query_ids)
     diff = max_abs_diff(vllm_prompt_logprobs(output), reference.prompt_logprobs)
+    greedy_equal = list(output.outputs[0].token_ids) == reference.greedy_tokens
     print(f"[parity] {label}: max |logprob diff| = {diff:.2e} over {len(query_ids) - 1} "
-          f"query tokens; greedy equal = "
-          f"{list(output.outputs[0].token_ids) == reference.greedy_tokens}")
+          f"query tokens; greedy equal = {greedy_equal}")
+    if ENV.get("DEEPTHINK_PARITY_LOG"):
+        with open(ENV["DEEPTHINK_PARITY_LOG"], "a") as log:
+            log.write(json.dumps({"label": label, "max_abs_diff": diff,
+                                  "greedy_equal": greedy_equal}) + "\n")
     assert diff <= tol, f"{label}: prompt logprobs differ from HF by {diff:.2e} > {tol}"
-    assert list(output.outputs[0].token_ids) == reference.greedy_tokens, (
-        f"{label}: greedy tokens differ from HF")
+    if ENV.get("DEEPTHINK_TEST_GREEDY", "1") == "1":
+        assert greedy_equal, f"{label}: greedy tokens differ from HF"
     return diff
 
 

@@ -36,6 +36,10 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(setup):
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("tensor parallel 2 needs two GPUs")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     model_dir, _, _, _, paths = setup
     llm = start_engine(model_dir, paths, tensor_parallel_size=2,
