@@ -12,7 +12,10 @@ PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL_DIR ?= models/smollm2-135m
+# The evaluation sets of `make results` (see README "Results"); `make serve` needs only the
+# small task data shipped in examples/data.
 DATA_DIR ?= ../shared/data
+SERVE_TASKS ?= examples/data
 
 .PHONY: install test test-fast gpu-check serve models adapters results bench restore-vllm-script clean
 
@@ -48,11 +51,11 @@ models: install
 
 adapters: models
 	@test -f adapters_store/sst2-smollm2/deepthink_model.safetensors || \
-	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(DATA_DIR)/sst2 \
+	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(SERVE_TASKS)/sst2 \
 	    --shots-per-class 2 --seed 0 --iterations 15 --select-on dev --patience 4 \
 	    --out adapters_store/sst2-smollm2
 	@test -f adapters_store/trec-smollm2/deepthink_model.safetensors || \
-	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(DATA_DIR)/trec \
+	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(SERVE_TASKS)/trec \
 	    --shots-per-class 1 --seed 0 --iterations 15 --select-on dev --patience 4 \
 	    --out adapters_store/trec-smollm2
 
