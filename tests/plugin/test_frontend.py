@@ -172,7 +172,7 @@ def test_registry_for_builds_one_registry_per_engine(llama, adapters):
         kv = SimpleNamespace(kv_connector=connector, engine_id=engine_id,
                              kv_connector_extra_config={"adapters": {"a": str(adapters / "a")}})
         return SimpleNamespace(kv_transfer_config=kv,
-                               model_config=SimpleNamespace(model=str(model_dir)))
+                               model_config=SimpleNamespace(model=str(model_dir), revision=None))
 
     with pytest.raises(frontend.AdapterRequestError, match="not started for Deep-Thinking"):
         frontend.registry_for(config(llama[0], connector="ExampleConnector"))

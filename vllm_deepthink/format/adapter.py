@@ -33,6 +33,17 @@ from vllm_deepthink.format.errors import AdapterFormatError
 from vllm_deepthink.format.fingerprint import ModelFingerprint
 
 
+def resolve_adapter_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """The local directory of an adapter given as a path or a hub id."""
+    from vllm_deepthink.format.hub import HubResolutionError, resolve_dir
+
+    try:
+        return resolve_dir(name_or_path, revision=revision, what="adapter")
+    except HubResolutionError as exc:
+        raise AdapterFormatError(f"{exc} (expected a directory holding {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME})") from None
+
+
 def _weights_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -118,14 +129,16 @@ class DeepThinkAdapter:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path,
-                        expected_fingerprint: ModelFingerprint | None = None
-                        ) -> DeepThinkAdapter:
-        """Load and validate an adapter directory.
+                        expected_fingerprint: ModelFingerprint | None = None,
+                        revision: str | None = None) -> DeepThinkAdapter:
+        """Load and validate an adapter: a local directory or a hub id (ORG/NAME, resolved
+        through the Hugging Face cache like PEFT's from_pretrained; `revision` picks a
+        branch, tag or commit).
 
         If expected_fingerprint is given (the model the adapter will be used with),
         a mismatch is an AdapterFormatError naming the fields that differ.
         """
-        directory = Path(directory)
+        directory = resolve_adapter_dir(directory, revision)
         config = load_config(directory)
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():

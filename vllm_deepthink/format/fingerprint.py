@@ -102,10 +102,14 @@ class ModelFingerprint:
         return cls.from_hf_config(model.config, model.get_input_embeddings().weight)
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str | Path, hf_config: Any = None) -> ModelFingerprint:
-        """Fingerprint of a local HF checkpoint directory, reading only its config and
-        the embedding tensor (never instantiates the model)."""
-        model_dir = Path(model_dir)
+    def from_checkpoint(cls, model: str | Path, hf_config: Any = None,
+                        revision: str | None = None) -> ModelFingerprint:
+        """Fingerprint of an HF checkpoint (a local directory or a hub id, see hub.py),
+        reading only its config and the embedding tensor (never instantiates the model)."""
+        from vllm_deepthink.format.hub import resolve_dir
+
+        model_dir = resolve_dir(model, revision=revision, what="model",
+                                allow_patterns=["*.json", "*.safetensors"])
         if hf_config is None:
             from transformers import AutoConfig
 

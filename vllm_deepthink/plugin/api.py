@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.format import load_config
+from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin import protocol
 
 
@@ -60,7 +61,7 @@ def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
     resolved = {}
     for name, path in adapters.items():
         protocol.check_adapter_name(name)
-        path = Path(path).expanduser().resolve()
+        path = resolve_adapter_dir(path)  # a local directory or a hub id
         load_config(path)  # a missing or malformed adapter fails here, not in a worker
         resolved[name] = str(path)
     return resolved

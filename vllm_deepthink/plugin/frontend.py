@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter, ModelFingerprint
+from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin.protocol import (
     ADAPTER_ARG,
     EXTRA_CONFIG_ADAPTERS,
@@ -68,8 +69,9 @@ class AdapterRegistry:
     weights digest, the first time a request for it arrives.
     """
 
-    def __init__(self, model_dir: str | Path):
-        self._model_dir = str(model_dir)
+    def __init__(self, model: str | Path, revision: str | None = None):
+        self._model = str(model)
+        self._revision = revision
         self._fingerprint: ModelFingerprint | None = None
         self._adapters: dict[str, AdapterInfo] = {}
         # Adapters named at engine start that failed validation: name -> reason.
@@ -81,19 +83,20 @@ class AdapterRegistry:
         with self._fingerprint_lock:
             if self._fingerprint is None:
                 try:
-                    self._fingerprint = ModelFingerprint.from_checkpoint(self._model_dir)
+                    self._fingerprint = ModelFingerprint.from_checkpoint(
+                        self._model, revision=self._revision)
                 except (OSError, ValueError) as exc:
                     raise AdapterRequestError(
-                        f"cannot fingerprint the served model {self._model_dir!r} to "
-                        f"validate adapters: {exc}. vllm-deepthink needs the model as a "
-                        f"local directory with a safetensors checkpoint.") from exc
+                        f"cannot fingerprint the served model {self._model!r} to validate "
+                        f"adapters: {exc}. vllm-deepthink needs a safetensors checkpoint, "
+                        f"as a local directory or a hub id in the hub cache.") from exc
             return self._fingerprint
 
     def register(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate the adapter at `path` against the served model and serve it as
         `name` (replacing an adapter of that name). Raises AdapterFormatError."""
         _checked_name(name)
-        path = str(Path(path).resolve())
+        path = str(resolve_adapter_dir(path))  # workers read it by this local path
         adapter = DeepThinkAdapter.from_pretrained(
             path, expected_fingerprint=self.model_fingerprint())
         info = AdapterInfo(name=name, path=path, digest=adapter.digest,
@@ -166,7 +169,8 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
     with _registries_lock:
         registry = _registries.get(key)
         if registry is None:
-            registry = AdapterRegistry(vllm_config.model_config.model)
+            registry = AdapterRegistry(vllm_config.model_config.model,
+                                       revision=vllm_config.model_config.revision)
             registry.register_at_start(
                 kv_config.kv_connector_extra_config.get(EXTRA_CONFIG_ADAPTERS, {}))
             _registries[key] = registry

@@ -93,11 +93,12 @@ def runtime_updating_allowed() -> bool:
     return os.environ.get(RUNTIME_UPDATING_ENV, "0").strip().lower() in ("1", "true")
 
 
-def check_adapters_at_start(model: str, adapters: dict[str, str]) -> None:
+def check_adapters_at_start(model: str, adapters: dict[str, str],
+                            revision: str | None = None) -> None:
     """Validate every engine-start adapter against the served model before the engine
     starts; raise one error naming each bad adapter and its reason (the server then
     refuses to start instead of serving without them)."""
-    registry = AdapterRegistry(model)
+    registry = AdapterRegistry(model, revision=revision)
     problems = []
     for name, path in adapters.items():
         try:
@@ -140,7 +141,7 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
             f"{RUNTIME_UPDATING_ENV} cannot be used with api_server_count > 1: each API "
             f"server process has its own adapter registry. Use one API server.")
     check_names_are_free(adapters, args)
-    check_adapters_at_start(engine_args.model, adapters)
+    check_adapters_at_start(engine_args.model, adapters, revision=engine_args.revision)
     overrides = {"kv_transfer_config": engine_args.kv_transfer_config}
     if engine_args.enable_prefix_caching is not None:  # given on the command line
         overrides["enable_prefix_caching"] = engine_args.enable_prefix_caching
