@@ -18,7 +18,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
 from vllm_deepthink.plugin import frontend, protocol
-from vllm_deepthink.plugin.patches import PatchSpec, is_patched, original, replace
+from vllm_deepthink.plugin.patches.base import PatchSpec, is_patched, original, replace
 from vllm_deepthink.plugin.request_state import QueryOnlyLogprobsProcessor, QueryOnlyRequestState
 
 logger = init_logger(__name__)

@@ -9,7 +9,7 @@ servers started without the DeepThink connector, on vLLM's own path.
 
 from __future__ import annotations
 
-from vllm_deepthink.plugin.patches import PatchSpec, is_patched, original, replace
+from vllm_deepthink.plugin.patches.base import PatchSpec, is_patched, original, replace
 
 
 def patch_specs() -> tuple[PatchSpec, ...]:
