@@ -112,7 +112,7 @@ def test_dev_split_excludes_demos_and_is_stratified(tmp_path):
     train = [{"text": f"t{i}", "label": i % 2} for i in range(40)]
     task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=train))
     demos = sample_demos(task, 2, seed=0)
-    dev = dev_split(task, size=10, seed=0, exclude=set(demos.indices))
+    dev = dev_split(task, size=10, seed=0, exclude=set(demos.indices), stratify=True)
     demo_texts = {train[i]["text"] for i in demos.indices}
     assert len(dev) == 10 and not demo_texts & {r["text"] for r in dev}
     assert Counter(r["label"] for r in dev) == {0: 5, 1: 5}
