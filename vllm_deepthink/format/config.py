@@ -74,7 +74,14 @@ class DeepThinkConfig:
             "aligned" (new keys rotated back by L positions before the update).
         iterations_run: how many Deep-Thinking iterations were computed.
         selected_iteration: the iteration whose K/V are stored (1 = plain ICL).
-        selection_trace: one dict per iteration, e.g. {"iteration": 3, "dev_acc": 0.71}.
+        selection_trace: one dict per iteration of the kept run, e.g. {"iteration": 3,
+            "dev_acc": 0.71, "dev_acc_norm": 0.71, "dev_counts": [120, 180]}.
+        selection: how the iteration was chosen (select_on, the protocol, the guard's
+            numbers and, for a search, every candidate's trace); {} for older adapters.
+        label_calibration: per-label log-priors of the kept iteration for
+            classification tasks ({"label_words", "label_token_ids", "content-free":
+            {"log_prior", "inputs"}, "dev-prior": {"log_prior", "n"}}), or None; a
+            client applies one as vLLM `logit_bias` = -log_prior on the label tokens.
         task: how the demos were made, when built from a task directory
             (name, template, label_words, separator, shots_per_class, seed), else None.
         build_args: the builder's arguments, for provenance.
@@ -94,6 +101,8 @@ class DeepThinkConfig:
     iterations_run: int
     selected_iteration: int
     selection_trace: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
+    label_calibration: dict[str, Any] | None = None
     task: dict[str, Any] | None = None
     build_args: dict[str, Any] = field(default_factory=dict)
     builder_version: str = ""
