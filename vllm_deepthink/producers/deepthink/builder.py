@@ -269,6 +269,20 @@ class DevResult:
     correct: list[bool]
     seconds: float
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"scores": self.scores, "cf_scores": self.cf_scores, "acc": self.acc,
+                "acc_norm": self.acc_norm, "counts": self.counts, "correct": self.correct,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DevResult:
+        def pairs(rows):
+            return None if rows is None else [[(float(s), int(n)) for s, n in r] for r in rows]
+
+        return cls(scores=pairs(data["scores"]), cf_scores=pairs(data["cf_scores"]),
+                   acc=data["acc"], acc_norm=data["acc_norm"], counts=list(data["counts"]),
+                   correct=[bool(c) for c in data["correct"]], seconds=data["seconds"])
+
     def trace_entry(self, iteration: int) -> dict[str, Any]:
         from vllm_deepthink.tasks import calibration
 
@@ -355,11 +369,13 @@ def _check_finite(iteration: int, keys, values) -> None:
 
 def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidate],
                    dev: DevSet | None, policy: SelectionPolicy, *, progress: bool = True,
-                   on_iteration: Callable[[CandidateRun, int, list, list, dict], None] | None = None
+                   on_iteration: Callable[[CandidateRun, int, list, list, dict], None] | None = None,
+                   icl: tuple[DevResult | None, list, list] | None = None
                    ) -> tuple[list[CandidateRun], tuple[DevResult | None, list, list]]:
     """Run every candidate, each stopped by the policy's rules (StopRule) when there is
     a dev split, else run to max_iterations. Returns the runs and iteration 1's (dev
-    result, keys, values): plain ICL, computed and scored once for all candidates.
+    result, keys, values): plain ICL, computed and scored once for all candidates
+    (`icl`: that triple from an earlier call, e.g. when candidates run one at a time).
 
     on_iteration(run, iteration, keys, values, trace_entry) is called after each
     iteration is scored (keys/values: per layer [kv_heads, L, head_dim]).
@@ -373,7 +389,6 @@ def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidat
     for c in candidates:
         optimizer_params(c.optimizer, **c.params)  # raises on a bad optimizer
         check_build_supported(model.config, len(demo_ids), c.position_mode)
-    icl: tuple[DevResult | None, list, list] | None = None
     runs = []
     for candidate in candidates:
         run = CandidateRun(candidate)
