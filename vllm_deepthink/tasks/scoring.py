@@ -178,8 +178,10 @@ def _pad_right(seqs: Sequence[Sequence[int]], prefix_len: int
     return input_ids, mask
 
 
-def _prefix_kv(model, past_key_values, prefix_ids) -> list[hf_cache.KV] | None:
-    """The prefix as per-layer batch-1 (key, value) [1, kv_heads, L, head_dim], or None."""
+def _prefix_kv(model, past_key_values, prefix_ids) -> tuple[list[hf_cache.KV] | None, int]:
+    """The prefix as per-layer batch-1 (key, value) [1, kv_heads, L, head_dim] (a
+    sliding-window layer of an ICL prefix may hold only its last window - 1
+    positions), or None; and L."""
     if past_key_values is not None and prefix_ids is not None:
         raise ValueError("give either past_key_values (an adapter) or prefix_ids (ICL "
                          "demonstrations), not both")
@@ -187,12 +189,13 @@ def _prefix_kv(model, past_key_values, prefix_ids) -> list[hf_cache.KV] | None:
     if past_key_values is not None:
         dtype = model.get_input_embeddings().weight.dtype
         kv = [(k.to(device, dtype), v.to(device, dtype)) for k, v in past_key_values]
-        return [(k[None], v[None]) if k.dim() == 3 else (k, v) for k, v in kv]
+        kv = [(k[None], v[None]) if k.dim() == 3 else (k, v) for k, v in kv]
+        return kv, kv[0][0].shape[-2]
     if prefix_ids:
         ids = torch.tensor([list(prefix_ids)], device=device)  # [1, L]
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return hf_cache.last_positions(out.past_key_values, ids.shape[1])
-    return None
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers], len(ids[0])
+    return None, 0
 
 
 @torch.inference_mode()
@@ -204,8 +207,7 @@ def score_plan(model, plan: ScoringPlan, *, past_key_values=None,
     past_key_values: per layer (key, value), each [kv_heads, L, head_dim] or
     [1, kv_heads, L, head_dim]; prefix_ids: ICL demonstration ids; or neither.
     """
-    kv = _prefix_kv(model, past_key_values, prefix_ids)
-    prefix_len = 0 if kv is None else kv[0][0].shape[-2]
+    kv, prefix_len = _prefix_kv(model, past_key_values, prefix_ids)
     device = model.device
     runs = _hf_runs(plan)
     totals = [[0.0] * len(lengths) for lengths in plan.choice_lengths]
@@ -214,7 +216,7 @@ def score_plan(model, plan: ScoringPlan, *, past_key_values=None,
         batch = runs[start:start + batch_size]
         input_ids, mask = _pad_right([r.ids for r in batch], prefix_len)
         cache = None if kv is None else hf_cache.shared_prefix_cache(kv, model.config,
-                                                                     len(batch))
+                                                                     len(batch), prefix_len)
         hidden = model.base_model(input_ids=input_ids.to(device),
                                   attention_mask=mask.to(device), past_key_values=cache,
                                   use_cache=cache is not None).last_hidden_state  # [B, S, H]

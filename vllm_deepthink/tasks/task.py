@@ -129,6 +129,7 @@ class Task:
     directory: Path
     eval_split: str
     row_transform: str | None = None
+    builtin: bool = False  # one of BUILTIN_TASKS, recognised by name (no task.json)
     _rows: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -333,7 +334,7 @@ def _builtin_task(directory: Path) -> Task:
         label_words = _check_label_words(_read_json(path), str(path))
     return Task(name=name, kind=kind, label_words=label_words, separator=DEFAULT_SEPARATOR,
                 template=template, directory=directory, eval_split=eval_split,
-                row_transform=transform)
+                row_transform=transform, builtin=True)
 
 
 def _task_from_json(directory: Path, path: Path) -> Task:
@@ -388,7 +389,7 @@ def _labels(task: Task, rows: list[dict], indices: list[int]) -> dict[int, list[
 def default_shots(task: Task) -> int | None:
     """The paper's shot count of a built-in task (per class for classification, in all
     for multiple choice), None for other tasks."""
-    return DEFAULT_SHOTS.get(task.name) if task.directory.name in BUILTIN_TASKS else None
+    return DEFAULT_SHOTS.get(task.name) if task.builtin else None
 
 
 def template_fields(task: Task) -> list[str]:
