@@ -59,6 +59,11 @@ GEMMA_TASKS = ("sst2", "mr", "trec", "sst5")
 DEFAULT_LIMIT = 1000
 
 
+def _now() -> float:
+    """Wall-clock time of the time budget (one place, so tests can move it)."""
+    return time.time()
+
+
 @dataclass(frozen=True)
 class RowSpec:
     model: str
@@ -127,6 +132,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="directory holding the built-in task directories")
     parser.add_argument("--out", default="results", help="output directory")
     parser.add_argument("--models-dir", default="models", help="where converted models live")
+    parser.add_argument("--model-path", action="append", default=[], metavar="NAME=DIR",
+                        help="use this HF directory for model NAME (no conversion); repeatable")
     parser.add_argument("--adapters-dir", default="adapters_store/results",
                         help="where the dt and dt-search adapters of each row go")
     parser.add_argument("--rows", default=None,
@@ -336,7 +343,7 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
                 test_trace, test_trace_scores = saved["test_trace"], saved["test_trace_scores"]
             runs.append(run)
             continue
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and _now() > deadline:
             raise Deadline(f"{spec.key}: time budget reached before candidate {index} "
                            f"({candidate.name}); {index} of {len(grid)} are checkpointed")
         trace_rows: list[dict[str, Any]] = []
@@ -461,6 +468,12 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
 # ----------------------------------------------------------------- the command
 
 def _model_dir(args, name: str) -> Path:
+    for item in args.model_path:
+        key, sep, path = item.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"--model-path {item!r}: expected NAME=DIR")
+        if key == name:
+            return Path(path)
     directory = Path(args.models_dir) / MODEL_DIRS[name]
     from vllm_deepthink.tools.gguf_models import convert_model, is_complete
 
@@ -489,7 +502,7 @@ def main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     budget = parse_duration(args.time_budget)
-    deadline = None if budget is None else time.time() + budget
+    deadline = None if budget is None else _now() + budget
     from tqdm.auto import tqdm
 
     todo = [s for s in specs if row_state(out, s) != "done"]
@@ -504,7 +517,7 @@ def main(args: argparse.Namespace) -> int:
         if args.max_rows is not None and computed >= args.max_rows:
             stopped = f"--max-rows {args.max_rows} reached"
             break
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and _now() > deadline:
             stopped = "time budget reached"
             break
         bar.set_postfix_str(spec.key)
