@@ -77,6 +77,7 @@ def _reading(label: str, summary) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    dev_sizes = sorted({r["settings"]["dev_size"] for r in rows}) or [300]
     lines = [
         "# Accuracy: zero-shot, ICL, calibrated ICL and Deep-Thinking",
         "",
@@ -86,8 +87,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "choices ranked by summed log-probability. Demonstrations: the paper's shot counts, "
         "fitted to the model (L = prefix tokens). ICL+cf / ICL+dev: ICL calibrated "
         "content-free (Zhao et al. 2021) / with the label prior of the dev split. DT: "
-        "published defaults (momentum 0.01 / 0.9), T chosen on a 300-row dev split from "
-        "train by the builder's protocol; T = selected / run. DT search: the update-strength "
+        "published defaults (momentum 0.01 / 0.9), T chosen on a dev split of "
+        f"{'/'.join(map(str, dev_sizes))} rows from train by the builder's protocol; "
+        "T = selected / run. DT search: the update-strength "
         "grid, selected on dev. oracle†: the published-default run with T picked on the "
         "test split, an upper bound comparable to the paper's protocol, never a claim. "
         "Δ: DT − ICL with its 95% paired-bootstrap interval; p: exact McNemar.",
