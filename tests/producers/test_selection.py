@@ -175,6 +175,9 @@ def test_search_bookkeeping(monkeypatch, llama):
     assert [c["name"] for c in summary["candidates"]] == [c.name for c in grid]
     assert [len(c["trace"]) for c in summary["candidates"]] == [4, 4, 4]
     assert summary["candidates"][1]["trace"][2]["dev_acc"] == 0.62
+    # every trace entry carries its discordant pairs against T=1: the guard for any k
+    assert summary["candidates"][1]["trace"][2]["dev_vs_t1"] == [0, 12]
+    assert summary["candidates"][0]["trace"][0]["dev_vs_t1"] == [0, 0]
     # the kept K/V are the chosen candidate's iterate
     keys, values = steps_of(model, tokenizer, grid[1], 3)
     assert all(torch.equal(a, b) for a, b in zip(selection.keys, keys))

@@ -28,6 +28,7 @@ from vllm_deepthink.format import DeepThinkAdapter, DeepThinkConfig, ModelFinger
 from vllm_deepthink.format import hf_cache
 from vllm_deepthink.format.hf_config import kv_geometry, max_positions, sliding_window, text_config
 from vllm_deepthink.producers.deepthink import rotary, search
+from vllm_deepthink.tasks import stats
 from vllm_deepthink.producers.deepthink.search import Candidate
 from vllm_deepthink.producers.deepthink.selection import (SelectionPolicy, StopRule, best_iteration,
                                                           guard)
@@ -412,6 +413,10 @@ def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidat
                     icl = (result, keys, values)
                 entry = (result.trace_entry(iteration) if result is not None else
                          {"iteration": iteration, "dev_acc": None, "dev_acc_norm": None})
+                if result is not None:
+                    # [only T=1 right, only this iteration right]: the guard, for any k
+                    entry["dev_vs_t1"] = list(stats.paired_counts(icl[0].correct,
+                                                                  result.correct))
                 run.trace.append(entry)
                 if result is None or rule.best_iteration is None or result.acc > rule.best_acc:
                     run.best_iteration, run.best, run.keys, run.values = (iteration, result,

@@ -9,6 +9,10 @@ default wins a tie):
 each in position mode "published" and, for models whose rotary embedding can be
 undone (rotary.check_invertible), "aligned": 7 or 14 candidates. Iteration 1 is the
 same plain forward for all of them (ICL), scored once.
+
+Momentum with beta 0 is exactly ema with eta = step_size (m = g, kv = old + s * (new -
+old)), so the grid is two momentum-0.9 lines (step 0.01, 0.03) and one ema line over
+eta {0.01, 0.03, 0.05, 0.1, 0.2}: no candidate repeats another.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ MOMENTUM_BETAS = (0.9, 0.0)
 EMA_ETAS = (0.05, 0.1, 0.2)
 # The ema weight when none is given (see README, "Building"): the ACL'24 default 0.01
 # closes only 13% of the gap to a fixed target in 15 iterations (1 - 0.99**14); 0.1 was
-# measured to collapse SmolLM2 SST-2 and TREC within 3-4 iterations (dev 82.7 -> 54.0,
+# measured to collapse SmolLM2 SST-2 and TREC within 4-5 iterations (dev 82.7 -> 54.0,
 # 40.3 -> 4.3), before selection can see anything; 0.05 closes 51%, about what the
 # published momentum 0.01 / 0.9 closes (60%).
 DEFAULT_EMA_ETA = 0.05
