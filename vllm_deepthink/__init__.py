@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["DeepThinkAdapter", "DeepThinkConfig", "engine_args", "sampling_params",
-           "__version__"]
+__all__ = ["DeepThinkAdapter", "DeepThinkConfig", "add_adapter", "engine_args",
+           "remove_adapter", "sampling_params", "__version__"]
 
 
 def engine_args(adapters=None, **engine_kwargs: Any) -> dict[str, Any]:
@@ -39,6 +39,24 @@ def sampling_params(adapter: str, **kwargs: Any):
 
 
 sampling_params.__doc__ = "See vllm_deepthink.plugin.api.sampling_params."
+
+
+def add_adapter(llm, name: str, path) -> None:
+    from vllm_deepthink.plugin.api import add_adapter as _add_adapter
+
+    _add_adapter(llm, name, path)
+
+
+add_adapter.__doc__ = "See vllm_deepthink.plugin.api.add_adapter."
+
+
+def remove_adapter(llm, name: str) -> None:
+    from vllm_deepthink.plugin.api import remove_adapter as _remove_adapter
+
+    _remove_adapter(llm, name)
+
+
+remove_adapter.__doc__ = "See vllm_deepthink.plugin.api.remove_adapter."
 
 
 def __getattr__(name: str) -> Any:

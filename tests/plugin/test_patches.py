@@ -354,10 +354,17 @@ def test_engine_flags_reach_vllm_serve_parser():
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    args = parser.parse_args(["m", "--deepthink-adapter", "a=/x", "--deepthink-adapter",
-                              "b=/y", "--deepthink-adapter-dir", "/store"])
-    assert args.deepthink_adapter == [("a", "/x"), ("b", "/y")]
+    args = parser.parse_args(["m", "--deepthink-adapter", "a=/x", "c=/z", "--deepthink-adapter",
+                              '{"name": "b", "path": "/y", "base_model_name": "m"}',
+                              "--deepthink-adapter-dir", "/store",
+                              "--deepthink-resident-gib", "0.5"])
+    assert [(s.name, s.path, s.base_model_name) for s in args.deepthink_adapter] == [
+        ("a", "/x", None), ("c", "/z", None), ("b", "/y", "m")]
     assert args.deepthink_adapter_dir == ["/store"]
+    assert args.deepthink_resident_gib == 0.5
+    help_text = parser.format_help()
+    for flag in ("--deepthink-adapter", "--deepthink-adapter-dir", "--deepthink-resident-gib"):
+        assert flag in help_text
 
 
 def test_adapter_stand_in_becomes_extra_args():

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter, ModelFingerprint
 from vllm_deepthink.format.adapter import resolve_adapter_dir
+from vllm_deepthink.plugin.resolvers import AdapterResolver, DirectoryResolver
 from vllm_deepthink.plugin.protocol import (
     ADAPTER_ARG,
+    EXTRA_CONFIG_ADAPTER_DIRS,
     EXTRA_CONFIG_ADAPTERS,
+    EXTRA_CONFIG_PARENTS,
     PARAMS_KEY,
     SALT_PREFIX,
     AdapterNameError,
@@ -51,6 +54,8 @@ class AdapterInfo:
     digest: str
     prefix_len: int
     placeholder_ids: tuple[int, ...]
+    # The served model name /v1/models reports as the adapter's parent (None: the first).
+    parent: str | None = None
 
     def cache_salt(self, user_salt: str | None = None) -> str:
         salt = f"{SALT_PREFIX}:{self.name}:{self.digest}"
@@ -69,13 +74,17 @@ class AdapterRegistry:
     weights digest, the first time a request for it arrives.
     """
 
-    def __init__(self, model: str | Path, revision: str | None = None):
+    def __init__(self, model: str | Path, revision: str | None = None,
+                 resolvers: Sequence[AdapterResolver] = ()):
         self._model = str(model)
         self._revision = revision
+        self._resolvers = list(resolvers)
         self._fingerprint: ModelFingerprint | None = None
         self._adapters: dict[str, AdapterInfo] = {}
         # Adapters named at engine start that failed validation: name -> reason.
         self._failed: dict[str, str] = {}
+        # Resolved locations that failed validation: (location, mtime) -> reason.
+        self._refused: dict[tuple[str, float], str] = {}
         self._lock = threading.Lock()
         self._fingerprint_lock = threading.Lock()
 
@@ -92,16 +101,19 @@ class AdapterRegistry:
                         f"as a local directory or a hub id in the hub cache.") from exc
             return self._fingerprint
 
-    def register(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validate the adapter at `path` against the served model and serve it as
-        `name` (replacing an adapter of that name). Raises AdapterFormatError."""
+    def register(self, name: str, path: str | Path, parent: str | None = None
+                 ) -> AdapterInfo:
+        """Validate the adapter at `path` (a directory or hub id) against the served
+        model and serve it as `name` (replacing an adapter of that name). Raises
+        AdapterFormatError."""
         _checked_name(name)
         path = str(resolve_adapter_dir(path))  # workers read it by this local path
         adapter = DeepThinkAdapter.from_pretrained(
             path, expected_fingerprint=self.model_fingerprint())
         info = AdapterInfo(name=name, path=path, digest=adapter.digest,
                            prefix_len=adapter.prefix_len,
-                           placeholder_ids=tuple(adapter.config.demo_token_ids))
+                           placeholder_ids=tuple(adapter.config.demo_token_ids),
+                           parent=parent)
         with self._lock:
             self._adapters[name] = info
             self._failed.pop(name, None)
@@ -109,12 +121,13 @@ class AdapterRegistry:
                     name, path, info.prefix_len, info.digest[:12])
         return info
 
-    def register_at_start(self, adapters: Mapping[str, str]) -> None:
+    def register_at_start(self, adapters: Mapping[str, str],
+                          parents: Mapping[str, str] | None = None) -> None:
         """Register the engine-start adapters; one that fails is recorded with its
         reason (requests naming it get that reason) and the others are served."""
         for name, path in adapters.items():
             try:
-                self.register(name, path)
+                self.register(name, path, (parents or {}).get(name))
             except (AdapterFormatError, AdapterRequestError, OSError) as exc:
                 with self._lock:
                     self._failed[name] = str(exc)
@@ -129,14 +142,39 @@ class AdapterRegistry:
                 f"no adapter named {name!r} is registered; registered: {self.names()}")
         return info
 
-    def get(self, name: str) -> AdapterInfo:
+    def lookup(self, name: str) -> AdapterInfo | None:
+        """The adapter served as `name`; an unregistered name is offered to the
+        resolvers (e.g. DIR/NAME of --deepthink-adapter-dir), whose adapter is validated
+        and registered. None when nobody has it. A resolved adapter that fails
+        validation raises AdapterRequestError with the reason (remembered until its
+        files change)."""
         with self._lock:
             info = self._adapters.get(name)
-            failed = self._failed.get(name)
-        if info is not None:
+        if info is not None or not self._resolvers:
             return info
+        for resolver in self._resolvers:
+            location = resolver.resolve(name)
+            if location is None:
+                continue
+            key = (location, _mtime(location))
+            if key in self._refused:
+                raise AdapterRequestError(self._refused[key])
+            try:
+                return self.register(name, location)
+            except (AdapterFormatError, AdapterRequestError, OSError) as exc:
+                reason = f"adapter {name!r} found at {location} cannot be served: {exc}"
+                self._refused[key] = reason
+                raise AdapterRequestError(reason) from None
+        return None
+
+    def get(self, name: str) -> AdapterInfo:
+        with self._lock:
+            failed = self._failed.get(name)
         if failed is not None:
             raise AdapterRequestError(f"adapter {name!r} failed to load at engine start: {failed}")
+        info = self.lookup(name)
+        if info is not None:
+            return info
         raise AdapterRequestError(
             f"unknown adapter {name!r}; this engine serves {self.names()}. Register it "
             f"with vllm_deepthink.engine_args(adapters={{{name!r}: PATH}}) or load it at "
@@ -149,6 +187,14 @@ class AdapterRegistry:
     def failed(self) -> dict[str, str]:
         with self._lock:
             return dict(self._failed)
+
+
+def _mtime(location: str) -> float:
+    """Latest modification time of an adapter directory's files (0 if unreadable)."""
+    try:
+        return max(p.stat().st_mtime for p in Path(location).iterdir())
+    except (OSError, ValueError):
+        return 0.0
 
 
 _registries: dict[tuple[str, str], AdapterRegistry] = {}
@@ -169,10 +215,13 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
     with _registries_lock:
         registry = _registries.get(key)
         if registry is None:
-            registry = AdapterRegistry(vllm_config.model_config.model,
-                                       revision=vllm_config.model_config.revision)
-            registry.register_at_start(
-                kv_config.kv_connector_extra_config.get(EXTRA_CONFIG_ADAPTERS, {}))
+            extra = kv_config.kv_connector_extra_config
+            registry = AdapterRegistry(
+                vllm_config.model_config.model, revision=vllm_config.model_config.revision,
+                resolvers=[DirectoryResolver(d)
+                           for d in extra.get(EXTRA_CONFIG_ADAPTER_DIRS, [])])
+            registry.register_at_start(extra.get(EXTRA_CONFIG_ADAPTERS, {}),
+                                       extra.get(EXTRA_CONFIG_PARENTS, {}))
             _registries[key] = registry
             _latest[:] = [registry]
         return registry

@@ -26,8 +26,12 @@ PARAMS_KEY = "deepthink"
 SALT_PREFIX = "deepthink"
 CONNECTOR_NAME = "DeepThinkConnector"
 CONNECTOR_MODULE = "vllm_deepthink.plugin.connector.connector"
-# kv_connector_extra_config key holding {name: path} of the adapters served from start.
-EXTRA_CONFIG_ADAPTERS = "adapters"
+# kv_connector_extra_config keys (the engine's configuration of the plugin):
+EXTRA_CONFIG_ADAPTERS = "adapters"              # {name: path} served from start
+EXTRA_CONFIG_PARENTS = "adapter_parents"        # {name: base model name} for /v1/models
+EXTRA_CONFIG_ADAPTER_DIRS = "adapter_dirs"      # [dir]: unknown names resolve to dir/name
+EXTRA_CONFIG_RESIDENT_GIB = "resident_gib"      # worker memory for resident adapters
+DEFAULT_RESIDENT_GIB = 4.0
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -55,6 +59,20 @@ def uses_deepthink_connector(vllm_config: Any) -> bool:
     """Whether an engine configured by `vllm_config` (a VllmConfig) runs our connector."""
     kv_config = getattr(vllm_config, "kv_transfer_config", None)
     return kv_config is not None and getattr(kv_config, "kv_connector", None) == CONNECTOR_NAME
+
+
+def resident_budget_bytes(gib: Any) -> int:
+    """Bytes of worker memory for resident adapters, from a number of GiB (None: default)."""
+    gib = DEFAULT_RESIDENT_GIB if gib is None else gib
+    try:
+        value = float(gib)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"the resident-adapter budget must be a positive number of GiB "
+                         f"(--deepthink-resident-gib / engine_args(resident_gib=...)), "
+                         f"found {gib!r}")
+    return int(value * (1 << 30))
 
 
 def transfer_entry(kv_transfer_params: Any) -> dict[str, Any] | None:

@@ -50,10 +50,11 @@ class DeepThinkConnector(KVConnectorBase_V1):
                 f"kv_load_failure_policy={policy!r} would recompute a failed adapter load "
                 f"from its placeholder tokens and return wrong output; vllm-deepthink "
                 f"needs kv_load_failure_policy='fail'.")
-        start_adapters = dict(self._kv_transfer_config.kv_connector_extra_config.get(
-            protocol.EXTRA_CONFIG_ADAPTERS, {}))
+        extra = self._kv_transfer_config.kv_connector_extra_config
         self._scheduler = SchedulerSide(block_size) if role == KVConnectorRole.SCHEDULER else None
-        self._worker = (WorkerSide(vllm_config, block_size, start_adapters)
+        self._worker = (WorkerSide(vllm_config, block_size,
+                                   dict(extra.get(protocol.EXTRA_CONFIG_ADAPTERS, {})),
+                                   extra.get(protocol.EXTRA_CONFIG_RESIDENT_GIB))
                         if role == KVConnectorRole.WORKER else None)
 
     # ---------------------------------------------------------------- worker side

@@ -8,7 +8,6 @@ its budget; a dropped adapter is read again when a request needs it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,24 +36,6 @@ class ResidentAdapter:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-
-# Worker memory for resident adapters (GiB); least recently used ones beyond it are
-# dropped and read from disk again when a request needs them.
-RESIDENT_GIB_ENV = "VLLM_DEEPTHINK_RESIDENT_GIB"
-DEFAULT_RESIDENT_GIB = 4.0
-
-
-def resident_budget_bytes(environ=os.environ) -> int:
-    text = environ.get(RESIDENT_GIB_ENV, str(DEFAULT_RESIDENT_GIB))
-    try:
-        gib = float(text)
-    except ValueError:
-        gib = -1.0
-    if not gib > 0:
-        raise ValueError(f"{RESIDENT_GIB_ENV} must be a positive number of GiB (worker memory "
-                         f"for resident adapters), found {text!r}")
-    return int(gib * (1 << 30))
 
 
 class ResidentAdapters:

@@ -16,11 +16,8 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.connector.resident import (
-    AdapterLoadError,
-    ResidentAdapters,
-    resident_budget_bytes,
-)
+from vllm_deepthink.plugin.connector.resident import AdapterLoadError, ResidentAdapters
+from vllm_deepthink.plugin.protocol import resident_budget_bytes
 from vllm_deepthink.plugin.connector.scheduler import AdapterLoad
 
 if TYPE_CHECKING:
@@ -34,7 +31,7 @@ class WorkerSide:
     """The resident adapters of one worker and the writes of each step."""
 
     def __init__(self, vllm_config: VllmConfig, block_size: int,
-                 start_adapters: dict[str, str]):
+                 start_adapters: dict[str, str], resident_gib: float | None = None):
         from vllm.distributed.parallel_state import (
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
@@ -52,7 +49,7 @@ class WorkerSide:
         self.store = ResidentAdapters(
             dtype=model_dtype, device=torch.device(current_platform.device_type),
             tp_size=get_tensor_model_parallel_world_size(),
-            tp_rank=get_tensor_model_parallel_rank(), max_bytes=resident_budget_bytes())
+            tp_rank=get_tensor_model_parallel_rank(), max_bytes=resident_budget_bytes(resident_gib))
         self._layers: dict[str, tuple[Any, int]] | None = None
         self._failed_block_ids: set[int] = set()
         for name, path in start_adapters.items():

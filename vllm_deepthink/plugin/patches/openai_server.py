@@ -43,7 +43,7 @@ def patch_specs() -> tuple[PatchSpec, ...]:
 def patch_engine_args_add_cli_args() -> None:
     """vllm/engine/arg_utils.py: EngineArgs.add_cli_args.
 
-    Adds --deepthink-adapter NAME=PATH and --deepthink-adapter-dir DIR.
+    Adds --deepthink-adapter, --deepthink-adapter-dir and --deepthink-resident-gib.
     AsyncEngineArgs.add_cli_args loads the general plugins (so this patch) right
     before it calls EngineArgs.add_cli_args: `vllm serve` parses the flags and
     lists them in --help.
@@ -86,8 +86,9 @@ def patch_engine_args_from_cli_args() -> None:
 def patch_serving_check_model() -> None:
     """vllm/entrypoints/serve/engine/serving.py: BaseServing._check_model.
 
-    A served adapter's name is a valid `model`; any other unknown name still gets
-    vLLM's 404, whose message then also lists the adapters.
+    A served adapter's name is a valid `model`; a name vLLM does not know is offered
+    to the adapter resolvers (--deepthink-adapter-dir: DIR/NAME); any other unknown
+    name still gets vLLM's 404, whose message then also lists the adapters.
     """
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
@@ -98,12 +99,20 @@ def patch_serving_check_model() -> None:
     async def _check_model(self, request):
         from vllm_deepthink.plugin.serving import models as serving
 
-        if serving.is_adapter_model(self.models, getattr(request, "model", None)):
+        name = getattr(request, "model", None)
+        if serving.is_adapter_model(self.models, name):
             if self.request_logger is not None:
                 self.request_logger.log_request_body(request)
             return None
         error = await vllm_check_model(self, request)
-        return serving.name_served_adapters(self.models, error) if error is not None else None
+        if error is None:
+            return None
+        resolved = await serving.resolve_adapter_model(self.models, name)
+        if resolved is True:
+            if self.request_logger is not None:
+                self.request_logger.log_request_body(request)
+            return None
+        return resolved or serving.name_served_adapters(self.models, error)
 
     replace(BaseServing, "_check_model", _check_model)
 

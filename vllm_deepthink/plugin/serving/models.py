@@ -52,6 +52,23 @@ def is_adapter_model(models: Any, model_name: str | None) -> bool:
     return _served(registry_of(models), model_name) is not None
 
 
+async def resolve_adapter_model(models: Any, model_name: str | None):
+    """For a `model` that is neither served nor registered: an ErrorResponse (400) when a
+    resolver (--deepthink-adapter-dir) finds an adapter that cannot be served, else None
+    (True when it found and registered one). Validation reads and hashes the adapter off
+    the event loop."""
+    import asyncio
+
+    registry = registry_of(models)
+    if registry is None or not model_name:
+        return None
+    try:
+        info = await asyncio.to_thread(registry.lookup, model_name)
+    except AdapterRequestError as exc:
+        return _error(str(exc), HTTPStatus.BAD_REQUEST, "BadRequestError", "model")
+    return True if info is not None else None
+
+
 class AdapterModelRequest(LoRARequest):
     """Carries an adapter's name from the OpenAI model resolution (`_maybe_get_adapters`)
     to `AsyncLLM.add_request`, which turns it into `extra_args["deepthink_adapter"]` and
@@ -100,7 +117,7 @@ def model_cards(models: Any) -> list[Any]:
         info = _served(registry, name)
         if info is not None:
             cards.append(ModelCard(
-                id=name, root=info.path, parent=base_model_name,
+                id=name, root=info.path, parent=info.parent or base_model_name,
                 max_model_len=models.model_config.max_model_len - info.prefix_len,
                 permission=[ModelPermission()]))
     return cards
