@@ -198,8 +198,12 @@ class DeepThinkConfig:
         kwargs = {name: data[name] for name in fields if name in data}
         kwargs["fingerprint"] = ModelFingerprint.from_dict(data["fingerprint"], source)
         config = cls(**kwargs)
-        config._check(source)
+        config.validate(source)
         return config
+
+    def validate(self, source: str = "config") -> None:
+        """Check the fields for the config's method; raises AdapterFormatError."""
+        self._check(source)
 
     def _check(self, source: str) -> None:
         if type(self.prefix_len) is not int or self.prefix_len < 1:
