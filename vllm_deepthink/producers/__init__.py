@@ -6,3 +6,4 @@ never import vLLM.
   imported through PEFT's own code (the `peft` extra, imported only when used).
 - past_kv.py: raw per-layer K/V (past_key_values) from a safetensors file.
 - kv_import.py: what the importers share (checks against the base model, provenance).
+"""
