@@ -1,6 +1,6 @@
 """PEFT prompt-learning adapters made in the tests, and PEFT's own results for them.
 
-`make_peft_adapter(model_dir, kind, out_dir)` creates an adapter of one type on a tiny
+`make_peft_adapter(model_dir, kind, out_dir)` creates an adapter of one type on a
 model with `get_peft_model` (random init, nudged so no part of it is at a trivial
 init) and writes it with `save_pretrained`. `peft_reference` is the ground truth the
 imported adapter must reproduce: `PeftModel.from_pretrained` run on one unpadded
@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from tests.helpers.adapter_factory import Reference
-from tests.helpers.tiny_models import load_tiny
 
 # kind -> what it is
 KINDS = {
@@ -72,11 +71,11 @@ def peft_config(kind: str, model_dir: str | Path, num_virtual_tokens: int = 5):
 
 
 def make_peft_adapter(model_dir: str | Path, kind: str, out_dir: str | Path, *,
-                      num_virtual_tokens: int = 5, seed: int = 0) -> Path:
-    """Create a PEFT adapter of `kind` on the tiny model in `model_dir` and save it."""
+                      num_virtual_tokens: int = 5, seed: int = 0, noise: float = 0.3) -> Path:
+    """Create a PEFT adapter of `kind` on the model in `model_dir` and save it."""
     from peft import get_peft_model
 
-    base = load_tiny(_family(model_dir), model_dir)[0]
+    base = load_base(model_dir)
     torch.manual_seed(seed)
     peft_model = get_peft_model(base, peft_config(kind, model_dir, num_virtual_tokens))
     generator = torch.Generator().manual_seed(seed + 1)
@@ -85,7 +84,7 @@ def make_peft_adapter(model_dir: str | Path, kind: str, out_dir: str | Path, *,
         # at zero / one), so each part of the adapter matters.
         for name, param in peft_model.named_parameters():
             if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+                param.add_(noise * torch.randn(param.shape, generator=generator))
         if kind == "cpt":
             peft_model.prompt_encoder["default"].delta_embedding.weight.normal_(
                 0.0, 0.05, generator=generator)
@@ -94,19 +93,18 @@ def make_peft_adapter(model_dir: str | Path, kind: str, out_dir: str | Path, *,
     return out_dir
 
 
-def _family(model_dir) -> str:
-    import json
+def load_base(model_dir: str | Path):
+    """A fresh float32 copy of the base model (PEFT wraps the model it is given)."""
+    from transformers import AutoModelForCausalLM
 
-    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
-    return "gpt2" if model_type == "gpt2" else "llama"
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def load_reference_model(model_dir: str | Path, adapter_dir: str | Path):
     """PeftModel.from_pretrained on a fresh copy of the base model (PEFT's own loader)."""
     from peft import PeftModel
 
-    base, _ = load_tiny(_family(model_dir), model_dir)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return PeftModel.from_pretrained(load_base(model_dir), str(adapter_dir)).eval()
 
 
 @torch.no_grad()

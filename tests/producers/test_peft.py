@@ -291,16 +291,35 @@ def test_task_id_rules(bases, adapters):
         import_peft_adapter(adapters["llama", "prefix"], model_dir, task_id=0)
 
 
-def test_builder_and_serving_path_import_without_peft(tmp_path):
+def test_only_the_importer_imports_peft_and_only_when_called():
+    """`peft` is an optional extra: no module of the package imports it at module level,
+    and only producers/peft.py imports it at all."""
+    import ast
+
+    package = REPO_ROOT / "vllm_deepthink"
+    anywhere, module_level = set(), set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for nodes, found in ((ast.walk(tree), anywhere), (tree.body, module_level)):
+            for node in nodes:
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(n.split(".")[0] == "peft" and getattr(node, "level", 0) == 0
+                       for n in names):
+                    found.add(str(path.relative_to(package)))
+    assert anywhere == {"producers/peft.py"} and module_level == set()
+
+
+def test_builder_cli_and_frontend_import_without_peft(tmp_path):
     """With `peft` unimportable, the builder, the importers, the CLI and the plugin's
-    serving path import, and the PEFT importer refuses with how to install it."""
+    frontend import, and the PEFT importer refuses with how to install it."""
     code = textwrap.dedent(f"""
         import sys
         sys.modules["peft"] = None  # any `import peft` now raises ImportError
         sys.path.insert(0, {str(REPO_ROOT)!r})
         import vllm_deepthink.producers.deepthink.builder
         import vllm_deepthink.producers.past_kv
-        import vllm_deepthink.plugin.frontend, vllm_deepthink.plugin.connector.worker
+        import vllm_deepthink.plugin.frontend
         import vllm_deepthink.apps.cli, vllm_deepthink.apps.importers
         from vllm_deepthink.producers import peft as importer
         from vllm_deepthink.producers.kv_import import ImportRefusedError
