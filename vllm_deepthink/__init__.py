@@ -4,10 +4,11 @@ Packages, each importing only those listed before it:
 
 - format/     the adapter format, the contract everything meets (no vLLM, no producer);
 - tasks/      task directories, templates and choice scoring with transformers;
-- producers/  adapters from HF transformers: the Deep-Thinking builder (never vLLM);
+- producers/  adapters from HF transformers: the Deep-Thinking builder and the importers
+              of PEFT prompt-learning adapters and raw past_key_values (never vLLM);
 - plugin/     the vLLM consumer: plugin registration, KV connector, patches, serving,
               offline API (never a producer);
-- apps/       the `vllm-deepthink` CLI: build, eval, results, bench, model;
+- apps/       the `vllm-deepthink` CLI: build, import, eval, results, bench, model;
 - tools/      environment tools that are not the product.
 
 Importing this package imports neither vLLM nor transformers; `engine_args` and

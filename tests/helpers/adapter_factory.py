@@ -65,6 +65,39 @@ def build_adapter(model, tokenizer, out_dir: str | Path, prefix_len: int, *,
     return adapter
 
 
+# Keys a format_version 1 config has (written by vllm-deepthink before methods existed).
+V1_KEYS = ("base_model_name_or_path", "fingerprint", "prefix_len", "dtype", "demos_text",
+           "demo_token_ids", "optimizer", "optimizer_params", "position_mode", "iterations_run",
+           "selected_iteration", "selection_trace", "task", "build_args", "builder_version",
+           "format_version")
+
+
+def write_v1_adapter(adapter: DeepThinkAdapter, out_dir: str | Path) -> Path:
+    """Write a Deep-Thinking adapter the way format_version 1 did (the code of main
+    before format v2): the v1 config keys only, the v1 header."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save as safetensors_save
+
+    data = {key: value for key, value in adapter.config.to_dict().items() if key in V1_KEYS}
+    data["format_version"] = 1
+    assert set(data) == set(V1_KEYS)
+    canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    tensors = {}
+    for i, (k, v) in enumerate(zip(adapter.keys, adapter.values)):
+        tensors[f"layers.{i}.key"] = k.contiguous()
+        tensors[f"layers.{i}.value"] = v.contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "deepthink_model.safetensors").write_bytes(safetensors_save(tensors, metadata={
+        "deepthink_config_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        "format": "deepthink", "format_version": "1"}))
+    (out_dir / "deepthink_config.json").write_text(
+        json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out_dir
+
+
 @dataclass
 class Reference:
     """HF results for one query: logprob of query token j (j >= 1) given the

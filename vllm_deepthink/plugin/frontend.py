@@ -112,7 +112,7 @@ class AdapterRegistry:
             path, expected_fingerprint=self.model_fingerprint())
         info = AdapterInfo(name=name, path=path, digest=adapter.digest,
                            prefix_len=adapter.prefix_len,
-                           placeholder_ids=tuple(adapter.config.demo_token_ids),
+                           placeholder_ids=tuple(adapter.config.placeholder_token_ids()),
                            parent=parent)
         with self._lock:
             self._adapters[name] = info
