@@ -249,13 +249,16 @@ def targets(runs: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> list[d
 
 
 # Terminal table columns: (header, figure key, format spec, scale).
-_OFFLINE_COLUMNS = (("req/s", "requests_per_s", ">9.2f", 1), ("spread", "rel_spread", ">8.1%", 1),
+_OFFLINE_COLUMNS = (("req/s", "requests_per_s", ">9.2f", 1),
+                    ("spread", "rel_spread", ">8.1%", 1),
                     ("p50 s", "latency_p50_s", ">9.3f", 1), ("p99 s", "latency_p99_s", ">9.3f", 1),
                     ("computed tok/s", "computed_prompt_tokens_per_s", ">16.0f", 1),
                     ("peak RSS MB", "peak_rss_bytes", ">13.0f", 2**-20))
 _SERVER_COLUMNS = (("done", "completed", ">6d", 1), ("failed", "failed", ">7d", 1),
-                   ("TTFT p50 ms", "p50_ttft_ms", ">13.1f", 1), ("TTFT p99 ms", "p99_ttft_ms", ">13.1f", 1),
-                   ("E2EL p50 ms", "p50_e2el_ms", ">13.1f", 1), ("E2EL p99 ms", "p99_e2el_ms", ">13.1f", 1))
+                   ("TTFT p50 ms", "p50_ttft_ms", ">13.1f", 1),
+                   ("TTFT p99 ms", "p99_ttft_ms", ">13.1f", 1),
+                   ("E2EL p50 ms", "p50_e2el_ms", ">13.1f", 1),
+                   ("E2EL p99 ms", "p99_e2el_ms", ">13.1f", 1))
 
 
 def _run_table(title: str, run: dict[str, Any], columns) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -85,6 +86,10 @@ class BenchOptions:
                              f"found {self.systems}")
         if not self.request_rate > 0:
             raise BenchError(f"--request-rate must be > 0 (or inf), found {self.request_rate}")
+        if self.server and importlib.util.find_spec("pandas") is None:
+            raise BenchError("--server: vllm bench serve reads its custom JSONL dataset with "
+                             "pandas, which is not installed; pip install pandas (or "
+                             "vllm-deepthink[bench])")
         return model_dir
 
     @property
