@@ -110,6 +110,26 @@ def test_server_prompts_are_text_that_reproduces_the_offline_ids(tiny_llama):
         round_robin_order([0, 0, 0, 1], 2)
 
 
+def test_t1_adapters_are_the_models_kv_of_the_demo_ids(tiny_llama, tmp_path):
+    """The builder's first iteration over the demo ids themselves: plain ICL K/V."""
+    from vllm_deepthink.apps.bench.adapters import build_t1_adapters, load_hf_model
+    from vllm_deepthink.format import DeepThinkAdapter
+
+    model, tok = load_hf_model(tiny_llama)
+    demos = make_request_set(tok, Workload(2, 24, 4, 1, 2), seed=3).demos
+    paths = build_t1_adapters(model, tok, tiny_llama, demos, tmp_path)
+    assert [p.name for p in paths] == ["task0", "task1"]
+    for ids, path in zip(demos, paths):
+        adapter = DeepThinkAdapter.from_pretrained(path)
+        assert adapter.config.demo_token_ids == ids and adapter.config.prefix_len == 24
+        assert adapter.config.selected_iteration == 1
+        with torch.no_grad():
+            cache = model(torch.tensor([ids]), use_cache=True).past_key_values
+        for layer, keys, values in zip(cache.layers, adapter.keys, adapter.values):
+            torch.testing.assert_close(keys, layer.keys[0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(values, layer.values[0], rtol=0, atol=1e-6)
+
+
 def test_clip_prefix_len():
     assert clip_prefix_len(1024, 32, 32, 512) == 448
     assert clip_prefix_len(64, 32, 1, 2048) == 64
