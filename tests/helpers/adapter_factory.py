@@ -141,8 +141,11 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 
 def engine_env() -> None:
-    """Environment of CPU test engines (set before the engine starts)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    """This process becomes a test engine's environment (set before the engine starts):
+    the product's `engine_env`, the one every engine we start gets."""
+    from vllm_deepthink.apps.bench.server import engine_env as product_engine_env
+
+    os.environ.update(product_engine_env())
 
 
 # The engine the parity tests run, from the environment (vllm_deepthink.tools.gpu_check

@@ -211,7 +211,7 @@ def _score_dev(model, tokenizer, dev_items, keys, values, batch_size: int, progr
 
 
 def build_adapter(model, tokenizer, demos_text: str, *, iterations: int,
-                  optimizer: str = "momentum", step_size: float = 0.01, beta: float = 0.9,
+                  demo_ids: Sequence[int] | None = None, optimizer: str = "momentum", step_size: float = 0.01, beta: float = 0.9,
                   eta: float = 0.01, position_mode: str = "published",
                   dev_items: Sequence[Any] | None = None, patience: int | None = None,
                   task: dict[str, Any] | None = None, build_args: dict[str, Any] | None = None,
@@ -225,11 +225,12 @@ def build_adapter(model, tokenizer, demos_text: str, *, iterations: int,
     as prefix and the best dev accuracy wins (ties -> earliest iteration);
     `patience` stops after that many iterations without improvement. Without
     dev_items the last iteration is kept. `on_iteration` gets each trace entry
-    {"iteration", "dev_acc", "dev_acc_norm"}.
+    {"iteration", "dev_acc", "dev_acc_norm"}. `demo_ids` (default: demos_text tokenized
+    with special tokens) are the demonstration ids themselves, for demos that are ids.
     """
     from tqdm.auto import tqdm
 
-    demo_ids = tokenize_demos(tokenizer, demos_text)
+    demo_ids = list(demo_ids) if demo_ids is not None else tokenize_demos(tokenizer, demos_text)
     check_build_supported(model.config, len(demo_ids), position_mode)
     params = optimizer_params(optimizer, step_size, beta, eta)
     if patience is not None and (patience < 1 or not dev_items):
