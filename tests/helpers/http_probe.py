@@ -151,13 +151,18 @@ class LiveServer:
         return self
 
     def wait(self) -> LiveServer:
-        import httpx
-
         self.proc.wait_until_healthy()
-        self.http = httpx.Client(base_url=self.proc.base_url, timeout=180.0)
+        self.http = self._client()
         for hook in self.on_start:
             hook(self)
         return self
+
+    def _client(self):
+        import httpx
+
+        # uvicorn closes a connection idle for 5 s; never reuse one that old.
+        return httpx.Client(base_url=self.proc.base_url, timeout=180.0,
+                            limits=httpx.Limits(keepalive_expiry=2.0))
 
     def start(self) -> LiveServer:
         return self.launch().wait()
@@ -181,10 +186,14 @@ class LiveServer:
         """GET /health answers 200 (vLLM answers 503 once its engine core died)."""
         if self.proc is None or self.proc.process is None or self.proc.process.poll() is not None:
             return False
-        try:
-            return self.http.get("/health", timeout=30.0).status_code == 200
-        except Exception:  # connection refused or reset
-            return False
+        for _ in range(2):
+            try:
+                return self.http.get("/health", timeout=30.0).status_code == 200
+            except Exception:  # a 500 may have closed the kept-alive connection: retry
+                self.http.close()
+                self.http = self._client()
+                time.sleep(1.0)
+        return False
 
     def serving(self, model: str) -> str | None:
         """None when the server answers a normal request for `model`, else why not."""
@@ -198,7 +207,7 @@ class LiveServer:
             except Exception as exc:  # a 500 may close the kept-alive connection: retry
                 problem = f"{type(exc).__name__}: {exc}"
                 self.http.close()
-                self.http = type(self.http)(base_url=self.proc.base_url, timeout=180.0)
+                self.http = self._client()
                 time.sleep(1.0)
         else:
             return problem

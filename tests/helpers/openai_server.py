@@ -32,11 +32,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def engine_env(**extra: str) -> dict[str, str]:
+def engine_env(**extra: str | None) -> dict[str, str]:
+    """The environment of a test server: ours plus `extra` (a None value unsets)."""
     env = dict(os.environ)
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO",
                TOKENIZERS_PARALLELISM="false")
-    env.update(extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
