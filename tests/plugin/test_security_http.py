@@ -458,8 +458,10 @@ def test_item4_adapter_is_chosen_by_model_only(server):
     assert response.status == 200 and response.body["model"] == "a1"
 
 
-def test_item3_adapter_unloaded_after_routing_is_404(server, art):
-    """An adapter unloaded between model resolution and the engine: 404 (was 500)."""
+def test_item3_an_unloaded_adapter_is_404(server, art):
+    """A request for an adapter that was loaded and unloaded again: 404 in the OpenAI
+    shape. (When the unload lands between model routing and the engine, the frontend's
+    UnknownAdapterError is a 404 too: test_security_units.test_item3_unknown_adapter_is_404.)"""
     loaded = send(server.http, "POST", "/v1/load_deepthink_adapter",
                   {"adapter_name": "short-lived", "adapter_path": str(art["paths"]["a1"])})
     assert loaded.status == 200, loaded.text

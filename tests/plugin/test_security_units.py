@@ -468,14 +468,16 @@ def test_item9_the_frontend_reports_an_adapter_overflowing_the_engine_dtype(tiny
     frontend.AdapterRegistry(tiny.model_dir, dtype=torch.float32).register("huge", huge)
 
 
-@pytest.mark.parametrize("field", [f for f, _, _ in protocol.UNSUPPORTED_PARALLELISM])
-def test_item9_unsupported_parallelism_is_refused_at_start(tiny, field, monkeypatch):
+@pytest.mark.parametrize("field,what", [
+    ("pipeline_parallel_size", "pipeline parallel"),
+    ("decode_context_parallel_size", "decode context parallel"),
+    ("prefill_context_parallel_size", "prefill context parallel")])
+def test_item9_unsupported_parallelism_is_refused_at_start(tiny, field, what, monkeypatch):
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from vllm_deepthink.plugin.connector.connector import DeepThinkConnector
     from vllm_deepthink.plugin.serving import flags
 
-    what = next(w for f, w, _ in protocol.UNSUPPORTED_PARALLELISM if f == field)
     monkeypatch.delenv(flags.RUNTIME_UPDATING_ENV, raising=False)
     with pytest.raises(ValueError, match=f"does not support {what}"):
         vllm_deepthink.engine_args(adapters={"a1": tiny.a1}, **{field: 2})
