@@ -152,3 +152,38 @@ def make_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def make_tiny_llava_config(directory: str | Path) -> Path:
+    """A tiny LLaVA (multimodal) checkpoint directory without weights: config, tokenizer
+    and processor, enough for vLLM to build its engine configuration (no `architectures`:
+    vLLM resolves it to its Transformers multimodal backend without importing LLaVA)."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaProcessor,
+    )
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file() and (directory / "tokenizer.json").is_file():
+        return directory
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=16),
+        text_config=LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                                vocab_size=512),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    LlavaProcessor(image_processor=CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=16, image_token="<image>",
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    ).save_pretrained(directory)
+    return directory

@@ -376,6 +376,28 @@ def test_item6_our_connector_does_not_turn_on_embedding_inputs():
     assert resolved("NixlConnector") == (True, True)  # vLLM's rule for real consumers
 
 
+def test_item6_a_multimodal_engine_with_our_connector_takes_no_embedding_inputs(tiny):
+    """A real engine configuration of a multimodal model (tiny LLaVA): with our connector
+    embedding inputs stay off, as without a connector; another consumer gets vLLM's rule."""
+    from vllm.config import KVTransferConfig
+
+    from tests.helpers.tiny_models import make_tiny_llava_config
+
+    model = make_tiny_llava_config(tiny.root / "tiny-llava")
+
+    def resolved(**kwargs):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        config = EngineArgs(model=str(model), dtype="float32", max_model_len=256,
+                            enforce_eager=True, **kwargs).create_engine_config()
+        mm = config.model_config.multimodal_config
+        assert mm is not None, "the tiny LLaVA is not multimodal"
+        return mm.enable_mm_embeds, mm.allow_missing_mm_embeddings
+
+    assert resolved(**vllm_deepthink.engine_args()) == resolved() == (False, False)
+    assert resolved(kv_transfer_config=KVTransferConfig(
+        kv_connector="ExampleConnector", kv_role="kv_consumer")) == (True, True)
+
+
 # ------------------------------------------------------------------ item 7
 
 def test_item7_bos_strip_is_a_prefix_match(tiny):
