@@ -20,7 +20,7 @@ def adapters(tmp_path_factory):
 
 
 def store(max_bytes=None, tp_size=1, tp_rank=0):
-    return ResidentAdapters(torch.float32, torch.device("cpu"), tp_size, tp_rank, max_bytes)
+    return ResidentAdapters(torch.float32, tp_size, tp_rank, max_bytes)
 
 
 def test_resident_tensors_are_token_major_rank_heads(adapters):

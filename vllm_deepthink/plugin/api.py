@@ -34,13 +34,16 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
             (`vllm serve`; default: the first served name).
         engine_kwargs: passed through (prefix caching is turned on unless given).
 
-    Adds the DeepThink KV connector with this configuration. A `kv_transfer_config`
+    Adds the DeepThink KV connector with this configuration. Pipeline parallel and
+    decode/prefill context parallel are refused (ValueError); the connector refuses them
+    again at engine start however the engine was configured. A `kv_transfer_config`
     given by the caller must be our connector's (its adapters are merged); another
     connector cannot share the KV connector slot. Adapters can also be added and removed
     on a running engine: `add_adapter(llm, name, path)`, `remove_adapter(llm, name)`.
     """
     from vllm.config import KVTransferConfig
 
+    protocol.check_parallelism(engine_kwargs)
     resolved = _resolve_adapters(adapters or {})
     plugin_config = {protocol.EXTRA_CONFIG_ADAPTERS: resolved}
     if adapter_dirs:

@@ -35,18 +35,22 @@ VLLM_LAUNCHER = (sys.executable, "-c",
 
 
 def engine_env(kv_cache_gib: int | None = None, reserved_cpus: int | None = None,
-               **extra: str) -> dict[str, str]:
+               **extra: str | None) -> dict[str, str]:
     """The environment of a vLLM engine process: this process's environment with
     VLLM_CPU_KVCACHE_SPACE = `kv_cache_gib` (default: the one set here, else 1 GiB),
     VLLM_CPU_NUM_OF_RESERVED_CPU = `reserved_cpus` (None: vLLM's choice),
-    TOKENIZERS_PARALLELISM=false, then `extra`."""
+    TOKENIZERS_PARALLELISM=false, then `extra` (a None value unsets the variable)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if reserved_cpus is not None:
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
-    env.update(extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 

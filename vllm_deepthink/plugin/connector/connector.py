@@ -37,6 +37,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        protocol.check_parallelism(vllm_config.parallel_config)  # refused at engine start
         block_size = vllm_config.cache_config.block_size
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         if len(groups) > 1:

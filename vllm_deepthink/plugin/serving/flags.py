@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.format import AdapterFormatError
-from vllm_deepthink.plugin import api
+from vllm_deepthink.plugin import api, protocol
 from vllm_deepthink.plugin.frontend import AdapterRegistry, AdapterRequestError
 from vllm_deepthink.plugin.protocol import (
     DEFAULT_RESIDENT_GIB,
@@ -203,6 +203,7 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
         raise ValueError(
             f"{RUNTIME_UPDATING_ENV} cannot be used with api_server_count > 1: each API "
             f"server process has its own adapter registry. Use one API server.")
+    protocol.check_parallelism(engine_args)
     check_names_are_free(adapters, args)
     parents = parents_from_args(args)
     check_adapters_at_start(engine_args.model, adapters, revision=engine_args.revision)
