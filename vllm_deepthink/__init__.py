@@ -4,10 +4,11 @@ Packages, each importing only those listed before it:
 
 - format/     the adapter format, the contract everything meets (no vLLM, no producer);
 - tasks/      task directories, templates and choice scoring with transformers;
-- producers/  adapters from HF transformers: the Deep-Thinking builder (never vLLM);
+- producers/  adapters from HF transformers: the Deep-Thinking builder and the importers
+              of PEFT prompt-learning adapters and raw past_key_values (never vLLM);
 - plugin/     the vLLM consumer: plugin registration, KV connector, patches, serving,
               offline API (never a producer);
-- apps/       the `vllm-deepthink` CLI: build, eval, results, bench, model;
+- apps/       the `vllm-deepthink` CLI: build, import, eval, results, bench, model;
 - tools/      environment tools that are not the product.
 
 Importing this package imports neither vLLM nor transformers; `engine_args` and
@@ -19,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["DeepThinkAdapter", "DeepThinkConfig", "engine_args", "sampling_params",
-           "__version__"]
+__all__ = ["DeepThinkAdapter", "DeepThinkConfig", "add_adapter", "engine_args",
+           "remove_adapter", "sampling_params", "__version__"]
 
 
 def engine_args(adapters=None, **engine_kwargs: Any) -> dict[str, Any]:
@@ -39,6 +40,24 @@ def sampling_params(adapter: str, **kwargs: Any):
 
 
 sampling_params.__doc__ = "See vllm_deepthink.plugin.api.sampling_params."
+
+
+def add_adapter(llm, name: str, path) -> None:
+    from vllm_deepthink.plugin.api import add_adapter as _add_adapter
+
+    _add_adapter(llm, name, path)
+
+
+add_adapter.__doc__ = "See vllm_deepthink.plugin.api.add_adapter."
+
+
+def remove_adapter(llm, name: str) -> None:
+    from vllm_deepthink.plugin.api import remove_adapter as _remove_adapter
+
+    _remove_adapter(llm, name)
+
+
+remove_adapter.__doc__ = "See vllm_deepthink.plugin.api.remove_adapter."
 
 
 def __getattr__(name: str) -> Any:

@@ -156,9 +156,9 @@ def test_wrong_base_model(adapter, saved, tmp_path):
 
 
 def test_wrong_format_version(saved):
-    _edit_config(saved, lambda d: d.update(format_version=2))
-    with pytest.raises(AdapterFormatError, match="format_version 2 is not supported.*reads "
-                                                 "format_version 1"):
+    _edit_config(saved, lambda d: d.update(format_version=3))
+    with pytest.raises(AdapterFormatError, match="format_version 3 is not supported.*reads "
+                                                 "format_version 1 and 2"):
         DeepThinkAdapter.from_pretrained(saved)
 
 

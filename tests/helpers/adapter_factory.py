@@ -65,6 +65,39 @@ def build_adapter(model, tokenizer, out_dir: str | Path, prefix_len: int, *,
     return adapter
 
 
+# Keys a format_version 1 config has (written by vllm-deepthink before methods existed).
+V1_KEYS = ("base_model_name_or_path", "fingerprint", "prefix_len", "dtype", "demos_text",
+           "demo_token_ids", "optimizer", "optimizer_params", "position_mode", "iterations_run",
+           "selected_iteration", "selection_trace", "task", "build_args", "builder_version",
+           "format_version")
+
+
+def write_v1_adapter(adapter: DeepThinkAdapter, out_dir: str | Path) -> Path:
+    """Write a Deep-Thinking adapter the way format_version 1 did (the code of main
+    before format v2): the v1 config keys only, the v1 header."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save as safetensors_save
+
+    data = {key: value for key, value in adapter.config.to_dict().items() if key in V1_KEYS}
+    data["format_version"] = 1
+    assert set(data) == set(V1_KEYS)
+    canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    tensors = {}
+    for i, (k, v) in enumerate(zip(adapter.keys, adapter.values)):
+        tensors[f"layers.{i}.key"] = k.contiguous()
+        tensors[f"layers.{i}.value"] = v.contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "deepthink_model.safetensors").write_bytes(safetensors_save(tensors, metadata={
+        "deepthink_config_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        "format": "deepthink", "format_version": "1"}))
+    (out_dir / "deepthink_config.json").write_text(
+        json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out_dir
+
+
 @dataclass
 class Reference:
     """HF results for one query: logprob of query token j (j >= 1) given the
@@ -108,8 +141,11 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 
 def engine_env() -> None:
-    """Environment of CPU test engines (set before the engine starts)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    """This process becomes a test engine's environment (set before the engine starts):
+    the product's `engine_env`, the one every engine we start gets."""
+    from vllm_deepthink.apps.bench.server import engine_env as product_engine_env
+
+    os.environ.update(product_engine_env())
 
 
 # The engine the parity tests run, from the environment (vllm_deepthink.tools.gpu_check
@@ -203,3 +239,50 @@ def icl_reference(model, adapter: DeepThinkAdapter, query_ids: list[int],
     start = len(adapter.config.demo_token_ids)
     return Reference(prompt_logprobs=full.prompt_logprobs[start:],
                      greedy_tokens=full.greedy_tokens)
+
+
+def hf_next_logits(model, adapter: DeepThinkAdapter | None, ids: list[int]) -> torch.Tensor:
+    """[vocab] next-token logits after `ids`, with the adapter's K/V as the prefix
+    (adapter None: no prefix)."""
+    cache = prefix_cache(model, adapter.keys, adapter.values) if adapter is not None else None
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), past_key_values=cache, use_cache=cache is not None)
+    return out.logits[0, -1].float()
+
+
+def hf_beam_search(model, adapter: DeepThinkAdapter | None, query_ids: list[int],
+                   beam_width: int, max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """vLLM's online beam search (vllm/entrypoints/generate/beam_search/online.py) with
+    ignore_eos and length_penalty 1, on HF logprobs: each step takes the 2 * beam_width
+    best next tokens of every beam and keeps the beam_width best sums; the final beams
+    are sorted by sum / length. Returns, best first, (generated ids, logprob of each)."""
+    beams: list[tuple[float, list[int], list[float]]] = [(0.0, [], [])]
+    for _ in range(max_tokens):
+        candidates = []
+        for cum, generated, logprobs in beams:
+            step = torch.log_softmax(hf_next_logits(model, adapter, query_ids + generated), -1)
+            top = torch.topk(step, 2 * beam_width)
+            for value, token in zip(top.values.tolist(), top.indices.tolist()):
+                candidates.append((cum + value, generated + [token], logprobs + [value]))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        beams = candidates[:beam_width]
+    length = len(query_ids) + max_tokens
+    beams.sort(key=lambda b: b[0] / length, reverse=True)
+    return [(generated, logprobs) for _, generated, logprobs in beams]
+
+
+def hf_greedy_with_repetition_penalty(model, adapter: DeepThinkAdapter | None,
+                                      query_ids: list[int], num_tokens: int, penalty: float,
+                                      extra_prompt_ids: list[int]) -> list[int]:
+    """Greedy decoding with vLLM's repetition penalty (vllm/model_executor/layers/utils.py
+    apply_penalties: the logit of a token seen in the prompt or the output is divided by
+    the penalty when positive, multiplied when negative). The prompt's tokens, for the
+    penalty, are `extra_prompt_ids` + query ids."""
+    generated: list[int] = []
+    for _ in range(num_tokens):
+        logits = hf_next_logits(model, adapter, list(query_ids) + generated).clone()
+        seen = sorted(set(extra_prompt_ids) | set(query_ids) | set(generated))
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+        generated.append(int(logits.argmax()))
+    return generated

@@ -156,6 +156,88 @@ def test_kv_cache_manager_contract():
         "self", "blocks", "num_computed_tokens")
 
 
+def test_local_prefix_cache_hit_contract():
+    # vllm/v1/core/sched/scheduler.py: patch_local_prefix_cache_hit caps the 4-tuple
+    # the scheduler takes the local hit from, before it asks the connector.
+    vllm_hit = patches.original(Scheduler, "_get_local_prefix_cache_hit")
+    assert_source_has(vllm_hit, "self.kv_cache_manager.get_computed_blocks(request)",
+                      "the local hit comes from the KV cache manager")
+    assert_source_has(vllm_hit, "return blocks, num_local, shared_prefix_boundary, False",
+                      "the patch unpacks (blocks, num_computed, boundary, diverged)")
+    assert_source_has(vllm_hit, "connector.supports_divergent_local_hybrid_hits",
+                      "our connector takes the get_computed_blocks path")
+    assert DeepThinkConnector.supports_divergent_local_hybrid_hits.fget(None) is False
+    assert_source_has(Scheduler.schedule, "= self._get_local_prefix_cache_hit(request)",
+                      "every waiting request's local hit passes through the patch")
+    assert_source_has(Scheduler.__init__, "self.block_size = block_size",
+                      "the cap rounds to the scheduler's block size")
+
+
+def test_mm_embedding_inputs_contract():
+    # vllm/config/vllm.py: every KV consumer gets embedding inputs, and the rule reads
+    # kv_transfer_config, which patch_mm_embedding_inputs hides for our connector.
+    from vllm.config import VllmConfig
+
+    vllm_resolve = patches.original(VllmConfig, "_resolve_mm_embedding_inputs")
+    assert_source_has(vllm_resolve, "kv_config = self.kv_transfer_config", "")
+    assert_source_has(vllm_resolve, "(kv_config is not None and kv_config.is_kv_consumer)",
+                      "a consumer may omit embedding tensors")
+    assert_source_has(vllm_resolve, "mm_config.enable_mm_embeds = True",
+                      "a consumer accepts embedding inputs")
+    assert_source_has(VllmConfig.__post_init__, "self._resolve_mm_embedding_inputs()",
+                      "resolved while the config is built")
+
+
+def test_client_errors_contract():
+    # vllm/v1/engine/async_llm.py: a VLLMClientError from process_inputs reaches the
+    # server as is; anything else becomes EngineGenerateError (500, empty message).
+    from vllm.entrypoints.serve import create_error_response
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_deepthink.plugin import frontend
+
+    assert_source_has(AsyncLLM.generate, "except (VLLMClientError, GracefulHTTPError) as e:",
+                      "AdapterRequestError is raised as a VLLMClientError")
+    # vllm/entrypoints/serve/exception_handling/error_response.py: status and message.
+    for exc, status in ((frontend.AdapterRequestError("bad", param="prompt"), 400),
+                        (frontend.UnknownAdapterError("nosuch"), 404)):
+        error = engine_patches.client_error(exc)
+        assert isinstance(error, frontend.AdapterRequestError)
+        info = create_error_response(error).error
+        assert info.code == status and info.message.startswith(str(exc)), info
+
+
+def test_static_lora_init_contract():
+    # vllm/entrypoints/launchers/api_server/app_state.py: awaited while the server
+    # starts, before it serves (patch_serving_models_init builds the registry there).
+    from vllm.entrypoints.launchers.api_server import app_state
+
+    assert_source_has(app_state.init_app_state,
+                      "await state.openai_serving_models.init_static_loras()",
+                      "the adapter registry is built at start-up")
+
+
+def test_beam_search_contract():
+    # vllm/entrypoints/generate/beam_search/utils.py: each step re-submits the rendered
+    # prompt's text with the grown ids (frontend.query_token_ids strips BOS by prefix).
+    from vllm.entrypoints.generate.beam_search.utils import BeamSearchSequence
+
+    assert_source_has(BeamSearchSequence.get_prompt,
+                      "return tokens_input(self.tokens, prompt=prompt_text, "
+                      "cache_salt=cache_salt,)", "the text travels with the grown ids")
+
+
+def test_reserved_fields_are_checked_before_streaming():
+    # The OpenAI endpoints with client extra_args / kv_transfer_params / cache_salt call
+    # _check_model before they render the request (patch_serving_check_model refuses
+    # the plugin's reserved fields there, with a 400 status even for streams).
+    from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
+    from vllm.entrypoints.scale_out.token_in_token_out.serving import ServingTokens
+
+    for method in (OpenAIServingResponses._create_responses, ServingTokens.serve_tokens):
+        assert_source_has(method, "await self._check_model(request)", "")
+
+
 def test_cpu_core_reservation_ignores_our_connector(monkeypatch):
     # vllm/utils/ompmultiprocessing.py: the extra reservation for any KV connector.
     from vllm.platforms import current_platform
@@ -212,11 +294,15 @@ def test_attention_layer_attributes():
 # ---------------------------------------------------------------- patched behaviour
 
 def adapter_params(prefix_len, prompt_logprobs=None):
+    """SamplingParams as the frontend rewrite leaves them for an adapter of L=prefix_len."""
     from vllm import SamplingParams
+
+    from vllm_deepthink.plugin import frontend
 
     params = SamplingParams(prompt_logprobs=prompt_logprobs)
     params.extra_args = {"kv_transfer_params": {protocol.PARAMS_KEY: {
-        "name": "a", "path": "/x", "digest": "d", "prefix_len": prefix_len}}}
+        "name": "a", "path": "/x", "digest": "0" * 64, "prefix_len": prefix_len,
+        "frontend": frontend.FRONTEND_TOKEN}}}
     return params
 
 
@@ -354,10 +440,17 @@ def test_engine_flags_reach_vllm_serve_parser():
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    args = parser.parse_args(["m", "--deepthink-adapter", "a=/x", "--deepthink-adapter",
-                              "b=/y", "--deepthink-adapter-dir", "/store"])
-    assert args.deepthink_adapter == [("a", "/x"), ("b", "/y")]
+    args = parser.parse_args(["m", "--deepthink-adapter", "a=/x", "c=/z", "--deepthink-adapter",
+                              '{"name": "b", "path": "/y", "base_model_name": "m"}',
+                              "--deepthink-adapter-dir", "/store",
+                              "--deepthink-resident-gib", "0.5"])
+    assert [(s.name, s.path, s.base_model_name) for s in args.deepthink_adapter] == [
+        ("a", "/x", None), ("c", "/z", None), ("b", "/y", "m")]
     assert args.deepthink_adapter_dir == ["/store"]
+    assert args.deepthink_resident_gib == 0.5
+    help_text = parser.format_help()
+    for flag in ("--deepthink-adapter", "--deepthink-adapter-dir", "--deepthink-resident-gib"):
+        assert flag in help_text
 
 
 def test_adapter_stand_in_becomes_extra_args():

@@ -7,12 +7,8 @@ import torch
 
 from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.tiny_models import load_tiny
-from vllm_deepthink.plugin.connector.resident import (
-    RESIDENT_GIB_ENV,
-    AdapterLoadError,
-    ResidentAdapters,
-    resident_budget_bytes,
-)
+from vllm_deepthink.plugin.connector.resident import AdapterLoadError, ResidentAdapters
+from vllm_deepthink.plugin.protocol import resident_budget_bytes
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +20,7 @@ def adapters(tmp_path_factory):
 
 
 def store(max_bytes=None, tp_size=1, tp_rank=0):
-    return ResidentAdapters(torch.float32, torch.device("cpu"), tp_size, tp_rank, max_bytes)
+    return ResidentAdapters(torch.float32, tp_size, tp_rank, max_bytes)
 
 
 def test_resident_tensors_are_token_major_rank_heads(adapters):
@@ -63,9 +59,9 @@ def test_reload_refuses_changed_files(adapters):
         store().get("a", str(path), "0" * 64)
 
 
-def test_budget_from_environment():
-    assert resident_budget_bytes({}) == 4 << 30
-    assert resident_budget_bytes({RESIDENT_GIB_ENV: "0.5"}) == 1 << 29
-    for bad in ("0", "-1", "lots"):
-        with pytest.raises(ValueError, match=f"{RESIDENT_GIB_ENV} must be a positive number"):
-            resident_budget_bytes({RESIDENT_GIB_ENV: bad})
+def test_budget_in_gib():
+    assert resident_budget_bytes(None) == 4 << 30
+    assert resident_budget_bytes(0.5) == resident_budget_bytes("0.5") == 1 << 29
+    for bad in (0, -1, "lots", [1]):
+        with pytest.raises(ValueError, match="--deepthink-resident-gib"):
+            resident_budget_bytes(bad)

@@ -9,6 +9,7 @@ HF `model(query, past_key_values=adapter)`.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +44,7 @@ def served(tmp_path_factory):
     server = VllmServer(root / "tiny-llama",
                         ["--deepthink-adapter-dir", str(store),
                          "--deepthink-adapter", f"a3={paths['a3']}",
+                         "--deepthink-resident-gib", "1",
                          "--chat-template", str(template)],
                         log_path=root / "server.log")
     try:
@@ -50,7 +52,7 @@ def served(tmp_path_factory):
         server.wait_until_healthy()
         yield SimpleNamespace(client=openai_client(server), server=server, model=model,
                               tokenizer=tokenizer, adapters=adapters, paths=paths,
-                              base=str(root / "tiny-llama"))
+                              base=str(root / "tiny-llama"), root=root, store=store)
     finally:
         server.stop()
 
@@ -206,3 +208,23 @@ def test_metrics_count_adapter_loads(served):
     # a1 (L=40) is shorter than a block (128): every request writes it again.
     assert after.get("a1", 0) - before.get("a1", 0) == 1
     assert after.get("a3", 0) == before.get("a3", 0)
+
+
+def test_adapter_dropped_into_the_adapter_dir_is_served_without_restart(served):
+    late = build_adapter(served.model, served.tokenizer, served.root / "late", 50, seed=9)
+    shutil.copytree(served.root / "late", served.store / "late")
+    ids = query_ids(served, QUERY)
+    reference = hf_reference(served.model, late, ids, num_greedy=6)
+    response = completion(served, "late", QUERY, echo=True, logprobs=0)
+    assert response.model == "late"
+    logprobs = response.choices[0].logprobs.token_logprobs
+    assert max_abs_diff(logprobs[1:len(ids)], reference.prompt_logprobs) < TOLERANCE
+    assert "late" in {card.id for card in served.client.models.list().data}
+    # An invalid adapter in the folder is a 400 naming the reason, not a 404 or a 500.
+    (served.store / "broken").mkdir()
+    (served.store / "broken" / "deepthink_config.json").write_text("{}")
+    with pytest.raises(openai.BadRequestError) as info:
+        completion(served, "broken", QUERY)
+    assert "cannot be served" in info.value.body["message"]
+    # Every other tenant is still served.
+    assert completion(served, "a1", QUERY).choices[0].token_ids

@@ -78,11 +78,26 @@ def test_adapter_dir_names_adapters_by_subdirectory(tmp_path):
         serving.adapters_from_args(twice)
 
 
-def test_adapter_dir_without_adapters_is_an_error(tmp_path):
-    with pytest.raises(AdapterFormatError, match="found no adapter"):
-        serving.adapters_in_dir(tmp_path)
+def test_adapter_dir_may_start_empty_but_must_exist(tmp_path):
+    # Adapters dropped into it later are resolved at request time.
+    assert serving.adapters_in_dir(tmp_path) == {}
     with pytest.raises(AdapterFormatError, match="no such directory"):
         serving.adapters_in_dir(tmp_path / "missing")
+
+
+def test_adapter_flag_json_form_and_several_values(tmp_path):
+    args = parse(["--deepthink-adapter", "a=/x", '{"name": "b", "path": "org/b"}',
+                  "--deepthink-adapter", '{"name": "c", "path": "/z", "base_model_name": "m"}'])
+    assert serving.adapters_from_args(args) == {"a": "/x", "b": "org/b", "c": "/z"}
+    args.model, args.served_model_name = "m", None
+    assert serving.parents_from_args(args) == {"c": "m"}
+    args.model = "other"
+    with pytest.raises(serving.AdapterNameError, match="base_model_name 'm' is not a served"):
+        serving.parents_from_args(args)
+    for bad, reason in (('{"name": "b"}', "expected {"), ('{"name": "b", "path": "/p", '
+                        '"extra": 1}', "unknown keys"), ("{nope", "invalid JSON")):
+        with pytest.raises(argparse.ArgumentError, match=reason):
+            parse(["--deepthink-adapter", bad])
 
 
 def test_adapter_names_must_not_shadow_served_models_or_loras():

@@ -1,8 +1,8 @@
 """`vllm-deepthink` console script: one subcommand per module in vllm_deepthink.apps.
 
 Each command module exposes `add_cli_args(parser)` and `main(args)`, like vLLM's
-bench modules, and is imported only when its subcommand runs (so `build` never
-imports vLLM).
+bench modules, and is imported only when its subcommand runs (so `build` and `import` never
+import vLLM).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "model": ("vllm_deepthink.apps.model", "convert a packaged GGUF model to an HF directory"),
     "build": ("vllm_deepthink.apps.build", "build a Deep-Thinking adapter (HF, no vLLM)"),
+    "import": ("vllm_deepthink.apps.importers",
+               "import a PEFT prefix/prompt adapter or raw per-layer K/V (HF, no vLLM)"),
     "eval": ("vllm_deepthink.apps.eval", "accuracy: zero-shot vs ICL vs Deep-Thinking"),
     "bench": ("vllm_deepthink.apps.bench.cli", "throughput benchmarks"),
     "results": ("vllm_deepthink.apps.results", "build adapters and write the README results table"),

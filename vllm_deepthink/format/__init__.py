@@ -1,6 +1,7 @@
 """The adapter format: the contract every producer writes and the vLLM plugin reads.
 
-- `DeepThinkConfig` (config.py): the documented config dataclass, file names, dtypes.
+- `DeepThinkConfig` (config.py): the documented config dataclass (the method that
+  produced the K/V and its provenance), file names, dtypes, format versions.
 - `DeepThinkAdapter` (adapter.py): config + per-layer K/V, `save_pretrained` /
   `from_pretrained`, validation.
 - `ModelFingerprint` (fingerprint.py): the base-model facts an adapter is bound to.
@@ -13,7 +14,10 @@ Imports neither vLLM nor any producer (builder, importers).
 from vllm_deepthink.format.adapter import DeepThinkAdapter
 from vllm_deepthink.format.config import (
     CONFIG_NAME,
+    DEEPTHINK,
     FORMAT_VERSION,
+    METHODS,
+    PLACEHOLDER_TOKEN_ID,
     WEIGHTS_NAME,
     DeepThinkConfig,
     check_fingerprint,
@@ -25,7 +29,8 @@ from vllm_deepthink.format.errors import AdapterFormatError
 from vllm_deepthink.format.fingerprint import ModelFingerprint
 
 __all__ = [
-    "CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "AdapterFormatError", "DeepThinkAdapter",
+    "CONFIG_NAME", "DEEPTHINK", "FORMAT_VERSION", "METHODS", "PLACEHOLDER_TOKEN_ID",
+    "WEIGHTS_NAME", "AdapterFormatError", "DeepThinkAdapter",
     "DeepThinkConfig", "ModelFingerprint", "check_fingerprint", "dtype_name", "load_config",
     "torch_dtype",
 ]

@@ -26,7 +26,7 @@ from vllm_deepthink.format.config import (
     WEIGHTS_NAME,
     DeepThinkConfig,
     check_fingerprint,
-    load_config,
+    load_config_and_digest,
     torch_dtype,
 )
 from vllm_deepthink.format.errors import AdapterFormatError
@@ -50,7 +50,10 @@ def _weights_digest(data: bytes) -> str:
 
 @dataclass
 class DeepThinkAdapter:
-    """A loaded adapter: its config and per-layer K/V, each [num_kv_heads, L, head_dim]."""
+    """A loaded adapter: its config and per-layer K/V, each [num_kv_heads, L, head_dim].
+
+    Every KV-prefix method is a `DeepThinkAdapter` (`config.method` says which).
+    """
 
     config: DeepThinkConfig
     keys: list[torch.Tensor]
@@ -109,6 +112,7 @@ class DeepThinkAdapter:
             CONFIG_DIGEST_KEY: self.config.digest(),
             "format": "deepthink",
             "format_version": str(FORMAT_VERSION),
+            "method": self.config.method,
         })
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -139,7 +143,7 @@ class DeepThinkAdapter:
         a mismatch is an AdapterFormatError naming the fields that differ.
         """
         directory = resolve_adapter_dir(directory, revision)
-        config = load_config(directory)
+        config, written_digest = load_config_and_digest(directory)
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():
             raise AdapterFormatError(
@@ -156,10 +160,11 @@ class DeepThinkAdapter:
                 f"{source}: not a readable safetensors file ({exc}); it is truncated or "
                 f"corrupt. Rebuild the adapter.") from None
         found_digest = metadata.get(CONFIG_DIGEST_KEY)
-        if found_digest != config.digest():
+        # The digest of the config as written (before a format upgrade on read).
+        if found_digest != written_digest:
             raise AdapterFormatError(
                 f"{source}: header {CONFIG_DIGEST_KEY} is {found_digest!r} but "
-                f"{CONFIG_NAME} hashes to {config.digest()!r}: the config was edited or "
+                f"{CONFIG_NAME} hashes to {written_digest!r}: the config was edited or "
                 f"belongs to other weights. Rebuild the adapter or restore the config.")
         n = config.fingerprint.num_layers
         expected_names = {f"layers.{i}.{kind}" for i in range(n) for kind in ("key", "value")}

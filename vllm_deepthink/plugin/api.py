@@ -7,28 +7,53 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.format import load_config
 from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin import protocol
+from vllm_deepthink.plugin.resolvers import DirectoryResolver
 
 
-def engine_args(adapters: Mapping[str, str | Path] | None = None,
+def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
+                adapter_dirs: Sequence[str | Path] | None = None,
+                resident_gib: float | None = None,
+                parents: Mapping[str, str] | None = None,
                 **engine_kwargs: Any) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM` / `EngineArgs` that serve `adapters`.
+    """Keyword arguments for `vllm.LLM` / `EngineArgs` that serve Deep-Thinking adapters.
 
-    Adds the DeepThink KV connector (with the adapters, by absolute path, in its
-    extra config) and turns prefix caching on unless the caller decided
-    otherwise; every other keyword is passed through. A `kv_transfer_config`
-    given by the caller must be our connector's (its adapters are merged);
-    another connector cannot share the KV connector slot.
+    Args:
+        adapters: {name: adapter directory or hub id} served from the start.
+        adapter_dirs: directories where an unknown adapter name NAME resolves to
+            DIR/NAME at request time (validated, then served without a restart).
+        resident_gib: worker memory for resident adapters (default 4 GiB); the least
+            recently used beyond it are read from disk again when needed.
+        parents: {name: served model name} /v1/models reports as an adapter's parent
+            (`vllm serve`; default: the first served name).
+        engine_kwargs: passed through (prefix caching is turned on unless given).
+
+    Adds the DeepThink KV connector with this configuration. Pipeline parallel and
+    decode/prefill context parallel are refused (ValueError); the connector refuses them
+    again at engine start however the engine was configured. A `kv_transfer_config`
+    given by the caller must be our connector's (its adapters are merged); another
+    connector cannot share the KV connector slot. Adapters can also be added and removed
+    on a running engine: `add_adapter(llm, name, path)`, `remove_adapter(llm, name)`.
     """
     from vllm.config import KVTransferConfig
 
+    protocol.check_parallelism(engine_kwargs)
     resolved = _resolve_adapters(adapters or {})
+    plugin_config = {protocol.EXTRA_CONFIG_ADAPTERS: resolved}
+    if adapter_dirs:
+        plugin_config[protocol.EXTRA_CONFIG_ADAPTER_DIRS] = [
+            str(DirectoryResolver(d).root) for d in adapter_dirs]
+    if resident_gib is not None:
+        protocol.resident_budget_bytes(resident_gib)  # a bad value fails here
+        plugin_config[protocol.EXTRA_CONFIG_RESIDENT_GIB] = float(resident_gib)
+    if parents:
+        plugin_config[protocol.EXTRA_CONFIG_PARENTS] = dict(parents)
     user_config = engine_kwargs.pop("kv_transfer_config", None)
     if user_config is None:
         kv_config = KVTransferConfig(
@@ -36,12 +61,37 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None,
             kv_connector_module_path=protocol.CONNECTOR_MODULE,
             kv_role="kv_consumer",
             kv_load_failure_policy="fail",
-            kv_connector_extra_config={protocol.EXTRA_CONFIG_ADAPTERS: resolved})
+            kv_connector_extra_config=plugin_config)
     else:
-        kv_config = _merge_kv_config(user_config, resolved)
+        kv_config = _merge_kv_config(user_config, plugin_config)
     engine_kwargs["kv_transfer_config"] = kv_config
     engine_kwargs.setdefault("enable_prefix_caching", True)
     return engine_kwargs
+
+
+def add_adapter(llm, name: str, path: str | Path) -> None:
+    """Serve the adapter at `path` (a directory or hub id) as `name` on a running
+    `vllm.LLM` built with engine_args(...); replaces an adapter of that name (new
+    requests use the new weights; their digest salts the prefix cache)."""
+    registry(llm).register(name, path)
+
+
+def remove_adapter(llm, name: str) -> None:
+    """Stop serving adapter `name` on a running `vllm.LLM`; requests already running
+    finish with it."""
+    registry(llm).unregister(name)
+
+
+def list_adapters(llm) -> list[str]:
+    """Names of the adapters a running `vllm.LLM` serves."""
+    return registry(llm).names()
+
+
+def registry(llm):
+    """The adapter registry of a `vllm.LLM` built with engine_args(...)."""
+    from vllm_deepthink.plugin import frontend
+
+    return frontend.registry_for(llm.llm_engine.vllm_config)
 
 
 def sampling_params(adapter: str, **kwargs: Any):
@@ -67,7 +117,7 @@ def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
     return resolved
 
 
-def _merge_kv_config(user_config: Any, adapters: dict[str, str]):
+def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
     from vllm.config import KVTransferConfig
 
     if isinstance(user_config, dict):
@@ -87,6 +137,7 @@ def _merge_kv_config(user_config: Any, adapters: dict[str, str]):
             "kv_load_failure_policy must be 'fail' for Deep-Thinking adapters (a "
             "recomputed adapter load would compute the placeholder tokens instead)")
     extra = dict(user_config.kv_connector_extra_config)
+    adapters = plugin_config.pop(protocol.EXTRA_CONFIG_ADAPTERS)
     merged = dict(extra.get(protocol.EXTRA_CONFIG_ADAPTERS) or {})
     for name, path in adapters.items():
         if name in merged and str(Path(merged[name]).resolve()) != path:
@@ -95,6 +146,7 @@ def _merge_kv_config(user_config: Any, adapters: dict[str, str]):
                 f"kv_transfer_config and {path} in adapters=")
         merged[name] = path
     extra[protocol.EXTRA_CONFIG_ADAPTERS] = _resolve_adapters(merged)
+    extra.update(plugin_config)
     user_config.kv_connector_extra_config = extra
     if user_config.kv_connector_module_path is None:
         user_config.kv_connector_module_path = protocol.CONNECTOR_MODULE

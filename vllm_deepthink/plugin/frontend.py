@@ -6,40 +6,73 @@ a plain vLLM request the rest of the engine can serve without a registry:
 
     prompt token ids    = L placeholder ids (the adapter's demo ids) + query ids
     cache_salt          = "deepthink:<name>:<weights digest>[:<user salt>]"
-    kv_transfer_params  = {"deepthink": {name, path, digest, prefix_len}}
+    kv_transfer_params  = {"deepthink": {name, path, digest, prefix_len, frontend}}
 
 The salt keeps adapter blocks apart from every other prompt in the prefix cache;
 the digest makes a rebuilt adapter (same name, new weights) a new cache entry.
+
+It is also where every request field of the plugin is validated (`check_request`):
+the scheduler and workers only read what this module wrote. A client cannot write
+our kv_transfer_params entry, an extra_args key of the plugin other than the two
+documented ones, a malformed scoring position, or a cache salt in the `deepthink:`
+namespace; an adapter and a LoRA never serve one request together. Errors are
+AdapterRequestError (UnknownAdapterError for a name nobody serves), which
+patches/engine.py raises as vLLM's client errors (HTTP 400 / 404).
 Nothing here imports vLLM at module level.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter, ModelFingerprint
 from vllm_deepthink.format.adapter import resolve_adapter_dir
+from vllm_deepthink.plugin.connector import kv_layout
+from vllm_deepthink.plugin.resolvers import AdapterResolver, DirectoryResolver
 from vllm_deepthink.plugin.protocol import (
     ADAPTER_ARG,
+    EXTRA_CONFIG_ADAPTER_DIRS,
     EXTRA_CONFIG_ADAPTERS,
+    EXTRA_CONFIG_PARENTS,
     PARAMS_KEY,
+    RESERVED_ARG_PREFIX,
+    SALT_NAMESPACE,
     SALT_PREFIX,
+    SCORED_FROM_ARG,
     AdapterNameError,
+    TransferEntry,
     check_adapter_name,
-    params_transfer_entry,
+    has_transfer_entry,
+    is_int,
+    is_reserved_salt,
     uses_deepthink_connector,
 )
 
 logger = logging.getLogger(__name__)
 
+# Marks the kv_transfer_params entries this process's frontend wrote (random per
+# process, never sent to a client): the output-side patch acts on those only.
+FRONTEND_TOKEN = secrets.token_hex(16)
+
 
 class AdapterRequestError(ValueError):
-    """A request for an adapter that cannot be served; the message says why."""
+    """A request for an adapter that cannot be served, or a request field of the
+    plugin that is not valid; the message says why. `param` names the request field.
+    patches/engine.py raises it to vLLM as a validation error (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownAdapterError(AdapterRequestError):
+    """A request names an adapter nobody serves (HTTP 404)."""
 
 
 @dataclass(frozen=True)
@@ -51,31 +84,39 @@ class AdapterInfo:
     digest: str
     prefix_len: int
     placeholder_ids: tuple[int, ...]
+    # The served model name /v1/models reports as the adapter's parent (None: the first).
+    parent: str | None = None
 
     def cache_salt(self, user_salt: str | None = None) -> str:
         salt = f"{SALT_PREFIX}:{self.name}:{self.digest}"
         return f"{salt}:{user_salt}" if user_salt else salt
 
     def transfer_params(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "digest": self.digest,
-                "prefix_len": self.prefix_len}
+        return TransferEntry(self.name, self.path, self.digest, self.prefix_len,
+                             FRONTEND_TOKEN).as_dict()
 
 
 class AdapterRegistry:
     """Adapters the frontend serves, by name. Thread-safe.
 
-    `register` validates the adapter against the served model's fingerprint
-    before it becomes visible; workers then load it lazily by path, verifying the
-    weights digest, the first time a request for it arrives.
+    `register` validates the adapter against the served model's fingerprint (and,
+    given the engine's dtype, that its values fit it) before it becomes visible;
+    workers then load it lazily by path, verifying the weights digest, the first time
+    a request for it arrives.
     """
 
-    def __init__(self, model: str | Path, revision: str | None = None):
+    def __init__(self, model: str | Path, revision: str | None = None,
+                 resolvers: Sequence[AdapterResolver] = (), dtype: Any = None):
         self._model = str(model)
         self._revision = revision
+        self._dtype = dtype  # a torch.dtype the K/V is written in, or None
+        self._resolvers = list(resolvers)
         self._fingerprint: ModelFingerprint | None = None
         self._adapters: dict[str, AdapterInfo] = {}
         # Adapters named at engine start that failed validation: name -> reason.
         self._failed: dict[str, str] = {}
+        # Resolved locations that failed validation: (location, mtime) -> reason.
+        self._refused: dict[tuple[str, float], str] = {}
         self._lock = threading.Lock()
         self._fingerprint_lock = threading.Lock()
 
@@ -92,16 +133,27 @@ class AdapterRegistry:
                         f"as a local directory or a hub id in the hub cache.") from exc
             return self._fingerprint
 
-    def register(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validate the adapter at `path` against the served model and serve it as
-        `name` (replacing an adapter of that name). Raises AdapterFormatError."""
+    def register(self, name: str, path: str | Path, parent: str | None = None
+                 ) -> AdapterInfo:
+        """Validate the adapter at `path` (a directory or hub id) against the served
+        model and serve it as `name` (replacing an adapter of that name). Raises
+        AdapterFormatError."""
         _checked_name(name)
         path = str(resolve_adapter_dir(path))  # workers read it by this local path
         adapter = DeepThinkAdapter.from_pretrained(
             path, expected_fingerprint=self.model_fingerprint())
+        if self._dtype is not None:
+            for kind, tensors in (("keys", adapter.keys), ("values", adapter.values)):
+                for layer, kv in enumerate(tensors):
+                    try:
+                        kv_layout.to_cache_dtype(kv, self._dtype,
+                                                 f"adapter {name!r} layer {layer} {kind}")
+                    except ValueError as exc:
+                        raise AdapterFormatError(str(exc)) from None
         info = AdapterInfo(name=name, path=path, digest=adapter.digest,
                            prefix_len=adapter.prefix_len,
-                           placeholder_ids=tuple(adapter.config.demo_token_ids))
+                           placeholder_ids=tuple(adapter.config.placeholder_token_ids()),
+                           parent=parent)
         with self._lock:
             self._adapters[name] = info
             self._failed.pop(name, None)
@@ -109,12 +161,13 @@ class AdapterRegistry:
                     name, path, info.prefix_len, info.digest[:12])
         return info
 
-    def register_at_start(self, adapters: Mapping[str, str]) -> None:
+    def register_at_start(self, adapters: Mapping[str, str],
+                          parents: Mapping[str, str] | None = None) -> None:
         """Register the engine-start adapters; one that fails is recorded with its
         reason (requests naming it get that reason) and the others are served."""
         for name, path in adapters.items():
             try:
-                self.register(name, path)
+                self.register(name, path, (parents or {}).get(name))
             except (AdapterFormatError, AdapterRequestError, OSError) as exc:
                 with self._lock:
                     self._failed[name] = str(exc)
@@ -129,15 +182,41 @@ class AdapterRegistry:
                 f"no adapter named {name!r} is registered; registered: {self.names()}")
         return info
 
-    def get(self, name: str) -> AdapterInfo:
+    def lookup(self, name: str) -> AdapterInfo | None:
+        """The adapter served as `name`; an unregistered name is offered to the
+        resolvers (e.g. DIR/NAME of --deepthink-adapter-dir), whose adapter is validated
+        and registered. None when nobody has it. A resolved adapter that fails
+        validation raises AdapterRequestError with the reason (remembered until its
+        files change)."""
         with self._lock:
             info = self._adapters.get(name)
+        if info is not None or not self._resolvers:
+            return info
+        for resolver in self._resolvers:
+            location = resolver.resolve(name)
+            if location is None:
+                continue
+            key = (location, _mtime(location))
+            if key in self._refused:
+                raise AdapterRequestError(self._refused[key])
+            try:
+                return self.register(name, location)
+            except (AdapterFormatError, AdapterRequestError, OSError) as exc:
+                reason = f"adapter {name!r} found at {location} cannot be served: {exc}"
+                self._refused[key] = reason
+                raise AdapterRequestError(reason) from None
+        return None
+
+    def get(self, name: str) -> AdapterInfo:
+        with self._lock:
             failed = self._failed.get(name)
+        if failed is not None:
+            raise AdapterRequestError(
+                f"adapter {name!r} failed to load at engine start: {failed}", param="model")
+        info = self.lookup(name)
         if info is not None:
             return info
-        if failed is not None:
-            raise AdapterRequestError(f"adapter {name!r} failed to load at engine start: {failed}")
-        raise AdapterRequestError(
+        raise UnknownAdapterError(
             f"unknown adapter {name!r}; this engine serves {self.names()}. Register it "
             f"with vllm_deepthink.engine_args(adapters={{{name!r}: PATH}}) or load it at "
             f"runtime.")
@@ -149,6 +228,14 @@ class AdapterRegistry:
     def failed(self) -> dict[str, str]:
         with self._lock:
             return dict(self._failed)
+
+
+def _mtime(location: str) -> float:
+    """Latest modification time of an adapter directory's files (0 if unreadable)."""
+    try:
+        return max(p.stat().st_mtime for p in Path(location).iterdir())
+    except (OSError, ValueError):
+        return 0.0
 
 
 _registries: dict[tuple[str, str], AdapterRegistry] = {}
@@ -169,10 +256,14 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
     with _registries_lock:
         registry = _registries.get(key)
         if registry is None:
-            registry = AdapterRegistry(vllm_config.model_config.model,
-                                       revision=vllm_config.model_config.revision)
-            registry.register_at_start(
-                kv_config.kv_connector_extra_config.get(EXTRA_CONFIG_ADAPTERS, {}))
+            extra = kv_config.kv_connector_extra_config
+            registry = AdapterRegistry(
+                vllm_config.model_config.model, revision=vllm_config.model_config.revision,
+                resolvers=[DirectoryResolver(d)
+                           for d in extra.get(EXTRA_CONFIG_ADAPTER_DIRS, [])],
+                dtype=getattr(vllm_config.model_config, "dtype", None))
+            registry.register_at_start(extra.get(EXTRA_CONFIG_ADAPTERS, {}),
+                                       extra.get(EXTRA_CONFIG_PARENTS, {}))
             _registries[key] = registry
             _latest[:] = [registry]
         return registry
@@ -200,53 +291,155 @@ def _checked_name(name: Any) -> str:
     try:
         return check_adapter_name(name)
     except AdapterNameError as exc:
-        raise AdapterRequestError(str(exc)) from None
+        raise AdapterRequestError(str(exc), param="model") from None
 
+
+# ----------------------------------------------------------------- request checks
+
+def reserved_client_field(vllm_xargs: Any, kv_transfer_params: Any, cache_salt: Any
+                          ) -> AdapterRequestError | None:
+    """The error for an HTTP request whose client-controlled fields reach into the
+    plugin's namespace, or None. Over HTTP the adapter is chosen by `model` only:
+    every `deepthink_*` key of vllm_xargs is refused, as are our kv_transfer_params
+    entry and cache salts in the `deepthink:` namespace."""
+    if isinstance(vllm_xargs, dict):
+        for key in vllm_xargs:
+            if isinstance(key, str) and key.startswith(RESERVED_ARG_PREFIX):
+                return AdapterRequestError(
+                    f"vllm_xargs key {key!r} is reserved for vllm-deepthink: over HTTP a "
+                    f"Deep-Thinking adapter is chosen by `model` (its name, as listed by "
+                    f"/v1/models), never by vllm_xargs. Remove {key!r}.", param="vllm_xargs")
+    for params in (kv_transfer_params,
+                   vllm_xargs.get("kv_transfer_params") if isinstance(vllm_xargs, dict)
+                   else None):
+        if has_transfer_entry(params):
+            return _forged_entry_error()
+    if is_reserved_salt(cache_salt):
+        return _reserved_salt_error(cache_salt)
+    return None
+
+
+def check_request(prompt: Any, params: Any, lora_request: Any = None) -> str | None:
+    """Validate the plugin's fields of a request to an engine that runs the DeepThink
+    connector; return the adapter name it selects (None: a plain request).
+
+    Refused (AdapterRequestError): our kv_transfer_params entry (only the rewrite
+    writes it), kv_transfer_params that is not an object, a `deepthink_*` extra_args
+    key other than ADAPTER_ARG and SCORED_FROM_ARG, a SCORED_FROM_ARG that is not an
+    int >= 0, a cache salt in the `deepthink:` namespace, an adapter together with a
+    LoRA. This is where client values are parsed, so that scheduler and worker code
+    never has to.
+    """
+    extra = getattr(params, "extra_args", None) or {}
+    kv_params = extra.get("kv_transfer_params")
+    if kv_params is not None and not isinstance(kv_params, dict):
+        raise AdapterRequestError(
+            f"kv_transfer_params must be a JSON object, found {type(kv_params).__name__} "
+            f"{kv_params!r:.60}", param="kv_transfer_params")
+    if has_transfer_entry(kv_params):
+        raise _forged_entry_error()
+    for key in extra:
+        if (isinstance(key, str) and key.startswith(RESERVED_ARG_PREFIX)
+                and key not in (ADAPTER_ARG, SCORED_FROM_ARG)):
+            raise AdapterRequestError(
+                f"unknown vllm-deepthink extra_args key {key!r}; the plugin reads "
+                f"{ADAPTER_ARG!r} (offline API: vllm_deepthink.sampling_params(adapter=...)) "
+                f"and {SCORED_FROM_ARG!r} (the vLLM scorer) only.", param="extra_args")
+    if SCORED_FROM_ARG in extra:
+        value = extra[SCORED_FROM_ARG]
+        if not (is_int(value) and value >= 0):
+            raise AdapterRequestError(
+                f"extra_args[{SCORED_FROM_ARG!r}] must be an int >= 0 (the first prompt "
+                f"position a scoring request scores), found {value!r:.60}",
+                param=SCORED_FROM_ARG)
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if is_reserved_salt(salt):
+        raise _reserved_salt_error(salt)
+    name = adapter_name(params)
+    if name is not None and lora_request is not None:
+        raise AdapterRequestError(
+            f"a request cannot use a LoRA adapter ({getattr(lora_request, 'lora_name', '?')!r}) "
+            f"and the Deep-Thinking adapter {name!r} together: the adapter's K/V were "
+            f"computed with the base model's weights. Send it without one of them.",
+            param="model")
+    return name
+
+
+def _forged_entry_error() -> AdapterRequestError:
+    return AdapterRequestError(
+        f"kv_transfer_params[{PARAMS_KEY!r}] is reserved for vllm-deepthink (it names the "
+        f"files the workers load); select an adapter by `model` over HTTP or with "
+        f"vllm_deepthink.sampling_params(adapter=NAME) offline.", param="kv_transfer_params")
+
+
+def _reserved_salt_error(salt: str) -> AdapterRequestError:
+    return AdapterRequestError(
+        f"cache_salt {salt[:40]!r} is in the {SALT_NAMESPACE!r} namespace, which is reserved "
+        f"for the prefix-cache blocks of Deep-Thinking adapters; use a salt that does not "
+        f"start with {SALT_NAMESPACE!r} (an adapter request's own salt is combined with "
+        f"the adapter's).", param="cache_salt")
+
+
+def wrote(entry: TransferEntry | None) -> bool:
+    """Whether this process's frontend wrote `entry` (so the engine runs our connector)."""
+    return entry is not None and secrets.compare_digest(entry.frontend, FRONTEND_TOKEN)
+
+
+# ----------------------------------------------------------------- the rewrite
 
 def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None, str | None]:
     """(query ids, query text or None, user cache salt or None) of a prompt.
 
     Text is tokenized WITHOUT special tokens (the adapter is the whole prefix); a
     prompt given as token ids is used as given. `prompt` is a rendered engine
-    input (dict with "type") or a raw prompt (str or dict).
+    input (dict with "type") or a raw prompt (str or dict). A rendered text prompt
+    whose ids start with the text's own tokenization (which may add BOS) gets that
+    start replaced by the text tokenized without special tokens; the ids after it
+    are kept (beam search re-submits the rendered ids plus the grown ones).
     """
     if isinstance(prompt, str):
         prompt = {"prompt": prompt}
     if not isinstance(prompt, dict):
         raise AdapterRequestError(
-            f"adapter requests take a text or token-id prompt, found {type(prompt).__name__}")
+            f"adapter requests take a text or token-id prompt, found {type(prompt).__name__}",
+            param="prompt")
     kind = prompt.get("type")
     if kind is not None and kind != "token":
         raise AdapterRequestError(
             f"adapter requests take text or token ids; a {kind!r} prompt (embeddings, "
-            f"multimodal or encoder-decoder) cannot follow a Deep-Thinking prefix.")
+            f"multimodal or encoder-decoder) cannot follow a Deep-Thinking prefix.",
+            param="prompt")
     if "prompt_embeds" in prompt or "multi_modal_data" in prompt:
         raise AdapterRequestError(
-            "adapter requests take text or token ids, not embeddings or multimodal data")
+            "adapter requests take text or token ids, not embeddings or multimodal data",
+            param="prompt")
     text = prompt.get("prompt")
     salt = prompt.get("cache_salt")
     ids = prompt.get("prompt_token_ids")
     if ids is None:
         if not isinstance(text, str):
-            raise AdapterRequestError("an adapter request needs a text or token-id prompt")
+            raise AdapterRequestError("an adapter request needs a text or token-id prompt",
+                                      param="prompt")
         ids = _encode(tokenizer, text, add_special_tokens=False)
     elif isinstance(text, str) and tokenizer is not None:
         # A rendered text prompt: the renderer tokenized it with its defaults (which
-        # may add BOS); tokenize it again without special tokens. Ids that do not
-        # come from this text (user token ids, truncation) are kept as given.
+        # may add BOS). Ids that do not start with that tokenization (user token ids,
+        # truncation) are kept as given.
+        ids = list(ids)
         with_special = _encode(tokenizer, text, add_special_tokens=True)
-        if list(ids) == with_special:
-            ids = _encode(tokenizer, text, add_special_tokens=False)
+        if ids[:len(with_special)] == with_special:
+            ids = _encode(tokenizer, text, add_special_tokens=False) + ids[len(with_special):]
     elif kind == "token" and tokenizer is not None and list(ids) == _encode(
             tokenizer, "", add_special_tokens=True):
-        # The renderer drops the text of an empty prompt and keeps only the
-        # special tokens it added (e.g. [BOS]): an empty text query.
+        # The renderer drops the text of an empty prompt and keeps only the special
+        # tokens it added (e.g. [BOS]): an empty text query.
         ids = []
     ids = [int(i) for i in ids]
     if not ids:
         raise AdapterRequestError(
             "the query has zero tokens; an adapter request needs at least one query "
-            "token after the adapter prefix (the engine must compute one position).")
+            "token after the adapter prefix (the engine must compute one position).",
+            param="prompt")
     return ids, text if isinstance(text, str) else None, salt
 
 
@@ -254,7 +447,7 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     if tokenizer is None:
         raise AdapterRequestError(
             "a text prompt needs the tokenizer (the engine was started with "
-            "skip_tokenizer_init); send token ids instead")
+            "skip_tokenizer_init); send token ids instead", param="prompt")
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
@@ -272,7 +465,8 @@ def rewrite_request(info: AdapterInfo, prompt: Any, params: Any, tokenizer: Any,
         raise AdapterRequestError(
             f"adapter {info.name!r} occupies {info.prefix_len} positions and the query "
             f"{len(query_ids)}; together {total} leave no room for output within "
-            f"max_model_len={max_model_len}. Shorten the query or raise max_model_len.")
+            f"max_model_len={max_model_len}. Shorten the query or raise max_model_len.",
+            param="prompt")
     engine_input: dict[str, Any] = {
         "type": "token",
         "prompt_token_ids": list(info.placeholder_ids) + query_ids,
@@ -289,7 +483,7 @@ def adapter_sampling_params(params: Any, info: AdapterInfo) -> Any:
     if getattr(params, "prompt_logprob_token_ids", None) is not None:
         raise AdapterRequestError(
             "prompt_logprob_token_ids is not supported with Deep-Thinking adapters; "
-            "use prompt_logprobs")
+            "use prompt_logprobs", param="prompt_logprob_token_ids")
     params = params.clone()
     extra = dict(params.extra_args or {})
     kv_params = dict(extra.get("kv_transfer_params") or {})
@@ -297,7 +491,7 @@ def adapter_sampling_params(params: Any, info: AdapterInfo) -> Any:
     extra["kv_transfer_params"] = kv_params
     params.extra_args = extra
     # The adapter prefix arrives through the prefix-cache path: prompt logprobs
-    # must not switch it off (vLLM's default for them). compat.py caps the local
+    # must not switch it off (vLLM's default for them). patches/engine.py caps the local
     # hit instead so the query's prompt logprobs are computed.
     params.skip_reading_prefix_cache = False
     return params
@@ -306,7 +500,6 @@ def adapter_sampling_params(params: Any, info: AdapterInfo) -> Any:
 def reject_forged_params(params: Any) -> None:
     """A request must not carry our kv_transfer_params entry itself: it names a
     path the workers would load. Only the frontend rewrite sets it."""
-    if params_transfer_entry(params) is not None:
-        raise AdapterRequestError(
-            f"kv_transfer_params[{PARAMS_KEY!r}] is reserved for vllm-deepthink; select "
-            f"an adapter with extra_args={{{ADAPTER_ARG!r}: NAME}} instead")
+    extra = getattr(params, "extra_args", None) or {}
+    if has_transfer_entry(extra.get("kv_transfer_params")):
+        raise _forged_entry_error()

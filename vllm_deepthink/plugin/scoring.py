@@ -12,7 +12,10 @@ choice ids with `prompt_logprobs=0`; the score is the sum of the prompt logprobs
 the choice's positions. A plain request (zero-shot, ICL) reads the prefix cache up
 to the block before its choice (`skip_reading_prefix_cache=False` and
 extra_args[SCORED_FROM_ARG], capped by patches.engine.local_hit_cap), so
-demonstrations and the query shared by an item's choices are not recomputed. With a
+demonstrations and the query shared by an item's choices are not recomputed. The cap
+acts on engines that run the DeepThink connector only (make_engine always configures
+it); on another engine such a request does not read the prefix cache (vLLM's default
+for prompt logprobs). With a
 Deep-Thinking adapter the prompt is query (+ choice) ids only: the plugin puts the
 adapter's K/V in front (positions 0..L-1).
 """
@@ -32,7 +35,9 @@ from vllm_deepthink.tasks.scoring import NEXT, EncodedItem, Score, ScoringPlan, 
 
 def make_engine(model: str | Path, *, adapters: Mapping[str, str | Path] | None = None,
                 max_model_len: int = 2048, **engine_kwargs: Any):
-    """A `vllm.LLM` for scoring: float32, prefix caching on, adapters if given.
+    """A `vllm.LLM` for scoring: float32, prefix caching on, the DeepThink connector
+    (with `adapters`, if given; without, it still caps the prefix-cache reads of
+    multi-token choices, see the module docstring).
 
     On CPU set VLLM_CPU_KVCACHE_SPACE (GiB) before calling; it defaults to 1 here.
     """
@@ -42,9 +47,7 @@ def make_engine(model: str | Path, *, adapters: Mapping[str, str | Path] | None 
     kwargs = dict(model=str(model), dtype="float32", max_model_len=max_model_len,
                   enable_prefix_caching=True, enforce_eager=True, seed=0)
     kwargs.update(engine_kwargs)
-    if adapters:
-        kwargs = api.engine_args(adapters=dict(adapters), **kwargs)
-    return LLM(**kwargs)
+    return LLM(**api.engine_args(adapters=dict(adapters or {}), **kwargs))
 
 
 def _sampling_params(adapter: str | None, **params: Any):
@@ -61,10 +64,14 @@ def _next_token_params(adapter: str | None, token_ids: Sequence[int]):
     return _sampling_params(adapter, logprob_token_ids=sorted(set(token_ids)))
 
 
-def _choice_params(adapter: str | None, start: int):
-    """Prompt logprobs of the positions from `start` on (the choice tokens)."""
+def _choice_params(adapter: str | None, start: int, capped: bool = True):
+    """Prompt logprobs of the positions from `start` on (the choice tokens). `capped`:
+    the engine caps prefix-cache reads (it runs the DeepThink connector), so a plain
+    request may read the cache up to `start`."""
     if adapter is not None:
         return _sampling_params(adapter, prompt_logprobs=0)
+    if not capped:
+        return _sampling_params(None, prompt_logprobs=0)
     return _sampling_params(None, prompt_logprobs=0, skip_reading_prefix_cache=False,
                             extra_args={protocol.SCORED_FROM_ARG: start})
 
@@ -82,13 +89,14 @@ def score_plan_vllm(llm, plan: ScoringPlan, *, prefix_ids: Sequence[int] | None 
     if adapter is not None and prefix_ids:
         raise ValueError("give either prefix_ids (ICL) or adapter (Deep-Thinking), not both")
     prefix = list(prefix_ids or [])
+    capped = protocol.uses_deepthink_connector(llm.llm_engine.vllm_config)
     prompts, params = [], []
     for unit in plan.units:
         prompts.append({"prompt_token_ids": prefix + unit.ids})
         if unit.kind == NEXT:
             params.append(_next_token_params(adapter, [t for _, t, _ in unit.entries]))
         else:
-            params.append(_choice_params(adapter, len(prefix) + unit.scored_from))
+            params.append(_choice_params(adapter, len(prefix) + unit.scored_from, capped))
     outputs = llm.generate(prompts, params, use_tqdm=progress)
     totals = [[0.0] * len(lengths) for lengths in plan.choice_lengths]
     for prompt, unit, out in zip(prompts, plan.units, outputs):

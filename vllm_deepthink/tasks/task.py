@@ -45,7 +45,7 @@ DEFAULT_SEPARATOR = "\n\n"
 _INPUT_SLOT = {CLASSIFICATION: "text", MULTIPLE_CHOICE: "question"}
 _ANSWER_SLOT = {CLASSIFICATION: "label", MULTIPLE_CHOICE: "choice"}
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
-_TASK_JSON_KEYS = {"kind", "template", "label_words", "separator", "name", "eval_split"}
+TASK_JSON_KEYS = {"kind", "template", "label_words", "separator", "name", "eval_split"}
 
 
 class TaskError(ValueError):
@@ -146,7 +146,11 @@ class Task:
         return self.directory / f"{split}.jsonl"
 
     def has_split(self, split: str) -> bool:
-        return self.split_path(split).is_file()
+        return split in self._rows or self.split_path(split).is_file()
+
+    def set_rows(self, rows: dict[str, list[dict]]) -> None:
+        """Rows that do not come from jsonl files (e.g. tasks/datasets.py), validated."""
+        self._rows.update(rows)
 
     def rows(self, split: str) -> list[dict]:
         """All rows of a split, validated (cached)."""
@@ -172,13 +176,14 @@ class Task:
                 except json.JSONDecodeError as exc:
                     raise TaskError(f"{where}: not valid JSON ({exc}); expected one JSON "
                                     f"object per line.") from None
-                self._check_row(row, where)
+                self.check_row(row, where)
                 rows.append(row)
         if not rows:
             raise TaskError(f"{path}: no rows; expected one JSON object per line.")
         return rows
 
-    def _check_row(self, row: Any, where: str) -> None:
+    def check_row(self, row: Any, where: str) -> None:
+        """Raise TaskError (naming `where`) unless `row` is a valid row of this task."""
         if not isinstance(row, dict):
             raise TaskError(f"{where}: expected a JSON object, found {type(row).__name__}")
         example = ('{"text": "...", "label": 0}' if self.kind == CLASSIFICATION
@@ -342,10 +347,19 @@ def _task_from_json(directory: Path, path: Path) -> Task:
     source = str(path)
     if not isinstance(spec, dict):
         raise TaskError(f"{source}: expected a JSON object, found {type(spec).__name__}")
-    unknown = sorted(set(spec) - _TASK_JSON_KEYS)
+    if spec.get("dataset") is not None:
+        raise TaskError(f"{source} names a dataset ({spec['dataset']!r}); load it with "
+                        f"--dataset (tasks/datasets.py), not as a task directory.")
+    unknown = sorted(set(spec) - TASK_JSON_KEYS)
     if unknown:
         raise TaskError(f"{source}: unknown keys {unknown}; allowed keys are "
-                        f"{sorted(_TASK_JSON_KEYS)}.")
+                        f"{sorted(TASK_JSON_KEYS)} (and, for --dataset, the column keys of "
+                        f"tasks/datasets.py).")
+    return task_from_spec(spec, directory, source)
+
+
+def task_from_spec(spec: dict, directory: Path, source: str) -> Task:
+    """A Task from the keys of a task.json (already checked for unknown keys)."""
     kind = spec.get("kind")
     if kind not in KINDS:
         raise TaskError(f"{source}: 'kind' must be one of {list(KINDS)}, found {kind!r}")

@@ -1,10 +1,9 @@
-"""Measurement helpers: peak RSS of a process tree, percentiles, medians and spread."""
+"""Measurement helpers of the offline harness: peak RSS of a process tree, medians and spread."""
 
 from __future__ import annotations
 
 import statistics
 import threading
-import time
 
 
 class PeakRSS:
@@ -49,28 +48,9 @@ class PeakRSS:
         self.sample()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
-    if not values:
-        raise ValueError("percentile of an empty list")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def summarize(values: list[float]) -> dict[str, float]:
     """Median, min, max and relative spread (max - min) / median of repetitions."""
     median = statistics.median(values)
     return {"median": median, "min": min(values), "max": max(values),
             "rel_spread": (max(values) - min(values)) / median if median else 0.0,
             "n": len(values)}
-
-
-class Stopwatch:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

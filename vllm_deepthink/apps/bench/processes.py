@@ -1,7 +1,7 @@
-"""Each benchmarked system runs in its own process, with the same environment.
+"""Each benchmarked offline system runs in its own process, with the same environment.
 
-`engine_env` is the environment of every system process and server; `run_system`
-runs one offline system (`python -m vllm_deepthink.apps.bench.systems SPEC OUT`).
+`run_system` runs one system (`python -m vllm_deepthink.apps.bench.systems SPEC OUT`)
+with the environment it is given (`server.engine_env`, the same for every system).
 """
 
 from __future__ import annotations
@@ -14,36 +14,30 @@ from pathlib import Path
 from typing import Any
 
 
-def engine_env(args) -> dict[str, str]:
-    """Environment of every system process and server: the same for all systems."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(args.kv_cache_gib),
-               TOKENIZERS_PARALLELISM="false")
-    if args.reserved_cpus != "auto":
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(int(args.reserved_cpus))
-    return env
-
-
-def hf_threads(args) -> int:
-    if args.hf_threads:
-        return args.hf_threads
+def hf_threads(options) -> int:
+    """Torch threads of HF work: `options.hf_threads`, else the OpenMP threads a vLLM
+    worker gets (usable CPUs - reserved CPUs, at least 1)."""
+    if options.hf_threads:
+        return options.hf_threads
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    reserved = 1 if args.reserved_cpus == "auto" else int(args.reserved_cpus)
+    reserved = 1 if options.reserved_cpus == "auto" else int(options.reserved_cpus)
     return max(1, cpus - reserved)
 
 
-def run_system(system: str, group_key: str, spec: dict[str, Any], work_dir: Path,
-                timeout: float, args) -> dict[str, Any]:
-    spec_path = work_dir / "specs" / f"{group_key}-{system}.json"
-    out_path = work_dir / "results" / f"{group_key}-{system}.json"
-    log_path = work_dir / "logs" / f"{group_key}-{system}.log"
+def run_system(system: str, spec: dict[str, Any], work_dir: Path, timeout: float,
+               env: dict[str, str]) -> dict[str, Any]:
+    """The system's result, or {"error": ...} with the log tail when its process fails."""
+    spec_path = work_dir / "specs" / f"{system}.json"
+    out_path = work_dir / "results" / f"{system}.json"
+    log_path = work_dir / "logs" / f"{system}.log"
     for p in (spec_path, out_path, log_path):
         p.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
-    env = engine_env(args)
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "vllm_deepthink.apps.bench.systems", str(spec_path), str(out_path)],
+                [sys.executable, "-m", "vllm_deepthink.apps.bench.systems", str(spec_path),
+                 str(out_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
             code = proc.returncode
         except subprocess.TimeoutExpired:

@@ -31,7 +31,8 @@ Schema of `vllm-deepthink bench --output-json` (schema_version 1)::
       "task_scaling": [{prefix_len, query_len, output_len, tasks_low, tasks_high, ratio}],
       "targets": [{name, workload, value, threshold, met}],
       "builder_cost": [{prefix_len, iteration_s, plain_forward_2l_s, iteration_over_forward_2l, ...}],
-      "server": {... same shape as runs, from --server, see server_bench.py}
+      "server": {client, command, definitions, runs: [{workload, systems: {name: figures
+                 of `vllm bench serve`}, outputs_match}]}  (--server, see server_bench.py)
     }
 """
 
@@ -62,8 +63,9 @@ DEFINITIONS = {
                                    "included); hf-reference: to the end of the request's batch",
     "prefix_cache_hit_rate": "vLLM's local prefix cache: vllm:prefix_cache_hits / "
                              "vllm:prefix_cache_queries over the timed pass",
-    "adapter_loads": "adapter loads reported by the deepthink connector over the timed pass "
-                     "(null when the plugin exposes no statistics)",
+    "adapter_loads": "adapter loads over the timed pass, from the deepthink connector's "
+                     "counters (vllm_deepthink.plugin.api.connector_stats); null for the "
+                     "other systems",
     "peak_rss_bytes": "max over the system process's life of the summed RSS of the process and "
                       "its children (vLLM engine core), sampled every 0.1 s; shared pages count "
                       "once per process",
@@ -154,7 +156,7 @@ def system_figures(workload: Workload, result: dict[str, Any], process: dict[str
         rates = [r["prefix_cache_hit_rate"] for r in reps if r["prefix_cache_hit_rate"] is not None]
         figures["prefix_cache_hit_rate"] = _median(rates)
         figures["adapter_loads"] = _median(
-            [loads for r in reps if (loads := _adapter_loads(r)) is not None])
+            [r["adapter_loads"] for r in reps if r["adapter_loads"] is not None])
         figures["block_size"] = (process.get("vllm_config") or {}).get("block_size")
     else:
         figures["batch_size"] = result.get("batch_size")
@@ -162,16 +164,6 @@ def system_figures(workload: Workload, result: dict[str, Any], process: dict[str
             "batch_size_tuning_requests_per_s")
     figures["repetitions"] = reps
     return figures
-
-
-def _adapter_loads(rep: dict[str, Any]) -> float | None:
-    before, after = rep.get("connector_stats_before"), rep.get("connector_stats_after")
-    if not isinstance(before, dict) or not isinstance(after, dict):
-        return None
-    for key in ("adapter_loads", "loads", "num_loads"):
-        if isinstance(after.get(key), (int, float)) and isinstance(before.get(key), (int, float)):
-            return after[key] - before[key]
-    return None
 
 
 def submitted_prompt_tokens(system: str, workload: Workload) -> int:
@@ -256,35 +248,54 @@ def targets(runs: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> list[d
     return out
 
 
+# Terminal table columns: (header, figure key, format spec, scale).
+_OFFLINE_COLUMNS = (("req/s", "requests_per_s", ">9.2f", 1),
+                    ("spread", "rel_spread", ">8.1%", 1),
+                    ("p50 s", "latency_p50_s", ">9.3f", 1), ("p99 s", "latency_p99_s", ">9.3f", 1),
+                    ("computed tok/s", "computed_prompt_tokens_per_s", ">16.0f", 1),
+                    ("peak RSS MB", "peak_rss_bytes", ">13.0f", 2**-20))
+_SERVER_COLUMNS = (("done", "completed", ">6d", 1), ("failed", "failed", ">7d", 1),
+                   ("TTFT p50 ms", "p50_ttft_ms", ">13.1f", 1),
+                   ("TTFT p99 ms", "p99_ttft_ms", ">13.1f", 1),
+                   ("E2EL p50 ms", "p50_e2el_ms", ">13.1f", 1),
+                   ("E2EL p99 ms", "p99_e2el_ms", ">13.1f", 1))
+
+
+def _run_table(title: str, run: dict[str, Any], columns) -> list[str]:
+    """A title, a header, one row per system (FAILED and why for a failed one), and
+    the outputs_match line."""
+    lines = [title, f"  {'system':<13}" + "".join(
+        f"{header:>{len(format(0, spec))}}" for header, _, spec, _ in columns)]
+    for name, fig in run["systems"].items():
+        if "error" in fig:
+            lines.append(f"  {name:<13} FAILED: {fig['error'].splitlines()[-1][:90]}")
+        else:
+            lines.append(f"  {name:<13}" + "".join(format((fig[key] or 0) * scale, spec)
+                                                  for _, key, spec, scale in columns))
+    if run["outputs_match"]:
+        lines.append("  outputs: " + ", ".join(f"{k} {v:.0%}"
+                                               for k, v in run["outputs_match"].items()))
+    return lines
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A plain-text table for the terminal."""
+    """Plain-text tables for the terminal."""
     lines = []
     for run in report["runs"]:
         w = run["workload"]
-        lines.append(f"== tasks={w['num_tasks']} prefix={w['prefix_len']} query={w['query_len']} "
-                     f"out={w['output_len']} n={w['num_requests']}")
-        lines.append(f"  {'system':<13}{'req/s':>9}{'spread':>8}{'p50 s':>9}{'p99 s':>9}"
-                     f"{'computed tok/s':>16}{'peak RSS MB':>13}")
-        for name, fig in run["systems"].items():
-            if "error" in fig:
-                lines.append(f"  {name:<13} FAILED: {fig['error'].splitlines()[-1][:90]}")
-                continue
-            lines.append(
-                f"  {name:<13}{fig['requests_per_s']:>9.2f}{fig['rel_spread']:>8.1%}"
-                f"{fig['latency_p50_s']:>9.3f}{fig['latency_p99_s']:>9.3f}"
-                f"{fig['computed_prompt_tokens_per_s']:>16.0f}"
-                f"{(fig['peak_rss_bytes'] or 0) / 2**20:>13.0f}")
-        if run["outputs_match"]:
-            lines.append("  outputs: " + ", ".join(f"{k} {v:.0%}"
-                                                   for k, v in run["outputs_match"].items()))
+        lines += _run_table(f"== tasks={w['num_tasks']} prefix={w['prefix_len']} "
+                            f"query={w['query_len']} out={w['output_len']} "
+                            f"n={w['num_requests']}", run, _OFFLINE_COLUMNS)
+    for run in (report.get("server") or {}).get("runs", []):
+        w = run["workload"]
+        lines += _run_table(f"== server (vllm bench serve): tasks={w['num_tasks']} "
+                            f"prefix={w['prefix_len']} out={w['output_len']}", run,
+                            _SERVER_COLUMNS)
     for t in report.get("targets", []):
         lines.append(f"[{'met ' if t['met'] else 'MISS'}] {t['name']} ({t['workload']}): "
                      f"{t['value']:.2f}")
     for b in report.get("builder_cost", []):
-        if "error" in b:
-            lines.append(f"builder cost: {b['error']}")
-        else:
-            lines.append(f"builder L={b['prefix_len']}: {b['iteration_s'] * 1e3:.1f} ms/iteration, "
-                         f"plain forward over 2L {b['plain_forward_2l_s'] * 1e3:.1f} ms "
-                         f"(ratio {b['iteration_over_forward_2l']:.2f})")
+        lines.append(f"builder L={b['prefix_len']}: {b['iteration_s'] * 1e3:.1f} ms/iteration, "
+                     f"plain forward over 2L {b['plain_forward_2l_s'] * 1e3:.1f} ms "
+                     f"(ratio {b['iteration_over_forward_2l']:.2f})")
     return lines

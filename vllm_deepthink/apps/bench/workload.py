@@ -4,18 +4,19 @@ A workload is (number of tasks, prefix length L, query length, output length,
 number of requests). Every system of a run sees exactly the same token ids:
 
 - task t's demonstrations: L token ids that start with BOS (demos carry special
-  tokens, DESIGN.md), either synthetic (seeded random non-special ids) or taken
-  from a task directory (train rows formatted as "text\\nlabel word\\n\\n",
-  sampled with seed + t, concatenated, clipped to exactly L ids);
-- the queries: `query_len` ids each without special tokens, synthetic or cut
-  from the token stream of the task directory's test rows;
+  tokens, DESIGN.md). Synthetic: BOS + seeded random word tokens (see
+  `word_token_ids`). From a task directory (`vllm_deepthink.tasks.load_task`): the
+  task's own demonstrations (`sample_demos` with seed + t, its template and separator),
+  as many shots as L ids need, tokenized as the builder does, clipped to exactly L ids;
+- the queries: `query_len` ids each without special tokens, synthetic word tokens or
+  cut from the token stream of the task's formatted evaluation queries;
 - request i belongs to task `task_of[i]`: a seeded permutation of round-robin
   assignments, so the batch mixes tasks and every task gets n/T (+1) requests.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ class RequestSet:
     queries: list[list[int]]     # [num_requests][query_len]
 
 
+def max_model_len(workloads: list[Workload]) -> int:
+    """The engine's max_model_len that fits every workload's requests."""
+    return max(w.prefix_len + w.query_len + w.output_len for w in workloads)
+
+
 def clip_prefix_len(prefix_len: int, query_len: int, output_len: int,
                     max_positions: int) -> int:
     """The largest prefix length <= prefix_len that leaves room for query and output."""
@@ -70,14 +76,15 @@ def make_request_set(tokenizer, workload: Workload, *, seed: int = 0,
 
     `query_seed_offset` gives a disjoint query set with the same demos (warm-up)."""
     if task_dir is not None:
-        rows = _with_label_words(_read_rows(Path(task_dir), "train"), Path(task_dir))
-        demos = [_demos_from_rows(tokenizer, rows, workload.prefix_len, seed + t)
+        from vllm_deepthink.tasks import load_task
+
+        task = load_task(task_dir)
+        demos = [_task_demos(tokenizer, task, workload.prefix_len, seed + t)
                  for t in range(workload.num_tasks)]
-        test_rows = _read_rows(Path(task_dir), _test_split(Path(task_dir)))
-        queries = _queries_from_rows(tokenizer, test_rows, workload.query_len,
-                                     workload.num_requests, seed + 7919 + query_seed_offset)
+        queries = _task_queries(tokenizer, task, workload.query_len, workload.num_requests,
+                                seed + 7919 + query_seed_offset)
     else:
-        ids = _plain_token_ids(tokenizer)
+        ids = word_token_ids(tokenizer)
         bos = _bos_id(tokenizer)
         demos = []
         for t in range(workload.num_tasks):
@@ -104,92 +111,68 @@ def _bos_id(tokenizer) -> int:
     return bos
 
 
-def _plain_token_ids(tokenizer) -> list[int]:
-    """Ids of ordinary tokens (no special or added tokens), sorted."""
+@functools.lru_cache(maxsize=4)
+def word_token_ids(tokenizer) -> list[int]:
+    """Ids of ordinary tokens whose text is a space and letters (" film") and that
+    tokenize back to themselves, sorted. With a tokenizer that splits text at spaces
+    before merging (GPT-2 style byte-level BPE), any sequence of them is its own
+    tokenization, so the text of a synthetic prompt reproduces its ids (server mode
+    sends text). Every ordinary token when a tokenizer has fewer than two of them."""
     special = set(tokenizer.all_special_ids)
-    vocab_size = len(tokenizer)
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    ids = [i for i in range(vocab_size) if i not in special and i not in added]
-    if len(ids) < 2:
-        raise ValueError(f"tokenizer has only {len(ids)} ordinary tokens; cannot make queries")
-    return ids
+    ordinary = [i for i in range(len(tokenizer)) if i not in special and i not in added]
+    words = []
+    for i in ordinary:
+        text = tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        if (text.startswith(" ") and text[1:].isalpha()
+                and tokenizer.encode(text, add_special_tokens=False) == [i]):
+            words.append(i)
+    if len(words) >= 2:
+        return words
+    if len(ordinary) < 2:
+        raise ValueError(f"tokenizer has only {len(ordinary)} ordinary tokens; "
+                         f"cannot make queries")
+    return ordinary
 
 
-def _test_split(task_dir: Path) -> str:
-    for split in ("test", "validation"):
-        if (task_dir / f"{split}.jsonl").is_file():
-            return split
-    raise FileNotFoundError(
-        f"{task_dir}: expected test.jsonl or validation.jsonl (a ../shared/data task dir)")
+def _task_demos(tokenizer, task, prefix_len: int, seed: int) -> list[int]:
+    """The task's demonstrations (one more shot per label until they reach L ids),
+    tokenized with special tokens as the builder does, clipped to L."""
+    from vllm_deepthink.producers.deepthink.builder import tokenize_demos
+    from vllm_deepthink.tasks import TaskError, sample_demos
 
-
-def _read_rows(task_dir: Path, split: str) -> list[dict[str, Any]]:
-    path = task_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found; --task-dir must hold train.jsonl and test.jsonl "
-            f"(or validation.jsonl), as the directories in ../shared/data do")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows
-
-
-def _with_label_words(rows: list[dict[str, Any]], task_dir: Path) -> list[dict[str, Any]]:
-    path = task_dir / "verbalizers.json"
-    if not path.is_file() or "text" not in rows[0]:
-        return rows
-    words = json.loads(path.read_text(encoding="utf-8"))
-    return [{**row, "label_word": words[int(row["label"])]} for row in rows]
-
-
-def _format_row(row: dict[str, Any], with_answer: bool) -> str:
-    """A demonstration or query line; classification {text,label} or multiple choice
-    {question, choices, label}. Label words are the label index when unknown."""
-    if "text" in row:
-        body = f"Input: {row['text']}\nLabel:"
-        answer = str(row.get("label_word", row.get("label", "")))
-    else:
-        body = f"Question: {row.get('question', '')}\nAnswer:"
-        choices = row.get("choices") or [""]
-        answer = str(choices[int(row.get("label", 0)) % len(choices)])
-    return f"{body} {answer}\n\n" if with_answer else body
-
-
-def _demos_from_rows(tokenizer, rows, prefix_len: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    order = list(range(len(rows)))
-    rng.shuffle(order)
     ids: list[int] = []
-    text = ""
-    for index in order:
-        text += _format_row(rows[index], with_answer=True)
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(ids) >= prefix_len:
-            return ids[:prefix_len]
-    raise ValueError(f"the task's train rows give only {len(ids)} demo tokens, "
-                     f"fewer than the prefix length {prefix_len}; use a shorter --prefix-len")
+    shots = 0
+    while len(ids) < prefix_len:
+        shots += 1
+        try:
+            ids = tokenize_demos(tokenizer, sample_demos(task, shots, seed).text)
+        except TaskError as exc:
+            raise ValueError(
+                f"task {task.name!r}: its train rows give only {len(ids)} demo tokens "
+                f"({shots - 1} shots), fewer than the prefix length {prefix_len} ({exc}); "
+                f"use a shorter --prefix-len or a task with more train rows") from None
+    return ids[:prefix_len]
 
 
-def _queries_from_rows(tokenizer, rows, query_len: int, count: int, seed: int
-                       ) -> list[list[int]]:
+def _task_queries(tokenizer, task, query_len: int, count: int, seed: int) -> list[list[int]]:
+    """`count` queries of `query_len` ids cut from the token stream of the task's
+    evaluation queries (each formatted by the task's template, then its separator)."""
+    from vllm_deepthink.tasks import eval_rows
+
+    texts = [task.format_query(row) + task.separator for row in eval_rows(task)]
     rng = random.Random(seed)
     stream: list[int] = []
     queries: list[list[int]] = []
-    passes = 0
-    while len(queries) < count:
-        order = list(range(len(rows)))
+    for _ in range(1000):
+        order = list(range(len(texts)))
         rng.shuffle(order)
         for index in order:
-            stream += tokenizer(_format_row(rows[index], with_answer=False) + "\n\n",
-                                add_special_tokens=False)["input_ids"]
+            stream += tokenizer(texts[index], add_special_tokens=False)["input_ids"]
             while len(stream) >= query_len and len(queries) < count:
                 queries.append(stream[:query_len])
                 stream = stream[query_len:]
-            if len(queries) >= count:
-                break
-        passes += 1
-        if passes > 1000:
-            raise ValueError("the task's test rows are too short to cut queries from")
-    return queries
+            if len(queries) == count:
+                return queries
+    raise ValueError(f"task {task.name!r}: its evaluation rows are too short to cut "
+                     f"{count} queries of {query_len} tokens from")

@@ -37,6 +37,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        protocol.check_parallelism(vllm_config.parallel_config)  # refused at engine start
         block_size = vllm_config.cache_config.block_size
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         if len(groups) > 1:
@@ -50,10 +51,11 @@ class DeepThinkConnector(KVConnectorBase_V1):
                 f"kv_load_failure_policy={policy!r} would recompute a failed adapter load "
                 f"from its placeholder tokens and return wrong output; vllm-deepthink "
                 f"needs kv_load_failure_policy='fail'.")
-        start_adapters = dict(self._kv_transfer_config.kv_connector_extra_config.get(
-            protocol.EXTRA_CONFIG_ADAPTERS, {}))
+        extra = self._kv_transfer_config.kv_connector_extra_config
         self._scheduler = SchedulerSide(block_size) if role == KVConnectorRole.SCHEDULER else None
-        self._worker = (WorkerSide(vllm_config, block_size, start_adapters)
+        self._worker = (WorkerSide(vllm_config, block_size,
+                                   dict(extra.get(protocol.EXTRA_CONFIG_ADAPTERS, {})),
+                                   extra.get(protocol.EXTRA_CONFIG_RESIDENT_GIB))
                         if role == KVConnectorRole.WORKER else None)
 
     # ---------------------------------------------------------------- worker side

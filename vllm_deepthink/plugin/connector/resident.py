@@ -4,11 +4,18 @@ A worker reads an adapter from disk the first time a request needs it (verifying
 its weights digest), keeps this rank's KV heads in the cache dtype, token-major
 (the layout `do_kv_cache_update` takes), and drops the least recently used beyond
 its budget; a dropped adapter is read again when a request needs it.
+
+Resident adapters live in host memory, never on the accelerator: vLLM sizes the KV
+cache from the device memory left after the model (gpu_memory_utilization), and
+resident copies outside that budget would make it run out. On a GPU the host copies are
+pinned (page-locked) when the platform allows it, and a load copies only the rows it
+writes ([start, end) of each layer, a few MB) to the device, asynchronously, right
+before `do_kv_cache_update` (worker.py). The budget (`--deepthink-resident-gib`,
+`engine_args(resident_gib=...)`, default 4 GiB) is host memory per worker.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,32 +46,23 @@ class ResidentAdapter:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-# Worker memory for resident adapters (GiB); least recently used ones beyond it are
-# dropped and read from disk again when a request needs them.
-RESIDENT_GIB_ENV = "VLLM_DEEPTHINK_RESIDENT_GIB"
-DEFAULT_RESIDENT_GIB = 4.0
-
-
-def resident_budget_bytes(environ=os.environ) -> int:
-    text = environ.get(RESIDENT_GIB_ENV, str(DEFAULT_RESIDENT_GIB))
-    try:
-        gib = float(text)
-    except ValueError:
-        gib = -1.0
-    if not gib > 0:
-        raise ValueError(f"{RESIDENT_GIB_ENV} must be a positive number of GiB (worker memory "
-                         f"for resident adapters), found {text!r}")
-    return int(gib * (1 << 30))
+def pin_memory_for(platform) -> bool:
+    """Whether resident copies are pinned for `platform` (vllm.platforms.current_platform):
+    on an accelerator whose platform allows pinned memory; never on the CPU backend,
+    whose KV cache is host memory already."""
+    return platform.device_type != "cpu" and bool(platform.is_pin_memory_available())
 
 
 class ResidentAdapters:
     """Adapters resident on one worker, keyed by weights digest, least recently used
-    dropped beyond `max_bytes` (the newest always stays). Thread-safe."""
+    dropped beyond `max_bytes` (the newest always stays). Thread-safe.
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, tp_size: int, tp_rank: int,
-                 max_bytes: int | None = None):
+    Tensors are host (CPU) memory, pinned when `pin_memory` (see pin_memory_for)."""
+
+    def __init__(self, dtype: torch.dtype, tp_size: int, tp_rank: int,
+                 max_bytes: int | None = None, pin_memory: bool = False):
         self.dtype = dtype
-        self.device = device
+        self.pin_memory = pin_memory
         self.tp_size = tp_size
         self.tp_rank = tp_rank
         self.max_bytes = max_bytes
@@ -87,12 +85,16 @@ class ResidentAdapters:
         def place(kv: torch.Tensor) -> torch.Tensor:
             rank_kv = kv_layout.rank_heads(kv, self.tp_size, self.tp_rank)
             rank_kv = kv_layout.token_major(rank_kv, 0, rank_kv.shape[1])
-            return kv_layout.to_cache_dtype(rank_kv, self.dtype, what).to(self.device)
+            rank_kv = kv_layout.to_cache_dtype(rank_kv, self.dtype, what)
+            return rank_kv.pin_memory() if self.pin_memory else rank_kv
 
-        resident = ResidentAdapter(name=name, digest=adapter.digest,
-                                   prefix_len=adapter.prefix_len,
-                                   keys=[place(k) for k in adapter.keys],
-                                   values=[place(v) for v in adapter.values])
+        try:
+            resident = ResidentAdapter(name=name, digest=adapter.digest,
+                                       prefix_len=adapter.prefix_len,
+                                       keys=[place(k) for k in adapter.keys],
+                                       values=[place(v) for v in adapter.values])
+        except (ValueError, RuntimeError) as exc:  # e.g. values overflow the cache dtype
+            raise AdapterLoadError(f"adapter {name!r} at {path}: {exc}") from exc
         with self._lock:
             self._by_digest[adapter.digest] = resident
             self._by_digest.move_to_end(adapter.digest)

@@ -1,6 +1,7 @@
 """Scheduler side of the DeepThink connector.
 
-An adapter request (our kv_transfer_params entry, set by the frontend) has L
+An adapter request (our kv_transfer_params entry, set by the frontend and read
+through protocol.transfer_entry, which validates it and never raises) has L
 placeholder tokens in front of its query. Positions [num_computed_tokens, L) are
 reported as external tokens (the local prefix cache may already hold the
 adapter's full blocks, shared through the cache salt), and the request's block
@@ -64,28 +65,28 @@ class SchedulerSide:
         if entry is None:
             return 0, False
         self._local_hits[request.request_id] = num_computed_tokens
-        return max(0, int(entry["prefix_len"]) - num_computed_tokens), False
+        return max(0, entry.prefix_len - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         entry = protocol.transfer_entry(request.kv_transfer_params)
         if entry is None:
             return
-        prefix_len = int(entry["prefix_len"])
+        prefix_len = entry.prefix_len
         local_hit = self._local_hits.pop(request.request_id, prefix_len)
         if num_external_tokens == 0:
             if local_hit < prefix_len:
                 logger.error(
                     "vllm-deepthink: the scheduler declined to load adapter %r for request "
                     "%s (local hit %d < L=%d); its placeholder positions are computed as "
-                    "tokens and its output is wrong.", entry.get("name"),
+                    "tokens and its output is wrong.", entry.name,
                     request.request_id, local_hit, prefix_len)
             return
         (block_ids,) = blocks.get_block_ids()
         last_block = (prefix_len - 1) // self.block_size
         self._pending[request.request_id] = AdapterLoad(
-            request_id=request.request_id, name=str(entry["name"]), path=str(entry["path"]),
-            digest=str(entry["digest"]), start=prefix_len - num_external_tokens,
+            request_id=request.request_id, name=entry.name, path=entry.path,
+            digest=entry.digest, start=prefix_len - num_external_tokens,
             end=prefix_len, block_ids=list(block_ids[:last_block + 1]))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
 from vllm.logger import init_logger
 
 from vllm_deepthink.plugin.connector import kv_layout
 from vllm_deepthink.plugin.connector.resident import (
     AdapterLoadError,
     ResidentAdapters,
-    resident_budget_bytes,
+    pin_memory_for,
 )
+from vllm_deepthink.plugin.protocol import resident_budget_bytes
 from vllm_deepthink.plugin.connector.scheduler import AdapterLoad
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class WorkerSide:
     """The resident adapters of one worker and the writes of each step."""
 
     def __init__(self, vllm_config: VllmConfig, block_size: int,
-                 start_adapters: dict[str, str]):
+                 start_adapters: dict[str, str], resident_gib: float | None = None):
         from vllm.distributed.parallel_state import (
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
@@ -49,10 +49,13 @@ class WorkerSide:
                 f"kv_cache_dtype={cache_dtype!r}: vllm-deepthink writes adapter K/V in the "
                 f"model dtype ({model_dtype}); quantized KV caches need calibrated scales "
                 f"it cannot provide. Serve with kv_cache_dtype='auto'.")
+        # Host memory (pinned on an accelerator): outside the device budget vLLM sizes
+        # the KV cache from; a load copies only its rows to the device (_write).
         self.store = ResidentAdapters(
-            dtype=model_dtype, device=torch.device(current_platform.device_type),
-            tp_size=get_tensor_model_parallel_world_size(),
-            tp_rank=get_tensor_model_parallel_rank(), max_bytes=resident_budget_bytes())
+            dtype=model_dtype, tp_size=get_tensor_model_parallel_world_size(),
+            tp_rank=get_tensor_model_parallel_rank(),
+            max_bytes=resident_budget_bytes(resident_gib),
+            pin_memory=pin_memory_for(current_platform))
         self._layers: dict[str, tuple[Any, int]] | None = None
         self._failed_block_ids: set[int] = set()
         for name, path in start_adapters.items():
@@ -114,11 +117,14 @@ class WorkerSide:
             device = layer.kv_cache.device
             if slots.device != device:  # once per load: every layer sits on one device
                 slots = slots.to(device)
-            # keys/values: [end - start, rank_kv_heads, head_dim], contiguous views
+            # keys/values: [end - start, rank_kv_heads, head_dim], contiguous views of
+            # the host copy; only these rows go to the device (async from pinned memory,
+            # ordered before the cache write on the same stream).
             keys = adapter.keys[index][load.start:load.end]
             values = adapter.values[index][load.start:load.end]
-            layer.impl.do_kv_cache_update(layer, keys.to(device), values.to(device),
-                                          layer.kv_cache, slots)
+            layer.impl.do_kv_cache_update(
+                layer, keys.to(device, non_blocking=self.store.pin_memory),
+                values.to(device, non_blocking=self.store.pin_memory), layer.kv_cache, slots)
 
     def take_failed_block_ids(self) -> set[int]:
         failed, self._failed_block_ids = self._failed_block_ids, set()

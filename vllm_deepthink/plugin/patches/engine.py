@@ -1,8 +1,10 @@
 """Patches of the engine that `LLM` and `vllm serve` share, one function per patch.
 
-Each acts only on adapter requests (those carrying our kv_transfer_params entry or
-selecting an adapter) of an engine that runs the DeepThink connector; every other
-request, and every engine without the connector, takes vLLM's own path.
+Each acts only on an engine that runs the DeepThink connector (and there only on
+adapter requests, or on the plugin's own request fields); on every engine without
+the connector each patched callable is vLLM's own, byte for byte. Client values are
+validated in the frontend process (patch_input_processor); the scheduler-side patch
+reads them through protocol's readers, which never raise.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from vllm.config import VllmConfig
+from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
 from vllm.logger import init_logger
 from vllm.sampling_params import SamplingParams
 from vllm.utils.ompmultiprocessing import OMPProcessManager
-from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
@@ -33,11 +37,35 @@ def patch_specs() -> tuple[PatchSpec, ...]:
         PatchSpec(RequestState, "from_new_request", "vllm/v1/engine/output_processor.py",
                   ("tokenizer", "request", "prompt", "parent_req", "request_index", "queue",
                    "log_stats", "stream_interval")),
-        PatchSpec(KVCacheManager, "get_computed_blocks", "vllm/v1/core/kv_cache_manager.py",
+        PatchSpec(Scheduler, "_get_local_prefix_cache_hit", "vllm/v1/core/sched/scheduler.py",
                   ("self", "request")),
         PatchSpec(OMPProcessManager, "__init__", "vllm/utils/ompmultiprocessing.py",
                   ("self", "config")),
+        PatchSpec(VllmConfig, "_resolve_mm_embedding_inputs", "vllm/config/vllm.py",
+                  ("self",)),
     )
+
+
+class AdapterValidationError(VLLMValidationError, frontend.AdapterRequestError):
+    """frontend.AdapterRequestError as vLLM's validation error: HTTP 400 with the message
+    (AsyncLLM.generate re-raises VLLMClientError as is; any other exception becomes
+    EngineGenerateError, a 500 with an empty message)."""
+
+
+class AdapterNotFoundError(VLLMNotFoundError, frontend.AdapterRequestError):
+    """frontend.UnknownAdapterError as vLLM's not-found error: HTTP 404."""
+
+
+def client_error(exc: frontend.AdapterRequestError) -> frontend.AdapterRequestError:
+    """The vLLM client error (also an AdapterRequestError) carrying exc's message."""
+    if isinstance(exc, (AdapterValidationError, AdapterNotFoundError)):
+        return exc
+    if isinstance(exc, frontend.UnknownAdapterError):
+        error = AdapterNotFoundError(str(exc))
+    else:
+        error = AdapterValidationError(str(exc), parameter=exc.param)
+    error.param = exc.param
+    return error
 
 
 def patch_input_processor() -> None:
@@ -45,9 +73,12 @@ def patch_input_processor() -> None:
 
     The one frontend entry both `LLM` and `AsyncLLM` pass through (AsyncLLM's
     process_inputs_async wraps the bound method at construction, after plugins
-    load). Rewrites an adapter request into placeholder + query token ids, the
-    adapter's cache salt and kv_transfer_params (frontend.rewrite_request), then
-    lets vLLM validate and build the EngineCoreRequest as usual.
+    load). On an engine with our connector: validates the plugin's request fields
+    (frontend.check_request) and rewrites an adapter request into placeholder +
+    query token ids, the adapter's cache salt and kv_transfer_params
+    (frontend.rewrite_request), then lets vLLM validate and build the
+    EngineCoreRequest as usual. Errors are vLLM client errors (400, 404 for an
+    unknown adapter). Without our connector: vLLM's own method, untouched.
     """
     if is_patched(InputProcessor, "process_inputs"):
         return
@@ -56,16 +87,26 @@ def patch_input_processor() -> None:
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         if not isinstance(params, SamplingParams):
             return vllm_process_inputs(self, request_id, prompt, params, *args, **kwargs)
-        name = frontend.adapter_name(params)
-        if name is None:
-            frontend.reject_forged_params(params)
+        if not protocol.uses_deepthink_connector(self.vllm_config):
+            if isinstance(params.extra_args, dict) and protocol.ADAPTER_ARG in params.extra_args:
+                logger.warning_once(
+                    "vllm-deepthink: extra_args[%r] is ignored: this engine does not run the "
+                    "DeepThink connector (build it with vllm_deepthink.engine_args(...) or "
+                    "start `vllm serve` with --deepthink-adapter).", protocol.ADAPTER_ARG)
             return vllm_process_inputs(self, request_id, prompt, params, *args, **kwargs)
-        if kwargs.get("resumable"):
-            raise frontend.AdapterRequestError(
-                "streaming-input (resumable) requests cannot use a Deep-Thinking adapter")
-        info = frontend.registry_for(self.vllm_config).get(name)
-        prompt, params = frontend.rewrite_request(
-            info, prompt, params, self.tokenizer, self.model_config.max_model_len)
+        lora_request = kwargs.get("lora_request", args[2] if len(args) > 2 else None)
+        try:
+            name = frontend.check_request(prompt, params, lora_request)
+            if name is not None:
+                if kwargs.get("resumable"):
+                    raise frontend.AdapterRequestError(
+                        "streaming-input (resumable) requests cannot use a Deep-Thinking "
+                        "adapter")
+                info = frontend.registry_for(self.vllm_config).get(name)
+                prompt, params = frontend.rewrite_request(
+                    info, prompt, params, self.tokenizer, self.model_config.max_model_len)
+        except frontend.AdapterRequestError as exc:
+            raise client_error(exc) from None
         return vllm_process_inputs(self, request_id, prompt, params, *args, **kwargs)
 
     replace(InputProcessor, "process_inputs", process_inputs)
@@ -77,7 +118,9 @@ def patch_request_state() -> None:
     Outputs never show the placeholders: for an adapter request the state is
     built from the query ids alone (prompt_token_ids, detokenizer context,
     prompt_len), prompt logprobs drop the placeholder rows and num_cached_tokens
-    counts the query only. The request sent to the engine core is not touched.
+    counts the query only. The request sent to the engine core is not touched. Only
+    entries this process's frontend wrote count (frontend.wrote): a kv_transfer_params
+    entry a client sends to an engine without our connector changes nothing.
     """
     if is_patched(RequestState, "from_new_request"):
         return
@@ -87,12 +130,12 @@ def patch_request_state() -> None:
                          queue, log_stats, stream_interval):
         entry = (protocol.params_transfer_entry(request.sampling_params)
                  if request.sampling_params is not None else None)
-        if entry is None:
+        if not frontend.wrote(entry):
             return vllm_from_new_request(
                 cls, tokenizer=tokenizer, request=request, prompt=prompt,
                 parent_req=parent_req, request_index=request_index, queue=queue,
                 log_stats=log_stats, stream_interval=stream_interval)
-        prefix_len = int(entry["prefix_len"])
+        prefix_len = entry.prefix_len
         query_request = copy.copy(request)
         query_request.prompt_token_ids = list(request.prompt_token_ids[prefix_len:])
         state = vllm_from_new_request(
@@ -118,42 +161,50 @@ def local_hit_cap(request: Any, block_size: int) -> int | None:
     plain request with extra_args[SCORED_FROM_ARG] = s (it reads the prefix cache,
     skip_reading_prefix_cache=False) stops at the last full block before s - 1,
     whose hidden state scores token s. Other requests: no cap.
+
+    Runs inside Scheduler.schedule, where an exception kills the engine: it never
+    raises. Values are read through protocol's readers (validated, a malformed value
+    reads as absent); the frontend has refused malformed ones already.
     """
-    params = request.sampling_params
-    if params is None or params.prompt_logprobs is None:
+    params = getattr(request, "sampling_params", None)
+    if params is None or getattr(params, "prompt_logprobs", None) is None:
         return None
     entry = protocol.transfer_entry(getattr(request, "kv_transfer_params", None))
     if entry is not None:
-        return int(entry["prefix_len"]) // block_size * block_size
-    scored_from = (params.extra_args or {}).get(protocol.SCORED_FROM_ARG)
+        return entry.prefix_len // block_size * block_size
+    scored_from = protocol.scored_from(params)
     if scored_from is None:
         return None
-    return max(0, int(scored_from) - 1) // block_size * block_size
+    return max(0, scored_from - 1) // block_size * block_size
 
 
-def patch_kv_cache_manager() -> None:
-    """vllm/v1/core/kv_cache_manager.py: KVCacheManager.get_computed_blocks.
+def patch_local_prefix_cache_hit() -> None:
+    """vllm/v1/core/sched/scheduler.py: Scheduler._get_local_prefix_cache_hit.
 
-    Caps the local prefix-cache hit of prompt-logprob requests (local_hit_cap):
-    adapter requests at the adapter's full blocks (without it the same query sent
-    twice hits its own cached blocks past L and those query rows get no
-    logprobs), scoring requests before the positions they score.
+    On a scheduler that runs our connector, caps the local prefix-cache hit of
+    prompt-logprob requests (local_hit_cap): adapter requests at the adapter's full
+    blocks (without it the same query sent twice hits its own cached blocks past L
+    and those query rows get no logprobs), scoring requests before the positions they
+    score. Any other scheduler (no connector, another connector, an attention-free
+    model) gets vLLM's own result untouched.
     """
-    if is_patched(KVCacheManager, "get_computed_blocks"):
+    if is_patched(Scheduler, "_get_local_prefix_cache_hit"):
         return
-    vllm_get_computed_blocks = original(KVCacheManager, "get_computed_blocks")
+    vllm_local_hit = original(Scheduler, "_get_local_prefix_cache_hit")
 
-    def get_computed_blocks(self, request):
-        blocks, num_computed, shared_prefix_boundary = vllm_get_computed_blocks(self, request)
-        block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        cap = local_hit_cap(request, block_size)
+    def _get_local_prefix_cache_hit(self, request):
+        hit = vllm_local_hit(self, request)
+        if not protocol.uses_deepthink_connector(self.vllm_config):
+            return hit
+        blocks, num_computed, shared_prefix_boundary, diverged = hit
+        cap = local_hit_cap(request, self.block_size)
         if cap is not None and num_computed > cap:
-            blocks = self.truncate_computed_blocks(blocks, cap)
+            blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, cap)
             num_computed = cap
             shared_prefix_boundary = min(shared_prefix_boundary, cap)
-        return blocks, num_computed, shared_prefix_boundary
+        return blocks, num_computed, shared_prefix_boundary, diverged
 
-    replace(KVCacheManager, "get_computed_blocks", get_computed_blocks)
+    replace(Scheduler, "_get_local_prefix_cache_hit", _get_local_prefix_cache_hit)
 
 
 class _ConfigWithoutKVConnector:
@@ -191,9 +242,32 @@ def patch_cpu_core_reservation() -> None:
     replace(OMPProcessManager, "__init__", __init__)
 
 
+def patch_mm_embedding_inputs() -> None:
+    """vllm/config/vllm.py: VllmConfig._resolve_mm_embedding_inputs.
+
+    vLLM turns on embedding inputs (enable_mm_embeds, allow_missing_mm_embeddings) for
+    every kv_role="kv_consumer": a disaggregated decode node is sent pre-computed
+    embeddings by its prefill node. Our connector is a consumer only so that the
+    scheduler orders its loads after pending writes; it receives no embeddings, and a
+    client must not send raw embeddings to a multimodal model that the operator did not
+    open to them. For our connector the inputs resolve as without a KV connector
+    (--enable-mm-embeds still turns them on); an EC consumer keeps vLLM's rule.
+    """
+    if is_patched(VllmConfig, "_resolve_mm_embedding_inputs"):
+        return
+    vllm_resolve = original(VllmConfig, "_resolve_mm_embedding_inputs")
+
+    def _resolve_mm_embedding_inputs(self):
+        vllm_resolve(_ConfigWithoutKVConnector(self)
+                     if protocol.uses_deepthink_connector(self) else self)
+
+    replace(VllmConfig, "_resolve_mm_embedding_inputs", _resolve_mm_embedding_inputs)
+
+
 def apply() -> None:
     """Apply the engine patches (idempotent)."""
     patch_input_processor()
     patch_request_state()
-    patch_kv_cache_manager()
+    patch_local_prefix_cache_hit()
     patch_cpu_core_reservation()
+    patch_mm_embedding_inputs()

@@ -30,6 +30,8 @@ def patch_specs() -> tuple[PatchSpec, ...]:
                   ("self", "request", "supports_default_mm_loras")),
         PatchSpec(OpenAIServingModels, "show_available_models",
                   "vllm/entrypoints/openai/models/serving.py", ("self",)),
+        PatchSpec(OpenAIServingModels, "init_static_loras",
+                  "vllm/entrypoints/openai/models/serving.py", ("self",)),
         PatchSpec(AsyncLLM, "add_request", "vllm/v1/engine/async_llm.py",
                   ("self", "request_id", "prompt", "params", "arrival_time", "lora_request",
                    "tokenization_kwargs", "trace_headers", "priority", "data_parallel_rank",
@@ -43,7 +45,7 @@ def patch_specs() -> tuple[PatchSpec, ...]:
 def patch_engine_args_add_cli_args() -> None:
     """vllm/engine/arg_utils.py: EngineArgs.add_cli_args.
 
-    Adds --deepthink-adapter NAME=PATH and --deepthink-adapter-dir DIR.
+    Adds --deepthink-adapter, --deepthink-adapter-dir and --deepthink-resident-gib.
     AsyncEngineArgs.add_cli_args loads the general plugins (so this patch) right
     before it calls EngineArgs.add_cli_args: `vllm serve` parses the flags and
     lists them in --help.
@@ -86,8 +88,13 @@ def patch_engine_args_from_cli_args() -> None:
 def patch_serving_check_model() -> None:
     """vllm/entrypoints/serve/engine/serving.py: BaseServing._check_model.
 
-    A served adapter's name is a valid `model`; any other unknown name still gets
-    vLLM's 404, whose message then also lists the adapters.
+    The check every OpenAI endpoint runs before it renders a request (and before a
+    stream starts). First the plugin's reserved fields (serving.reserved_field_error:
+    `deepthink_*` vllm_xargs keys, our kv_transfer_params entry, `deepthink:` cache
+    salts are a 400). Then a served adapter's name is a valid `model`; a name vLLM does
+    not know is offered to the adapter resolvers (--deepthink-adapter-dir: DIR/NAME);
+    any other unknown name still gets vLLM's 404, whose message then also lists the
+    adapters. Without our connector: vLLM's check only.
     """
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
@@ -98,12 +105,25 @@ def patch_serving_check_model() -> None:
     async def _check_model(self, request):
         from vllm_deepthink.plugin.serving import models as serving
 
-        if serving.is_adapter_model(self.models, getattr(request, "model", None)):
+        reserved = serving.reserved_field_error(self.models, request)
+        if reserved is not None:
+            if self.request_logger is not None:
+                self.request_logger.log_request_body(request)
+            return reserved
+        name = getattr(request, "model", None)
+        if serving.is_adapter_model(self.models, name):
             if self.request_logger is not None:
                 self.request_logger.log_request_body(request)
             return None
         error = await vllm_check_model(self, request)
-        return serving.name_served_adapters(self.models, error) if error is not None else None
+        if error is None:
+            return None
+        resolved = await serving.resolve_adapter_model(self.models, name)
+        if resolved is True:
+            if self.request_logger is not None:
+                self.request_logger.log_request_body(request)
+            return None
+        return resolved or serving.name_served_adapters(self.models, error)
 
     replace(BaseServing, "_check_model", _check_model)
 
@@ -179,6 +199,30 @@ def patch_serving_models_list() -> None:
     replace(OpenAIServingModels, "show_available_models", show_available_models)
 
 
+def patch_serving_models_init() -> None:
+    """vllm/entrypoints/openai/models/serving.py: OpenAIServingModels.init_static_loras.
+
+    vLLM awaits it in init_app_state, while the server starts and before it accepts
+    requests. After vLLM's static LoRAs, the adapter registry is built there in a worker
+    thread (serving.build_registry_at_start), not by the first request on the event
+    loop; an engine-start adapter that cannot be served stops the server, as a bad
+    --lora-modules entry does.
+    """
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    if is_patched(OpenAIServingModels, "init_static_loras"):
+        return
+    vllm_init_static_loras = OpenAIServingModels.init_static_loras
+
+    async def init_static_loras(self):
+        from vllm_deepthink.plugin.serving import models as serving
+
+        await vllm_init_static_loras(self)
+        await serving.build_registry_at_start(self)
+
+    replace(OpenAIServingModels, "init_static_loras", init_static_loras)
+
+
 def patch_api_routers() -> None:
     """vllm/entrypoints/launchers/app.py: register_api_routers, the name build_app calls.
 
@@ -211,5 +255,6 @@ def apply() -> None:
     patch_serving_maybe_get_adapters()
     patch_async_llm_add_request()
     patch_serving_models_list()
+    patch_serving_models_init()
     patch_api_routers()
 

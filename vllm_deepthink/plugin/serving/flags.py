@@ -1,4 +1,5 @@
-"""`vllm serve` flags: `--deepthink-adapter NAME=PATH`, `--deepthink-adapter-dir DIR`.
+"""`vllm serve` flags: `--deepthink-adapter SPEC...`, `--deepthink-adapter-dir DIR`,
+`--deepthink-resident-gib GIB`.
 
 `add_cli_args` adds them to vLLM's engine parser (patches.openai_server) and
 `apply_adapter_args` folds them into the engine arguments, exactly as
@@ -8,64 +9,100 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_deepthink.format import CONFIG_NAME, AdapterFormatError
-from vllm_deepthink.plugin import api
+from vllm_deepthink.format import AdapterFormatError
+from vllm_deepthink.plugin import api, protocol
 from vllm_deepthink.plugin.frontend import AdapterRegistry, AdapterRequestError
-from vllm_deepthink.plugin.protocol import AdapterNameError, check_adapter_name
+from vllm_deepthink.plugin.protocol import (
+    DEFAULT_RESIDENT_GIB,
+    AdapterNameError,
+    check_adapter_name,
+)
+from vllm_deepthink.plugin.resolvers import DirectoryResolver
 
 ADAPTER_FLAG = "--deepthink-adapter"
 ADAPTER_DIR_FLAG = "--deepthink-adapter-dir"
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_DEEPTHINK_UPDATING"
 
-def parse_adapter_spec(spec: str) -> tuple[str, str]:
-    """'NAME=PATH' -> (NAME, PATH); the argparse `type` of --deepthink-adapter."""
-    name, sep, path = spec.partition("=")
-    if not sep or not path:
-        raise argparse.ArgumentTypeError(
-            f"expected NAME=PATH (e.g. sst2=adapters_store/sst2), found {spec!r}")
+RESIDENT_GIB_FLAG = "--deepthink-resident-gib"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One --deepthink-adapter value: NAME=PATH or the JSON form of --lora-modules,
+    {"name": ..., "path": ..., "base_model_name": ...} (PATH may be a hub id)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_adapter_spec(spec: str) -> AdapterSpec:
+    """'NAME=PATH' or a JSON object -> AdapterSpec; the argparse `type` of the flag."""
+    if spec.lstrip().startswith("{"):
+        try:
+            data = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"invalid JSON {spec!r}: {exc}") from None
+        unknown = sorted(set(data) - {"name", "path", "base_model_name"})
+        if unknown or not isinstance(data.get("name"), str) \
+                or not isinstance(data.get("path"), str) or not data["path"]:
+            raise argparse.ArgumentTypeError(
+                f'expected {{"name": NAME, "path": PATH[, "base_model_name": MODEL]}}, found '
+                f"{spec!r}" + (f" (unknown keys {unknown})" if unknown else ""))
+        name, path, base = data["name"], data["path"], data.get("base_model_name")
+    else:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=PATH (e.g. sst2=adapters_store/sst2) or a JSON object "
+                f'{{"name", "path", "base_model_name"}}, found {spec!r}')
+        base = None
     try:
         check_adapter_name(name)
     except AdapterNameError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return name, path
+    return AdapterSpec(name, path, base)
 
 
 def adapters_in_dir(directory: str | Path) -> dict[str, str]:
     """{subdirectory name: path} for every subdirectory holding an adapter config."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterFormatError(
-            f"{ADAPTER_DIR_FLAG} {directory}: no such directory; expected a directory whose "
-            f"subdirectories are adapters (each holding {CONFIG_NAME}).")
-    found = {}
-    for child in sorted(directory.iterdir()):
-        if child.is_dir() and (child / CONFIG_NAME).is_file():
-            found[check_adapter_name(child.name)] = str(child)
-    if not found:
-        raise AdapterFormatError(
-            f"{ADAPTER_DIR_FLAG} {directory}: found no adapter; expected subdirectories "
-            f"holding {CONFIG_NAME} (built by `vllm-deepthink build --out {directory}/NAME`).")
-    return found
+    try:
+        resolver = DirectoryResolver(directory)
+    except FileNotFoundError as exc:
+        raise AdapterFormatError(f"{ADAPTER_DIR_FLAG}: {exc}") from None
+    return {name: resolver.resolve(name) for name in resolver.names()}
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --deepthink-adapter and --deepthink-adapter-dir to a vLLM engine parser."""
+    """Add the Deep-Thinking flags to a vLLM engine parser (`vllm serve --help`)."""
     group = parser.add_argument_group(
         title="Deep-Thinking adapters (vllm-deepthink)",
-        description="Serve Deep-Thinking KV adapters; a request picks one by its name "
-                    "as the OpenAI `model`.")
+        description="Serve Deep-Thinking and other KV-prefix adapters; a request picks one "
+                    "by its name as the OpenAI `model`, like --lora-modules.")
     group.add_argument(
-        ADAPTER_FLAG, dest="deepthink_adapter", action="append", default=None,
-        type=parse_adapter_spec, metavar="NAME=PATH",
-        help="Serve the adapter directory PATH under the model name NAME. Repeatable.")
+        ADAPTER_FLAG, dest="deepthink_adapter", action="extend", nargs="+", default=None,
+        type=parse_adapter_spec, metavar="SPEC",
+        help="Adapters to serve, as NAME=PATH or as JSON "
+             '\'{"name": "sst2", "path": "adapters_store/sst2", "base_model_name": "m"}\' '
+             "(base_model_name is the parent /v1/models reports). PATH is a directory or "
+             "a hub id (ORG/NAME). Several per flag; the flag repeats.")
     group.add_argument(
         ADAPTER_DIR_FLAG, dest="deepthink_adapter_dir", action="append", default=None,
         metavar="DIR",
-        help="Serve every adapter found in DIR, each named by its subdirectory. Repeatable.")
+        help="Serve every adapter in DIR (each named by its subdirectory), and resolve an "
+             "unknown model name NAME to DIR/NAME at request time, so adapters added to DIR "
+             "are served without a restart. Repeatable.")
+    group.add_argument(
+        RESIDENT_GIB_FLAG, dest="deepthink_resident_gib", type=float, default=None,
+        metavar="GIB",
+        help=f"Worker memory for resident adapters (default {DEFAULT_RESIDENT_GIB:g} GiB); "
+             f"the least recently used beyond it are read from disk again when needed.")
     return parser
 
 
@@ -80,12 +117,34 @@ def adapters_from_args(args: argparse.Namespace) -> dict[str, str]:
                 f"{path} from {origin}); names must be unique.")
         adapters[name] = path
 
-    for name, path in getattr(args, "deepthink_adapter", None) or []:
-        add(name, path, ADAPTER_FLAG)
+    for spec in getattr(args, "deepthink_adapter", None) or []:
+        add(spec.name, spec.path, ADAPTER_FLAG)
     for directory in getattr(args, "deepthink_adapter_dir", None) or []:
         for name, path in adapters_in_dir(directory).items():
             add(name, path, f"{ADAPTER_DIR_FLAG} {directory}")
     return adapters
+
+
+def served_names(args: argparse.Namespace) -> list[str]:
+    served = getattr(args, "served_model_name", None) or [getattr(args, "model", None)]
+    return [served] if isinstance(served, str) else list(served)
+
+
+def parents_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """{name: base_model_name} of the JSON-form adapters that give one; each must be a
+    served model name."""
+    served = served_names(args)
+    parents = {}
+    for spec in getattr(args, "deepthink_adapter", None) or []:
+        if spec.base_model_name is None:
+            continue
+        if spec.base_model_name not in served:
+            raise AdapterNameError(
+                f"adapter {spec.name!r}: base_model_name {spec.base_model_name!r} is not a "
+                f"served model name; expected one of {served} (set --served-model-name, or "
+                f"leave base_model_name out).")
+        parents[spec.name] = spec.base_model_name
+    return parents
 
 
 def runtime_updating_allowed() -> bool:
@@ -116,8 +175,7 @@ def check_adapters_at_start(model: str, adapters: dict[str, str],
 def check_names_are_free(adapters: dict[str, str], args: argparse.Namespace) -> None:
     """An adapter may not take the name of a served model or of a --lora-modules entry
     (the OpenAI `model` field must name one thing)."""
-    served = getattr(args, "served_model_name", None) or [getattr(args, "model", None)]
-    served = [served] if isinstance(served, str) else list(served)
+    served = served_names(args)
     loras = [lora.name for lora in getattr(args, "lora_modules", None) or []]
     for name in adapters:
         if name in served or name in loras:
@@ -133,20 +191,27 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
     api.engine_args builds it. Runtime updating alone also sets the connector up, with
     no adapter. Raises on bad adapters, so the server refuses to start."""
     adapters = adapters_from_args(args)
+    adapter_dirs = getattr(args, "deepthink_adapter_dir", None) or []
+    resident_gib = getattr(args, "deepthink_resident_gib", None)
     runtime = runtime_updating_allowed()
-    if not adapters and not runtime:
+    if not adapters and not adapter_dirs and not runtime:
+        if resident_gib is not None:
+            raise ValueError(f"{RESIDENT_GIB_FLAG} needs adapters to serve ({ADAPTER_FLAG}, "
+                             f"{ADAPTER_DIR_FLAG} or {RUNTIME_UPDATING_ENV}=True)")
         return engine_args
     if runtime and (getattr(args, "api_server_count", None) or 0) > 1:
         raise ValueError(
             f"{RUNTIME_UPDATING_ENV} cannot be used with api_server_count > 1: each API "
             f"server process has its own adapter registry. Use one API server.")
+    protocol.check_parallelism(engine_args)
     check_names_are_free(adapters, args)
+    parents = parents_from_args(args)
     check_adapters_at_start(engine_args.model, adapters, revision=engine_args.revision)
     overrides = {"kv_transfer_config": engine_args.kv_transfer_config}
     if engine_args.enable_prefix_caching is not None:  # given on the command line
         overrides["enable_prefix_caching"] = engine_args.enable_prefix_caching
-    for key, value in api.engine_args(adapters, **overrides).items():
+    for key, value in api.engine_args(adapters, adapter_dirs=adapter_dirs,
+                                      resident_gib=resident_gib, parents=parents,
+                                      **overrides).items():
         setattr(engine_args, key, value)
     return engine_args
-
-

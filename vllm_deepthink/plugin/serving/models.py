@@ -4,7 +4,13 @@
   model with the adapter (`adapter_model_request`, `to_engine_request`), and its
   response carries the adapter name as `model`;
 - the `/v1/models` cards of the adapters (`model_cards`);
-- runtime load/unload (`load_adapter`, `unload_adapter`), used by routes.py.
+- runtime load/unload (`load_adapter`, `unload_adapter`), used by routes.py;
+- the HTTP request checks (`reserved_field_error`): over HTTP a client chooses an
+  adapter by `model` only and cannot reach into the plugin's namespace;
+- the adapter registry built at server start-up, off the event loop
+  (`build_registry_at_start`).
+
+Servers without the DeepThink connector: every function here is a no-op.
 
 The adapter registry of the API server process (plugin/frontend.py) is the one
 source of truth: loading is `register`, unloading is `unregister`; the engine is
@@ -48,8 +54,69 @@ def _served(registry: Any, model_name: str | None) -> Any:
         return None
 
 
+def reserved_field_error(models: Any, request: Any):
+    """An ErrorResponse (400) for an OpenAI request (completion, chat, responses,
+    tokens-in generate...) whose client fields reach into the plugin's namespace: a
+    `deepthink_*` key in vllm_xargs (or in the sampling_params.extra_args of a
+    token-in request), our kv_transfer_params entry, a `deepthink:` cache salt. None
+    when the request is fine, or the server does not run our connector. Checked before
+    streaming starts, so a stream gets the 400 as its status."""
+    if registry_of(models) is None:
+        return None
+    xargs = getattr(request, "vllm_xargs", None)
+    xargs = dict(xargs) if isinstance(xargs, dict) else {}
+    sampling = getattr(request, "sampling_params", None)
+    extra = getattr(sampling, "extra_args", None)
+    if isinstance(extra, dict):
+        xargs.update(extra)
+    problem = frontend.reserved_client_field(
+        xargs, getattr(request, "kv_transfer_params", None),
+        getattr(request, "cache_salt", None))
+    if problem is None:
+        return None
+    return _error(str(problem), HTTPStatus.BAD_REQUEST, "BadRequestError", problem.param)
+
+
+async def build_registry_at_start(models: Any) -> None:
+    """Build the adapter registry of the server's engine (fingerprint the model,
+    validate and hash every engine-start adapter) in a worker thread, while the server
+    starts: never on the event loop of a running server, where it would block health
+    checks. Raises ValueError naming each engine-start adapter that cannot be served
+    (as vLLM does for --lora-modules), so the server does not start without it."""
+    import asyncio
+
+    vllm_config = getattr(getattr(models, "engine_client", None), "vllm_config", None)
+    if vllm_config is None or not protocol.uses_deepthink_connector(vllm_config):
+        return
+    registry = await asyncio.to_thread(frontend.registry_for, vllm_config)
+    failed = registry.failed()
+    if failed:
+        raise ValueError(
+            f"cannot serve {len(failed)} Deep-Thinking adapters:\n"
+            + "\n".join(f"  - {name}: {reason}" for name, reason in failed.items())
+            + f"\nFix or rebuild them, or leave them out of {ADAPTER_FLAG} / "
+              f"{ADAPTER_DIR_FLAG}, and start the server again.")
+
+
 def is_adapter_model(models: Any, model_name: str | None) -> bool:
     return _served(registry_of(models), model_name) is not None
+
+
+async def resolve_adapter_model(models: Any, model_name: str | None):
+    """For a `model` that is neither served nor registered: an ErrorResponse (400) when a
+    resolver (--deepthink-adapter-dir) finds an adapter that cannot be served, else None
+    (True when it found and registered one). Validation reads and hashes the adapter off
+    the event loop."""
+    import asyncio
+
+    registry = registry_of(models)
+    if registry is None or not model_name:
+        return None
+    try:
+        info = await asyncio.to_thread(registry.lookup, model_name)
+    except AdapterRequestError as exc:
+        return _error(str(exc), HTTPStatus.BAD_REQUEST, "BadRequestError", "model")
+    return True if info is not None else None
 
 
 class AdapterModelRequest(LoRARequest):
@@ -100,7 +167,7 @@ def model_cards(models: Any) -> list[Any]:
         info = _served(registry, name)
         if info is not None:
             cards.append(ModelCard(
-                id=name, root=info.path, parent=base_model_name,
+                id=name, root=info.path, parent=info.parent or base_model_name,
                 max_model_len=models.model_config.max_model_len - info.prefix_len,
                 permission=[ModelPermission()]))
     return cards

@@ -527,6 +527,7 @@ def adapter_from_selection(model, demos_text: str, demo_ids: Sequence[int],
 
 
 def build_adapter(model, tokenizer, demos_text: str, *, iterations: int = 15,
+                  demo_ids: Sequence[int] | None = None,
                   optimizer: str = "momentum", step_size: float = search.DEFAULT_STEP_SIZE,
                   beta: float = search.DEFAULT_BETA, eta: float = search.DEFAULT_EMA_ETA,
                   position_mode: str = "published", candidates: Sequence[Candidate] | None = None,
@@ -548,9 +549,10 @@ def build_adapter(model, tokenizer, demos_text: str, *, iterations: int = 15,
     patience=patience, min_iterations=1, collapse_drop=None), i.e. every iteration
     runs unless `patience` says otherwise; the guard still applies). Without dev_items
     the last iteration of the only candidate is kept. `on_iteration` gets each trace
-    entry, with "candidate" (its name) added.
+    entry, with "candidate" (its name) added. `demo_ids` (default: demos_text tokenized
+    with special tokens) are the demonstration ids themselves, for demos that are ids.
     """
-    demo_ids = tokenize_demos(tokenizer, demos_text)
+    demo_ids = list(demo_ids) if demo_ids is not None else tokenize_demos(tokenizer, demos_text)
     if candidates is None:
         candidates = [Candidate(optimizer, optimizer_params(optimizer, step_size, beta, eta),
                                 position_mode)]

@@ -1,0 +1,88 @@
+"""`vllm-deepthink import peft|past-kv`: the thin CLI over the importers (no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+peft = pytest.importorskip("peft")
+
+from tests.helpers.peft_adapters import make_peft_adapter  # noqa: E402
+from tests.helpers.tiny_models import make_tiny_model  # noqa: E402
+from vllm_deepthink.apps import cli  # noqa: E402
+from vllm_deepthink.format import DeepThinkAdapter, ModelFingerprint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+def test_help_lists_both_sources(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["import", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "peft" in text and "past-kv" in text and "layers.{i}.key" in text
+
+
+def test_import_peft_writes_an_adapter_and_a_summary(llama, tmp_path, capsys):
+    source = make_peft_adapter(llama, "prefix-proj", tmp_path / "peft", num_virtual_tokens=4)
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    assert cli.main(["import", "peft", str(source), "--model", str(llama), "--out", str(out),
+                     "--output-json", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    adapter = DeepThinkAdapter.from_pretrained(
+        out, expected_fingerprint=ModelFingerprint.from_checkpoint(llama))
+    assert data["method"] == adapter.config.method == "peft-prefix-tuning"
+    assert data["prefix_len"] == 5 and data["num_virtual_tokens"] == 4
+    assert data["prefix_special_ids"] == [0] and data["digest"] == adapter.digest
+    assert data["provenance"]["peft_type"] == "PREFIX_TUNING" and data["out"] == str(out)
+    assert adapter.config.build_args["query_special_tokens"] == "auto"
+    assert "peft-prefix-tuning: 4 virtual positions + special ids [0]" in capsys.readouterr().err
+
+
+def test_import_peft_flags(llama, tmp_path):
+    source = make_peft_adapter(llama, "multitask", tmp_path / "mpt", num_virtual_tokens=3)
+    out = tmp_path / "out"
+    assert cli.main(["import", "peft", str(source), "--model", str(llama), "--out", str(out),
+                     "--task-id", "2", "--query-special-tokens", "none",
+                     "--dtype", "bfloat16"]) == 0
+    config = DeepThinkAdapter.from_pretrained(out).config
+    assert (config.prefix_len, config.dtype, config.provenance["task_id"]) == (3, "bfloat16", 2)
+
+
+def test_import_peft_refusal_is_a_clear_exit(llama, tmp_path):
+    source = make_peft_adapter(llama, "prompt", tmp_path / "prompt")
+    (source / "adapter_model.safetensors").unlink()
+    (source / "adapter_model.bin").write_bytes(b"never opened")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["import", "peft", str(source), "--model", str(llama), "--out",
+                  str(tmp_path / "out")])
+    assert str(info.value).startswith("vllm-deepthink import peft: error: ")
+    assert "adapter_model.bin, a pickle" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_past_kv(llama, tmp_path):
+    fp = ModelFingerprint.from_checkpoint(llama)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.{kind}": torch.randn(1, fp.num_kv_heads, 9, fp.head_dim,
+                                                 generator=generator)
+               for i in range(fp.num_layers) for kind in ("key", "value")}
+    save_file(tensors, str(tmp_path / "kv.safetensors"))
+    out, summary = tmp_path / "out", tmp_path / "s.json"
+    assert cli.main(["import", "past-kv", str(tmp_path / "kv.safetensors"), "--model",
+                     str(llama), "--out", str(out), "--output-json", str(summary)]) == 0
+    data = json.loads(summary.read_text())
+    assert data["method"] == "past-kv" and data["prefix_len"] == 9
+    assert DeepThinkAdapter.from_pretrained(out).config.provenance["layout"].startswith("[1,")
+    tensors["layers.0.key"] = tensors["layers.0.key"][:, :1]
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(SystemExit, match="vllm-deepthink import past-kv: error: .*layer 0 key "
+                                         "has shape"):
+        cli.main(["import", "past-kv", str(tmp_path / "bad.safetensors"), "--model",
+                  str(llama), "--out", str(tmp_path / "out2")])
