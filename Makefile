@@ -1,7 +1,8 @@
 # vllm-deepthink developer targets. Every target bootstraps .venv when missing.
 #   make test     install cpu+dev extras, fix the environment, run the test suite
 #   make serve    build the default model and adapters when missing, start `vllm serve`
-#   make results  accuracy table of the README (long)
+#   make results  accuracy table of the README (many hours; resumable: run it again to
+#                 continue, e.g. make results RESULTS_ARGS="--time-budget 2h")
 #   make gpu-check  parity on CUDA (EXTRAS=cuda,dev)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,6 +17,9 @@ MODEL_DIR ?= models/smollm2-135m
 # small task data shipped in examples/data.
 DATA_DIR ?= ../shared/data
 SERVE_TASKS ?= examples/data
+# Extra arguments of `vllm-deepthink results`, e.g. --time-budget 2h, --max-rows 3,
+# --rows 'smollm2-*-s0', --threads 2, --list.
+RESULTS_ARGS ?=
 
 .PHONY: install test test-fast gpu-check serve models adapters results bench restore-vllm-script clean
 
@@ -66,9 +70,7 @@ serve: adapters
 	  --deepthink-adapter trec=adapters_store/trec-smollm2
 
 results: install
-	$(BIN)/vllm-deepthink results --data-dir $(DATA_DIR) --out results \
-	  --models smollm2,gemma3-270m --iterations 10 --dev-size 100 --patience 4 \
-	  --limit 200 --seed 0
+	$(BIN)/vllm-deepthink results --data-dir $(DATA_DIR) --out results $(RESULTS_ARGS)
 
 restore-vllm-script:
 	$(BIN)/python -m vllm_deepthink.tools.vllm_cpu_launcher restore

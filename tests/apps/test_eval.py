@@ -212,3 +212,36 @@ def test_modes_need_an_adapter():
     with pytest.raises(SystemExit, match="unknown mode"):
         eval_cmd.parse_modes("fewshot", has_adapter=True)
     assert eval_cmd.parse_modes(None, has_adapter=True) == list(eval_cmd.MODES)
+
+
+def test_served_calibration_through_logit_bias(setup, vllm_scorer):
+    """A calibrated answer served through vLLM's own per-request fields: greedy with
+    allowed_token_ids = the label tokens and logit_bias = -log prior gives the
+    calibrated argmax; the returned logprobs stay the raw ones (logit_bias is applied
+    after vLLM's raw_logprobs are taken)."""
+    from vllm_deepthink.plugin import api
+    from vllm_deepthink.tasks import calibration
+
+    tok, llm = setup["tok"], vllm_scorer.llm
+    labels = [ids(tok, " the")[0], ids(tok, " is")[0]]
+    queries = [ids(tok, text + " :") for text in TEXTS]
+    encoded = [EncodedItem(q, [[t] for t in labels]) for q in queries]
+    raw = HFScorer(setup["model"], setup["adapters"]).score(encoded, adapter="t3")
+    odds = sorted(s[0][0] - s[1][0] for s in raw)
+    k = len(odds) // 2  # a prior that moves the decision between two middle log-odds
+    m = (odds[k - 1] + odds[k]) / 2
+    assert odds[k] - odds[k - 1] > 1e-3, "no tie at the threshold"
+    prior = [m / 2, -m / 2]
+    want = calibration.calibrated_predictions(raw, prior)
+    assert want != [max((0, 1), key=lambda j: (s[j][0], -j)) for s in raw], "must flip some"
+    bias = calibration.logit_bias(labels, prior)
+    params = api.sampling_params(adapter="t3", max_tokens=1, temperature=0.0,
+                                 allowed_token_ids=labels, logit_bias=bias,
+                                 logprob_token_ids=labels)
+    outputs = llm.generate([{"prompt_token_ids": q} for q in queries], params, use_tqdm=False)
+    served = [labels.index(out.outputs[0].token_ids[0]) for out in outputs]
+    assert served == want
+    for out, scores in zip(outputs, raw):
+        (step,) = out.outputs[0].logprobs
+        assert [step[t].logprob for t in labels] == pytest.approx([s for s, _ in scores],
+                                                                   abs=1e-4)

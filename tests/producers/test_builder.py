@@ -321,37 +321,6 @@ def test_build_adapter_fills_config(llama):
     assert cfg.dtype == "float32" and cfg.fingerprint.model_type == "llama"
 
 
-class _FakeScoring:
-    """Stands in for scoring.score_items_hf: accuracy per iteration from a script."""
-
-    def __init__(self, accs):
-        self.accs, self.calls = list(accs), 0
-
-    def __call__(self, model, tokenizer, items, *, past_key_values=None, **kw):
-        acc = self.accs[self.calls]
-        self.calls += 1
-        return acc
-
-
-@pytest.mark.parametrize("accs,patience,selected,run", [
-    ([0.5, 0.7, 0.7, 0.6, 0.65], None, 2, 5),   # tie -> earliest
-    ([0.5, 0.7, 0.6, 0.6, 0.9], 2, 2, 4),       # stops after 2 without improvement
-    ([0.9, 0.5, 0.5, 0.5, 0.5], None, 1, 5),    # plain ICL can win
-])
-def test_selection_on_dev(monkeypatch, llama, accs, patience, selected, run):
-    model, tokenizer = llama
-    fake = _FakeScoring(accs)
-    monkeypatch.setattr(builder, "_score_dev", lambda m, t, items, k, v, bs, p: {
-        "acc": fake(m, t, items, past_key_values=(k, v)), "acc_norm": 0.0, "n": len(items)})
-    adapter = builder.build_adapter(model, tokenizer, DEMOS, iterations=5, dev_items=[object()],
-                                    patience=patience, progress=False)
-    cfg = adapter.config
-    assert (cfg.selected_iteration, cfg.iterations_run) == (selected, run)
-    assert [e["dev_acc"] for e in cfg.selection_trace] == accs[:run]
-    steps = list(builder.deep_thinking_steps(model, demo_ids(tokenizer), iterations=selected))
-    assert max_diff(adapter.keys, steps[-1][1]) == 0
-
-
 def test_dev_scoring_uses_the_current_kv(llama):
     scoring = pytest.importorskip("vllm_deepthink.tasks.scoring")
     model, tokenizer = llama
@@ -472,13 +441,18 @@ def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
     out = tmp_path / "adapter"
     assert cli.main(["build", "--model", str(model_dir), "--task-dir", str(sst2),
                      "--shots-per-class", "1", "--seed", "3", "--iterations", "3",
-                     "--dev-size", "8", "--out", str(out)]) == 0
+                     "--dev-size", "8", "--guard-k", "0", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "iteration   1  dev acc" in err and "iteration   3  dev acc" in err
+    assert "guard 0 SE" in err
     cfg = DeepThinkAdapter.from_pretrained(out).config
     assert cfg.task["shots_per_class"] == 1 and cfg.task["seed"] == 3
     assert len(cfg.task["demo_indices"]) == 2 and cfg.task["dev_size"] == 8
     accs = [e["dev_acc"] for e in cfg.selection_trace]
     assert len(accs) == 3 and all(a is not None for a in accs)
+    for entry in cfg.selection_trace:  # per-label prediction counts of the 8 dev items
+        assert len(entry["dev_counts"]) == 2 and sum(entry["dev_counts"]) == 8
+    # guard 0: any strict gain over T=1 moves off it
     assert cfg.selected_iteration == 1 + accs.index(max(accs))
     assert cfg.build_args["select_on"] == "dev"
+    assert cfg.selection["select_on"] == "dev" and cfg.selection["guard"]["k"] == 0

@@ -112,7 +112,7 @@ def test_dev_split_excludes_demos_and_is_stratified(tmp_path):
     train = [{"text": f"t{i}", "label": i % 2} for i in range(40)]
     task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=train))
     demos = sample_demos(task, 2, seed=0)
-    dev = dev_split(task, size=10, seed=0, exclude=set(demos.indices))
+    dev = dev_split(task, size=10, seed=0, exclude=set(demos.indices), stratify=True)
     demo_texts = {train[i]["text"] for i in demos.indices}
     assert len(dev) == 10 and not demo_texts & {r["text"] for r in dev}
     assert Counter(r["label"] for r in dev) == {0: 5, 1: 5}
@@ -224,3 +224,83 @@ def test_multiple_choice_row_without_choices(tmp_path):
     task = load_task(make_task_dir(tmp_path, spec, train=[{"question": "q", "label": 0}]))
     with pytest.raises(TaskError, match="needs 'choices', a list of at least two"):
         task.rows("train")
+
+
+# ------------------------------------------------------------------ shots, fitting, dev splits
+
+def test_builtin_default_shots_are_the_papers(data_dir):
+    from vllm_deepthink.tasks import default_shots
+
+    expected = {"sst2": 4, "sst5": 2, "mr": 4, "agnews": 2, "trec": 2, "copa": 4,
+                "openbookqa": 4, "qasc": 4, "hellaswag": 4, "winogrande": 4}
+    assert {name: default_shots(load_task(data_dir / name)) for name in expected} == expected
+
+
+def test_user_task_has_no_default_shots(tmp_path):
+    from vllm_deepthink.tasks import default_shots
+
+    assert default_shots(load_task(make_task_dir(tmp_path, CLS_SPEC, name="sst2"))) is None
+
+
+def _length_task(tmp_path):
+    # label 0 rows: lengths 1..20 words, label 1 rows: 1..20 words
+    train = [{"text": " ".join(["w"] * (1 + i // 2)), "label": i % 2} for i in range(40)]
+    return load_task(make_task_dir(tmp_path, CLS_SPEC, train=train)), train
+
+
+def count_words(text):
+    return len(text.split())
+
+
+def test_fit_replaces_the_longest_demo_by_a_shorter_one_of_the_same_label(tmp_path):
+    task, train = _length_task(tmp_path)
+    free = sample_demos(task, 3, seed=1)
+    budget = count_words(free.text) - 10
+    fitted = sample_demos(task, 3, seed=1, max_tokens=budget, count_tokens=count_words)
+    assert count_words(fitted.text) <= budget < count_words(free.text)
+    fit = fitted.fit
+    assert fit["tokens_first_draw"] == count_words(free.text) and fit["max_tokens"] == budget
+    assert fit["tokens"] == count_words(fitted.text) and fit["replaced"]
+    # per-class counts kept; each replacement is a shorter row of the same label
+    assert Counter(train[i]["label"] for i in fitted.indices) == {0: 3, 1: 3}
+    for old, new in fit["replaced"]:
+        assert train[old]["label"] == train[new]["label"]
+        assert len(train[new]["text"].split()) < len(train[old]["text"].split())
+    # deterministic; the draws that fit are left alone
+    assert sample_demos(task, 3, seed=1, max_tokens=budget,
+                        count_tokens=count_words).indices == fitted.indices
+    roomy = sample_demos(task, 3, seed=1, max_tokens=10_000, count_tokens=count_words)
+    assert roomy.indices == free.indices and roomy.fit["replaced"] == []
+
+
+def test_fit_that_cannot_succeed_says_so(tmp_path):
+    task, _ = _length_task(tmp_path)
+    with pytest.raises(TaskError, match="no shorter train row of the same label.*fewer shots"):
+        sample_demos(task, 3, seed=0, max_tokens=3, count_tokens=count_words)
+
+
+def test_dev_split_is_random_by_default_and_disjoint_from_demos(tmp_path):
+    from vllm_deepthink.tasks import dev_indices
+
+    train = [{"text": f"t{i}", "label": int(i % 10 == 0)} for i in range(200)]  # 10% label 1
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC, train=train))
+    demos = sample_demos(task, 2, seed=0)
+    idx = dev_indices(task, 100, seed=0, exclude=set(demos.indices))
+    assert len(idx) == len(set(idx)) == 100 and not set(idx) & set(demos.indices)
+    assert Counter(train[i]["label"] for i in idx)[1] < 25  # follows train, not 50/50
+    strat = dev_indices(task, 20, seed=0, exclude=set(demos.indices), stratify=True)
+    assert Counter(train[i]["label"] for i in strat) == {0: 10, 1: 10}
+    assert dev_indices(task, 100, seed=0, exclude=set(demos.indices)) == idx
+    assert dev_indices(task, 100, seed=1, exclude=set(demos.indices)) != idx
+
+
+def test_dev_split_of_a_build_record(tmp_path):
+    from vllm_deepthink.tasks import dev_split_of
+
+    task = load_task(make_task_dir(tmp_path, CLS_SPEC))
+    demos = sample_demos(task, 2, seed=5)
+    record = {"dev_size": 8, "seed": 5, "demo_indices": demos.indices, "dev_stratified": True}
+    assert dev_split_of(task, record) == dev_split(task, 8, 5, set(demos.indices),
+                                                   stratify=True)
+    with pytest.raises(TaskError, match="lacks"):
+        dev_split_of(task, {"seed": 0})

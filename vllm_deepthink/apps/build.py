@@ -12,28 +12,60 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    from vllm_deepthink.producers.deepthink import search
+    from vllm_deepthink.producers.deepthink.from_task import DEFAULT_DEV_SIZE
+    from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
+
+    defaults = SelectionPolicy()
     parser.add_argument("--model", required=True, help="local HF model directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--demos-text", help="file holding the exact demonstration string")
     source.add_argument("--task-dir", help="task directory (train.jsonl, ...) to sample demos from")
     parser.add_argument("--shots-per-class", type=int,
-                        help="demos per label (stratified sampling; with --task-dir)")
+                        help="demos per label (in all for multiple choice); default: the "
+                             "paper's count of a built-in task (SST-2 4, SST-5 2, MR 4, AG News "
+                             "2, TREC 2, multiple choice 4)")
     parser.add_argument("--seed", type=int, default=0, help="demo sampling and dev split seed")
-    parser.add_argument("--iterations", type=int, default=15,
-                        help="Deep-Thinking iterations T (1 = plain ICL); default 15")
-    parser.add_argument("--optimizer", choices=("momentum", "ema"), default="momentum")
-    parser.add_argument("--step-size", type=float, help="momentum step size (default 0.01)")
-    parser.add_argument("--beta", type=float, help="momentum coefficient (default 0.9)")
-    parser.add_argument("--eta", type=float, help="ema weight of the new K/V (default 0.01)")
-    parser.add_argument("--position-mode", choices=("published", "aligned"), default="published",
+    parser.add_argument("--iterations", type=int, default=defaults.max_iterations,
+                        help="maximum Deep-Thinking iterations T (1 = plain ICL); "
+                             f"default {defaults.max_iterations}")
+    parser.add_argument("--optimizer", choices=("momentum", "ema"), default=None,
+                        help="default momentum (the published v1 code)")
+    parser.add_argument("--step-size", type=float,
+                        help=f"momentum step size (default {search.DEFAULT_STEP_SIZE})")
+    parser.add_argument("--beta", type=float,
+                        help=f"momentum coefficient (default {search.DEFAULT_BETA})")
+    parser.add_argument("--eta", type=float,
+                        help=f"ema weight of the new K/V (default {search.DEFAULT_EMA_ETA})")
+    parser.add_argument("--position-mode", choices=("published", "aligned"), default=None,
                         help="aligned: rotate new keys back by L positions (RoPE models only)")
+    parser.add_argument("--search", action="store_true",
+                        help="select the update strength on dev too: momentum step {0.01, "
+                             "0.03} x beta {0.9, 0}, ema eta {0.05, 0.1, 0.2}, each in "
+                             "position mode published and (RoPE models) aligned")
     parser.add_argument("--select-on", choices=("dev", "none"),
-                        help="dev: keep the iteration with the best dev accuracy (default with "
+                        help="dev: keep the iteration chosen on a dev split (default with "
                              "--task-dir); none: keep the last (default with --demos-text)")
-    parser.add_argument("--dev-size", type=int, default=200,
-                        help="dev rows carved from train.jsonl, disjoint from the demos")
-    parser.add_argument("--patience", type=int,
-                        help="stop after this many iterations without a better dev accuracy")
+    parser.add_argument("--dev-size", type=int, default=DEFAULT_DEV_SIZE,
+                        help="dev rows drawn at random from train.jsonl, disjoint from the "
+                             f"demos (default {DEFAULT_DEV_SIZE})")
+    parser.add_argument("--stratify-dev", action="store_true",
+                        help="draw the dev split with an equal count per label")
+    parser.add_argument("--min-iterations", type=int, default=defaults.min_iterations,
+                        help="every run goes this far; patience counts only after it "
+                             f"(default {defaults.min_iterations})")
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="after --min-iterations, stop a run after this many iterations "
+                             f"without a better dev accuracy (default {defaults.patience}; "
+                             "0: never)")
+    parser.add_argument("--guard-k", type=float, default=defaults.guard_k,
+                        help="leave T=1 only when the dev gain exceeds K paired standard "
+                             f"errors, sqrt(discordant)/n_dev (default {defaults.guard_k:g}; "
+                             "0: any gain)")
+    parser.add_argument("--collapse-drop", type=float, default=defaults.collapse_drop,
+                        help="stop a run once its dev accuracy stays this far below its best "
+                             f"for {defaults.collapse_span} iterations (default "
+                             f"{defaults.collapse_drop}; 0: never)")
     parser.add_argument("--batch-size", type=int, default=16, help="dev scoring batch size")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", help="adapter directory (default adapters_store/TASK-MODEL)")
@@ -44,15 +76,42 @@ def _fail(message: str) -> None:
     raise SystemExit(f"vllm-deepthink build: error: {message}")
 
 
-def _optimizer_args(args) -> dict[str, float]:
-    if args.optimizer == "momentum":
+def candidates_from_args(args, config) -> list:
+    """The candidates a build runs: the grid with --search, else one."""
+    from vllm_deepthink.producers.deepthink import search
+
+    explicit = [f"--{name.replace('_', '-')}" for name in ("optimizer", "step_size", "beta",
+                                                             "eta", "position_mode")
+                if getattr(args, name) is not None]
+    if args.search:
+        if explicit:
+            _fail(f"--search selects the optimizer on dev; drop {', '.join(explicit)}")
+        return search.search_grid(search.position_modes(config))
+    optimizer = args.optimizer or "momentum"
+    mode = args.position_mode or "published"
+    if optimizer == "momentum":
         if args.eta is not None:
             _fail("--eta belongs to --optimizer ema; with momentum use --step-size / --beta")
-        return {"step_size": 0.01 if args.step_size is None else args.step_size,
-                "beta": 0.9 if args.beta is None else args.beta}
-    if args.step_size is not None or args.beta is not None:
-        _fail("--step-size / --beta belong to --optimizer momentum; with ema use --eta")
-    return {"eta": 0.01 if args.eta is None else args.eta}
+        params = {"step_size": search.DEFAULT_STEP_SIZE if args.step_size is None
+                  else args.step_size,
+                  "beta": search.DEFAULT_BETA if args.beta is None else args.beta}
+    else:
+        if args.step_size is not None or args.beta is not None:
+            _fail("--step-size / --beta belong to --optimizer momentum; with ema use --eta")
+        params = {"eta": search.DEFAULT_EMA_ETA if args.eta is None else args.eta}
+    return [search.Candidate(optimizer, params, mode)]
+
+
+def policy_from_args(args):
+    from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
+
+    try:
+        return SelectionPolicy(max_iterations=args.iterations,
+                               min_iterations=args.min_iterations,
+                               patience=args.patience or None, guard_k=args.guard_k,
+                               collapse_drop=args.collapse_drop or None)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def default_out(args) -> Path:
@@ -61,15 +120,15 @@ def default_out(args) -> Path:
     return Path("adapters_store") / f"{name}-{Path(args.model).resolve().name}".lower()
 
 
-def _check_args(args) -> None:
+def _check_args(args) -> str:
     if not Path(args.model).is_dir():
         _fail(f"--model {args.model}: no such directory; expected a local HF model directory "
               f"(make one with `vllm-deepthink model`)")
     if args.iterations < 1:
         _fail(f"--iterations must be >= 1, found {args.iterations}")
     if args.task_dir:
-        if args.shots_per_class is None or args.shots_per_class < 1:
-            _fail("--task-dir needs --shots-per-class K (K >= 1)")
+        if args.shots_per_class is not None and args.shots_per_class < 1:
+            _fail(f"--shots-per-class must be >= 1, found {args.shots_per_class}")
         if not Path(args.task_dir).is_dir():
             _fail(f"--task-dir {args.task_dir}: no such directory")
     else:
@@ -80,20 +139,40 @@ def _check_args(args) -> None:
         if args.select_on == "dev":
             _fail("--select-on dev needs --task-dir (the dev split comes from its train.jsonl)")
     select_on = args.select_on or ("dev" if args.task_dir else "none")
-    if args.patience is not None and (select_on != "dev" or args.patience < 1):
-        _fail("--patience K (K >= 1) needs --select-on dev")
+    if args.search and select_on != "dev":
+        _fail("--search needs --select-on dev (with --task-dir): candidates are compared on dev")
     if args.dev_size < 1:
         _fail(f"--dev-size must be >= 1, found {args.dev_size}")
+    if args.patience is not None and args.patience < 0:
+        _fail(f"--patience must be >= 0, found {args.patience}")
+    return select_on
 
 
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def format_entry(entry: dict[str, Any]) -> str:
+    line = f"{entry.get('candidate', ''):<36} iteration {entry['iteration']:>3}"
+    if entry["dev_acc"] is not None:
+        line += (f"  dev acc {entry['dev_acc']:.4f}  acc_norm {entry['dev_acc_norm']:.4f}"
+                 f"  predicted {entry['dev_counts']}")
+    return line
+
+
+def format_selection(summary: dict[str, Any]) -> str:
+    if summary.get("select_on") != "dev":
+        return "select on none: the last iteration is kept"
+    g = summary["guard"]
+    return (f"best: {summary['best_run']} iteration {summary['best_iteration']} dev acc "
+            f"{summary['best_dev_acc']:.4f} vs T=1 {summary['t1_dev_acc']:.4f}: gain "
+            f"{g['gain']:+.4f}, paired SE {g['paired_se']:.4f} (discordant {g['discordant']}), "
+            f"guard {g['k']:g} SE {'passed' if g['passed'] else 'not passed'} -> kept "
+            f"iteration {summary['selected_iteration']}")
+
+
 def main(args: argparse.Namespace) -> int:
-    _check_args(args)
-    optim = _optimizer_args(args)
-    select_on = args.select_on or ("dev" if args.task_dir else "none")
+    select_on = _check_args(args)
     out = Path(args.out) if args.out else default_out(args)
 
     import torch
@@ -101,25 +180,34 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
 
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    candidates = candidates_from_args(args, config)
+    policy = policy_from_args(args)
 
-    task_info = None
-    dev_items = None
+    task_info = dev_items = label_words = None
+    cf_items = []
     if args.task_dir:
         from vllm_deepthink import tasks
-        from vllm_deepthink.tasks import scoring
 
-        task = tasks.load_task(args.task_dir)
-        sample = tasks.sample_demos(task, args.shots_per_class, args.seed)
-        demos_text = sample.text
-        task_info = {**task.to_dict(), "shots_per_class": args.shots_per_class,
-                     "seed": args.seed, "demo_indices": [int(i) for i in sample.indices]}
-        if select_on == "dev":
-            rows = tasks.dev_split(task, args.dev_size, args.seed, exclude=set(sample.indices))
-            dev_items = scoring.items_from_rows(task, rows)
-            task_info["dev_size"] = len(dev_items)
+        try:
+            task = tasks.load_task(args.task_dir)
+            inputs = task_build_inputs(task, tokenizer, config,
+                                       shots_per_class=args.shots_per_class, seed=args.seed,
+                                       select_on_dev=select_on == "dev",
+                                       dev_size=args.dev_size, stratify_dev=args.stratify_dev)
+        except (tasks.TaskError, builder.BuildError) as exc:
+            _fail(str(exc))
+        demos_text, task_info = inputs.demos_text, inputs.info
+        dev_items, cf_items, label_words = (inputs.dev_items, inputs.content_free_items,
+                                            inputs.label_words)
+        fit = inputs.demos.fit
+        if fit and fit["replaced"]:
+            print(f"demonstrations: the first draw was {fit['tokens_first_draw']} tokens, over "
+                  f"this model's {fit['max_tokens']}; replaced {len(fit['replaced'])} of them "
+                  f"by shorter rows of the same label ({fit['tokens']} tokens)", file=sys.stderr)
     else:
         # newline="": the exact string, \r\n included (read_text would translate it)
         with open(args.demos_text, encoding="utf-8", newline="") as handle:
@@ -127,38 +215,46 @@ def main(args: argparse.Namespace) -> int:
 
     demo_ids = builder.tokenize_demos(tokenizer, demos_text)
     try:  # everything checkable fails here, before the weights are loaded
-        builder.check_build_supported(config, len(demo_ids), args.position_mode)
+        for c in candidates:
+            builder.check_build_supported(config, len(demo_ids), c.position_mode)
     except builder.BuildError as exc:
         _fail(str(exc))
 
-    print(f"demonstrations: {len(demo_ids)} tokens; {args.iterations} iterations, "
-          f"{args.optimizer} {optim}, position mode {args.position_mode}, select on {select_on}"
-          + (f" ({len(dev_items)} dev items)" if dev_items else ""), file=sys.stderr)
+    what = (f"--search ({len(candidates)} candidates)" if args.search
+            else f"{candidates[0].name}")
+    print(f"demonstrations: {len(demo_ids)} tokens; up to {policy.max_iterations} iterations, "
+          f"{what}, select on {select_on}"
+          + (f" ({len(dev_items)} dev items, min {policy.min_iterations} iterations, patience "
+             f"{policy.patience}, guard {policy.guard_k:g} SE)" if dev_items else ""),
+          file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  local_files_only=True)
     model.eval()
 
     def report(entry: dict[str, Any]) -> None:
-        line = f"iteration {entry['iteration']:>3}"
-        if entry["dev_acc"] is not None:
-            line += f"  dev acc {entry['dev_acc']:.4f}  acc_norm {entry['dev_acc_norm']:.4f}"
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(format_entry(entry), file=sys.stderr)
 
     build_args = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    build_args.update(select_on=select_on, out=str(out), **optim)
-    adapter = builder.build_adapter(
-        model, tokenizer, demos_text, iterations=args.iterations, optimizer=args.optimizer,
-        position_mode=args.position_mode, dev_items=dev_items, patience=args.patience,
-        task=task_info, build_args=_json_safe(build_args),
-        base_model_name_or_path=str(Path(args.model).resolve()),
-        score_batch_size=args.batch_size, on_iteration=report, **optim)
+    build_args.update(select_on=select_on, out=str(out), policy=policy.to_dict(),
+                      candidates=[c.to_dict() for c in candidates])
+    with torch.inference_mode():
+        adapter = builder.build_adapter(
+            model, tokenizer, demos_text, candidates=candidates,
+            dev_items=dev_items if select_on == "dev" else None, content_free_items=cf_items,
+            policy=policy, label_words=label_words, task=task_info,
+            build_args=_json_safe(build_args),
+            base_model_name_or_path=str(Path(args.model).resolve()),
+            score_batch_size=args.batch_size, on_iteration=report)
     adapter.save_pretrained(out)
     cfg = adapter.config
+    print(format_selection(cfg.selection), file=sys.stderr)
     summary = {"out": str(out), "prefix_len": cfg.prefix_len,
                "iterations_run": cfg.iterations_run, "selected_iteration": cfg.selected_iteration,
-               "selection_trace": cfg.selection_trace}
-    print(f"selected iteration {cfg.selected_iteration} of {cfg.iterations_run}; "
-          f"adapter saved to {out}")
+               "optimizer": cfg.optimizer, "optimizer_params": cfg.optimizer_params,
+               "position_mode": cfg.position_mode, "selection_trace": cfg.selection_trace,
+               "selection": cfg.selection, "label_calibration": cfg.label_calibration}
+    print(f"selected iteration {cfg.selected_iteration} of {cfg.iterations_run} "
+          f"({cfg.optimizer} {cfg.optimizer_params}, {cfg.position_mode}); adapter saved to {out}")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -123,8 +123,15 @@ class DeepThinkConfig:
             does) or "aligned" (new keys rotated back by L positions before the update).
         iterations_run: deepthink: how many Deep-Thinking iterations were computed.
         selected_iteration: deepthink: the iteration whose K/V are stored (1 = plain ICL).
-        selection_trace: deepthink: one dict per iteration, e.g.
-            {"iteration": 3, "dev_acc": 0.71}.
+        selection_trace: deepthink: one dict per iteration of the kept run, e.g.
+            {"iteration": 3, "dev_acc": 0.71, "dev_acc_norm": 0.71, "dev_counts": [120, 180]}.
+        selection: deepthink: how the iteration was chosen (select_on, the protocol, the
+            guard's numbers and, for a search, every candidate's trace); {} for older
+            adapters.
+        label_calibration: deepthink, classification tasks: per-label log-priors of the
+            kept iteration ({"label_words", "label_token_ids", "content-free":
+            {"log_prior", "inputs"}, "dev-prior": {"log_prior", "n"}}), or None; a
+            client applies one as vLLM `logit_bias` = -log_prior on the label tokens.
         task: how the demos were made, when built from a task directory
             (name, template, label_words, separator, shots_per_class, seed), else None.
         build_args: the builder's or importer's arguments, for provenance.
@@ -149,6 +156,8 @@ class DeepThinkConfig:
     iterations_run: int | None = None
     selected_iteration: int | None = None
     selection_trace: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)
+    label_calibration: dict[str, Any] | None = None
     task: dict[str, Any] | None = None
     build_args: dict[str, Any] = field(default_factory=dict)
     builder_version: str = ""
@@ -246,11 +255,12 @@ class DeepThinkConfig:
     def _check_imported(self, source: str) -> None:
         method = self.method
         set_fields = [name for name in DEEPTHINK_FIELDS if getattr(self, name) is not None]
-        if set_fields or self.selection_trace:
+        set_fields += [name for name in ("selection_trace", "selection", "label_calibration")
+                       if getattr(self, name)]
+        if set_fields:
             raise AdapterFormatError(
-                f"{source}: {set_fields + (['selection_trace'] if self.selection_trace else [])} "
-                f"are Deep-Thinking fields; a {method!r} adapter must leave them null. "
-                f"Import the adapter again.")
+                f"{source}: {set_fields} are Deep-Thinking fields; a {method!r} adapter must "
+                f"leave them null. Import the adapter again.")
         virtual = self.num_virtual_tokens
         specials = self.prefix_special_ids
         if type(virtual) is not int or virtual < 0:

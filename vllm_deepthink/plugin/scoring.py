@@ -1,20 +1,23 @@
-"""Choice scoring with a vLLM engine, same numbers as tasks/scoring.py.
+"""Choice scoring with a vLLM engine: the plan of tasks/scoring.py (make_plan), same
+numbers as its HF scorer.
 
-An item whose choices are all one token is one request: [prefix ids] + query ids
-with `max_tokens=1, logprob_token_ids=<the choice tokens>`; the first generated
-position's raw logprobs of those tokens are the scores. It reads the prefix cache
-like any generation request, so ICL demonstrations are computed once per engine.
+A NEXT unit (the single-token choices of an item) is one request: [prefix ids] +
+query ids with `max_tokens=1, logprob_token_ids=<the choice tokens>`; the first
+generated position's raw logprobs of those tokens are the scores. It reads the
+prefix cache like any generation request, so ICL demonstrations are computed once
+per engine.
 
-Otherwise one request per (item, choice): [prefix ids] + query ids + choice ids
-with `prompt_logprobs=0`; the score is the sum of the prompt logprobs at the
-choice's positions. A plain request (zero-shot, ICL) reads the prefix cache up to
-the block before its choice (`skip_reading_prefix_cache=False` and
-extra_args[SCORED_FROM_ARG], capped by patches.engine.local_hit_cap), so demonstrations and
-the query shared by an item's choices are not recomputed. The cap acts on engines that
-run the DeepThink connector only (make_engine always configures it); on another engine
-such a request does not read the prefix cache (vLLM's default for prompt logprobs). With a Deep-Thinking
-adapter the prompt is query (+ choice) ids only: the plugin puts the adapter's K/V
-in front (positions 0..L-1).
+A FORCED unit (one multi-token choice) is one request: [prefix ids] + query ids +
+choice ids with `prompt_logprobs=0`; the score is the sum of the prompt logprobs at
+the choice's positions. A plain request (zero-shot, ICL) reads the prefix cache up
+to the block before its choice (`skip_reading_prefix_cache=False` and
+extra_args[SCORED_FROM_ARG], capped by patches.engine.local_hit_cap), so
+demonstrations and the query shared by an item's choices are not recomputed. The cap
+acts on engines that run the DeepThink connector only (make_engine always configures
+it); on another engine such a request does not read the prefix cache (vLLM's default
+for prompt logprobs). With a
+Deep-Thinking adapter the prompt is query (+ choice) ids only: the plugin puts the
+adapter's K/V in front (positions 0..L-1).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.plugin import api, protocol
-from vllm_deepthink.tasks.scoring import EncodedItem, Score
+from vllm_deepthink.tasks.scoring import NEXT, EncodedItem, Score, ScoringPlan, make_plan
 
 
 def make_engine(model: str | Path, *, adapters: Mapping[str, str | Path] | None = None,
@@ -73,14 +76,13 @@ def _choice_params(adapter: str | None, start: int, capped: bool = True):
                             extra_args={protocol.SCORED_FROM_ARG: start})
 
 
-def score_encoded_vllm(llm, encoded: Sequence[EncodedItem], *,
-                       prefix_ids: Sequence[int] | None = None, adapter: str | None = None,
-                       progress: bool = False) -> list[list[Score]]:
-    """Per item, per choice: (sum of the choice tokens' logprobs, number of tokens).
+def score_plan_vllm(llm, plan: ScoringPlan, *, prefix_ids: Sequence[int] | None = None,
+                    adapter: str | None = None, progress: bool = False) -> list[list[Score]]:
+    """Run a scoring plan (tasks.scoring.make_plan) through a `vllm.LLM`.
 
     Args:
         llm: a `vllm.LLM` (make_engine); with `adapter`, built with that adapter.
-        encoded: token ids of queries and choices (scoring.encode_items).
+        plan: the units of the items to score.
         prefix_ids: ids put before every query (ICL demos); not with `adapter`.
         adapter: name of a Deep-Thinking adapter the engine serves.
     """
@@ -88,40 +90,44 @@ def score_encoded_vllm(llm, encoded: Sequence[EncodedItem], *,
         raise ValueError("give either prefix_ids (ICL) or adapter (Deep-Thinking), not both")
     prefix = list(prefix_ids or [])
     capped = protocol.uses_deepthink_connector(llm.llm_engine.vllm_config)
-    prompts, params, reads = [], [], []  # reads: (item, choice or None, start, length)
-    for i, item in enumerate(encoded):
-        if not item.query_ids:
-            raise ValueError(f"item {i}: the query tokenizes to no tokens; every item "
-                             f"needs a non-empty query.")
-        start = len(prefix) + len(item.query_ids)
-        if all(len(c) == 1 for c in item.choice_ids):
-            prompts.append({"prompt_token_ids": prefix + item.query_ids})
-            params.append(_next_token_params(adapter, [c[0] for c in item.choice_ids]))
-            reads.append((i, None, start, 1))
-            continue
-        for j, choice in enumerate(item.choice_ids):
-            prompts.append({"prompt_token_ids": prefix + item.query_ids + choice})
-            params.append(_choice_params(adapter, start, capped))
-            reads.append((i, j, start, len(choice)))
+    prompts, params = [], []
+    for unit in plan.units:
+        prompts.append({"prompt_token_ids": prefix + unit.ids})
+        if unit.kind == NEXT:
+            params.append(_next_token_params(adapter, [t for _, t, _ in unit.entries]))
+        else:
+            params.append(_choice_params(adapter, len(prefix) + unit.scored_from, capped))
     outputs = llm.generate(prompts, params, use_tqdm=progress)
-    scores: list[list[Score]] = [[(0.0, len(c)) for c in item.choice_ids] for item in encoded]
-    for prompt, (i, j, start, length), out in zip(prompts, reads, outputs):
+    totals = [[0.0] * len(lengths) for lengths in plan.choice_lengths]
+    for prompt, unit, out in zip(prompts, plan.units, outputs):
         ids = prompt["prompt_token_ids"]
-        if j is None:
+        if unit.kind == NEXT:
             (step,) = out.outputs[0].logprobs
-            scores[i] = [(step[c[0]].logprob, 1) for c in encoded[i].choice_ids]
+            for _, target, j in unit.entries:
+                totals[unit.item][j] += step[target].logprob
             continue
         # The choice's rows are the list's last `length` (a runner may leave out
         # rows of cached positions instead of returning them empty).
+        length = len(unit.entries)
         logprobs = out.prompt_logprobs
         if logprobs is None or len(logprobs) < length + 1:
             raise RuntimeError(f"vLLM returned {None if logprobs is None else len(logprobs)} "
                                f"prompt logprobs for a {len(ids)}-token prompt scored from "
-                               f"position {start}")
+                               f"position {len(prefix) + unit.scored_from}")
         rows = logprobs[len(logprobs) - length:]
-        total = sum(row[token].logprob for row, token in zip(rows, ids[start:]))
-        scores[i][j] = (total, length)
-    return scores
+        for row, (_, target, j) in zip(rows, unit.entries):
+            totals[unit.item][j] += row[target].logprob
+    return [[(totals[i][j], n) for j, n in enumerate(lengths)]
+            for i, lengths in enumerate(plan.choice_lengths)]
+
+
+def score_encoded_vllm(llm, encoded: Sequence[EncodedItem], *,
+                       prefix_ids: Sequence[int] | None = None, adapter: str | None = None,
+                       progress: bool = False) -> list[list[Score]]:
+    """Per item, per choice: (sum of the choice tokens' logprobs, number of tokens);
+    see score_plan_vllm."""
+    return score_plan_vllm(llm, make_plan(encoded), prefix_ids=prefix_ids, adapter=adapter,
+                           progress=progress)
 
 
 class VllmScorer:
@@ -134,8 +140,9 @@ class VllmScorer:
 
     def score(self, encoded: Sequence[EncodedItem], *, prefix_ids: Sequence[int] | None = None,
               adapter: str | None = None) -> list[list[Score]]:
-        return score_encoded_vllm(self.llm, encoded, prefix_ids=prefix_ids, adapter=adapter,
-                                  progress=self.progress)
+        plan = encoded if isinstance(encoded, ScoringPlan) else make_plan(encoded)
+        return score_plan_vllm(self.llm, plan, prefix_ids=prefix_ids, adapter=adapter,
+                               progress=self.progress)
 
     def close(self) -> None:
         """Stop the engine's processes now (instead of at interpreter exit)."""

@@ -1,22 +1,30 @@
 """Tasks and choice scoring with HF transformers (never imports vLLM).
 
 - task.py: task directories (`train.jsonl`, eval splits, `task.json`), the built-in
-  Deep-Thinking prompt templates, demonstration sampling and dev splits.
+  Deep-Thinking prompt templates and shot counts, demonstration sampling (fitted to a
+  token budget) and dev splits.
 - scoring.py: the choice-scoring plan every scorer follows and the HF scorer.
+- calibration.py: label calibration (content-free, dev-prior) of choice scores.
+- stats.py: paired tests and bootstrap intervals.
 """
 
 from vllm_deepthink.tasks.task import (
     BUILTIN_TASKS,
     CLASSIFICATION,
+    DEFAULT_SHOTS,
     MULTIPLE_CHOICE,
     DemoSample,
     Task,
     TaskError,
+    default_shots,
+    dev_indices,
+    dev_split_of,
     dev_split,
     eval_rows,
     load_task,
     sample_demos,
 )
 
-__all__ = ["BUILTIN_TASKS", "CLASSIFICATION", "MULTIPLE_CHOICE", "DemoSample", "Task",
-           "TaskError", "dev_split", "eval_rows", "load_task", "sample_demos"]
+__all__ = ["BUILTIN_TASKS", "CLASSIFICATION", "DEFAULT_SHOTS", "MULTIPLE_CHOICE", "DemoSample",
+           "Task", "TaskError", "default_shots", "dev_indices", "dev_split", "dev_split_of",
+           "eval_rows", "load_task", "sample_demos"]

@@ -90,6 +90,14 @@ def _prepare_winogrande(row: dict) -> dict:
     return {**row, "question": before, "choices": [f"{c} {after}" for c in row["choices"]]}
 
 
+# The paper's shot counts (Deep-Thinking v3, Table 7): demonstrations per class for
+# classification (8/10/8/8/12 in total), demonstrations in all for multiple choice.
+DEFAULT_SHOTS: dict[str, int] = {
+    "sst2": 4, "sst5": 2, "mr": 4, "agnews": 2, "trec": 2,
+    "copa": 4, "openbookqa": 4, "qasc": 4, "hellaswag": 4, "winogrande": 4,
+}
+
+
 ROW_TRANSFORMS: dict[str, Callable[[dict], dict]] = {
     "copa": _prepare_copa,
     "winogrande": _prepare_winogrande,
@@ -99,11 +107,14 @@ ROW_TRANSFORMS: dict[str, Callable[[dict], dict]] = {
 @dataclass
 class DemoSample:
     """Demonstrations drawn from train: `text` is the demos joined by the task
-    separator (ending with it); `indices` are their train row indices, in order."""
+    separator (ending with it); `indices` are their train row indices, in order.
+    `fit` records what sample_demos did to respect a token budget (None: no budget
+    given): {"max_tokens", "tokens_first_draw", "tokens", "replaced": [[old, new]...]}."""
 
     text: str
     indices: list[int]
     rows: list[dict] = field(repr=False)
+    fit: dict[str, Any] | None = None
 
 
 @dataclass
@@ -118,6 +129,7 @@ class Task:
     directory: Path
     eval_split: str
     row_transform: str | None = None
+    builtin: bool = False  # one of BUILTIN_TASKS, recognised by name (no task.json)
     _rows: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -327,7 +339,7 @@ def _builtin_task(directory: Path) -> Task:
         label_words = _check_label_words(_read_json(path), str(path))
     return Task(name=name, kind=kind, label_words=label_words, separator=DEFAULT_SEPARATOR,
                 template=template, directory=directory, eval_split=eval_split,
-                row_transform=transform)
+                row_transform=transform, builtin=True)
 
 
 def _task_from_json(directory: Path, path: Path) -> Task:
@@ -388,11 +400,39 @@ def _labels(task: Task, rows: list[dict], indices: list[int]) -> dict[int, list[
     return by_label
 
 
-def sample_demos(task: Task, shots_per_class: int, seed: int) -> DemoSample:
+def default_shots(task: Task) -> int | None:
+    """The paper's shot count of a built-in task (per class for classification, in all
+    for multiple choice), None for other tasks."""
+    return DEFAULT_SHOTS.get(task.name) if task.builtin else None
+
+
+def template_fields(task: Task) -> list[str]:
+    """The row fields the query template fills (e.g. ["text"])."""
+    return list(dict.fromkeys(_PLACEHOLDER.findall(task._query_template)))
+
+
+def _demo_text(task: Task, rows: list[dict], indices: list[int]) -> str:
+    return "".join(task.format_demo(rows[i]) + task.separator for i in indices)
+
+
+def sample_demos(task: Task, shots_per_class: int, seed: int, *,
+                 max_tokens: int | None = None,
+                 count_tokens: Callable[[str], int] | None = None) -> DemoSample:
     """Demonstrations from train: `shots_per_class` per label for classification
-    (stratified, then shuffled), `shots_per_class` demos in all for multiple choice."""
+    (stratified, then shuffled), `shots_per_class` demos in all for multiple choice.
+
+    With `max_tokens` (and `count_tokens`, text -> its token count as the builder
+    tokenizes demos), a draw longer than the budget is repaired, never truncated:
+    the longest demonstration is replaced by a row of the same label (any row for
+    multiple choice) drawn at random among the unused rows that are shorter than it,
+    until the text fits; the order of the demonstrations is kept. Per-class counts
+    stay the same; the repair biases the sample toward shorter rows, and `fit`
+    records every replacement. TaskError when no such row is left.
+    """
     if shots_per_class < 1:
         raise TaskError(f"shots_per_class must be >= 1, found {shots_per_class}")
+    if (max_tokens is None) != (count_tokens is None):
+        raise TaskError("give max_tokens and count_tokens together")
     rows = task.rows("train")
     rng = random.Random(seed)
     if task.kind == CLASSIFICATION:
@@ -412,22 +452,73 @@ def sample_demos(task: Task, shots_per_class: int, seed: int) -> DemoSample:
             raise TaskError(f"task {task.name!r}: train.jsonl has {len(rows)} rows, fewer than "
                             f"the {shots_per_class} demonstrations asked for.")
         indices = rng.sample(range(len(rows)), shots_per_class)
+    fit = None
+    if max_tokens is not None:
+        indices, fit = _fit_demos(task, rows, indices, max_tokens, count_tokens, rng)
     demo_rows = [rows[i] for i in indices]
-    text = "".join(task.format_demo(row) + task.separator for row in demo_rows)
-    return DemoSample(text=text, indices=indices, rows=demo_rows)
+    return DemoSample(text=_demo_text(task, rows, indices), indices=indices, rows=demo_rows,
+                      fit=fit)
 
 
-def dev_split(task: Task, size: int, seed: int, exclude: set[int]) -> list[dict]:
-    """Up to `size` train rows not in `exclude` (the demos): stratified by label for
-    classification, random for multiple choice; shuffled with `seed`."""
+def _fit_demos(task: Task, rows: list[dict], indices: list[int], max_tokens: int,
+               count_tokens: Callable[[str], int], rng: random.Random
+               ) -> tuple[list[int], dict[str, Any]]:
+    """See sample_demos: replace the longest demo until the text fits max_tokens."""
+    indices = list(indices)
+    first = count_tokens(_demo_text(task, rows, indices))
+    tokens, replaced = first, []
+    lengths: dict[int, int] = {}
+
+    def length(i: int) -> int:
+        if i not in lengths:
+            lengths[i] = count_tokens(task.format_demo(rows[i]) + task.separator)
+        return lengths[i]
+
+    tried = set(indices)
+    while tokens > max_tokens:
+        slot = max(range(len(indices)), key=lambda k: (length(indices[k]), -k))
+        old = indices[slot]
+        same = [i for i in range(len(rows)) if i not in tried
+                and (task.kind != CLASSIFICATION or task.label(rows[i]) == task.label(rows[old]))]
+        # Random candidates of that label, the first one shorter than the old demo wins.
+        rng.shuffle(same)
+        new = next((i for i in same if length(i) < length(old)), None)
+        if new is None:
+            raise TaskError(
+                f"task {task.name!r}: the demonstrations are {tokens} tokens, more than the "
+                f"{max_tokens} the model allows (Deep-Thinking runs them at positions L..2L-1), "
+                f"and no shorter train row of the same label is left to replace the longest "
+                f"one. Use fewer shots per class.")
+        tried.add(new)
+        indices[slot] = new
+        replaced.append([old, new])
+        tokens = count_tokens(_demo_text(task, rows, indices))
+    return indices, {"max_tokens": max_tokens, "tokens_first_draw": first, "tokens": tokens,
+                     "replaced": replaced}
+
+
+def dev_split(task: Task, size: int, seed: int, exclude: set[int], *,
+              stratify: bool = False) -> list[dict]:
+    """Up to `size` train rows not in `exclude` (the demos), drawn at random with
+    `seed` (so the label mix follows train's); with `stratify` (classification), an
+    equal number per label as far as train allows. Shuffled."""
+    return [task.rows("train")[i] for i in dev_indices(task, size, seed, exclude,
+                                                       stratify=stratify)]
+
+
+def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
+                stratify: bool = False) -> list[int]:
+    """The train row indices of dev_split, in dev order."""
     rows = task.rows("train")
     pool = [i for i in range(len(rows)) if i not in exclude]
     if not pool:
         raise TaskError(f"task {task.name!r}: no train rows left for a dev split after "
                         f"excluding the {len(exclude)} demonstrations.")
+    if size < 1:
+        raise TaskError(f"the dev split needs size >= 1, found {size}")
     rng = random.Random(seed)
     size = min(size, len(pool))
-    if task.kind == CLASSIFICATION:
+    if stratify and task.kind == CLASSIFICATION:
         by_label = _labels(task, rows, pool)
         per_label = size // len(by_label)
         chosen = []
@@ -438,7 +529,19 @@ def dev_split(task: Task, size: int, seed: int, exclude: set[int]) -> list[dict]
         rng.shuffle(chosen)
     else:
         chosen = rng.sample(pool, size)
-    return [rows[i] for i in chosen]
+    return chosen
+
+
+def dev_split_of(task: Task, record: dict[str, Any]) -> list[dict]:
+    """The dev split a build drew, from its record (DeepThinkConfig.task: dev_size,
+    seed or dev_seed, demo_indices, dev_stratified)."""
+    missing = [k for k in ("dev_size", "seed", "demo_indices") if k not in record]
+    if missing:
+        raise TaskError(f"the build record lacks {missing}: the adapter was not selected on "
+                        f"a dev split of a task directory")
+    return dev_split(task, int(record["dev_size"]), int(record.get("dev_seed", record["seed"])),
+                     exclude=set(record["demo_indices"]),
+                     stratify=bool(record.get("dev_stratified", False)))
 
 
 def eval_rows(task: Task, split: str | None = None, limit: int | None = None,

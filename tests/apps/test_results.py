@@ -1,0 +1,136 @@
+"""`vllm-deepthink results` on a tiny model: a row is computed once, an interrupted row
+resumes at its next search candidate with the same numbers, the report is generated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers.tiny_models import make_tiny_model
+from vllm_deepthink.apps import cli
+from vllm_deepthink.apps import results as results_cmd
+
+TEXTS = ["a charming film", "contains no wit , only labored gags", "the quick brown fox",
+         "lazy dog", "the sun was rising", "the grass was cut", "a film", "only labored gags"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("results")
+    model_dir = make_tiny_model("llama", base / "tiny-llama")
+    task = base / "data" / "sst2"  # a built-in task name: the paper's template and shots
+    task.mkdir(parents=True)
+    rows = [{"text": TEXTS[i % len(TEXTS)] + f" {i}", "label": (i * 7 // 3) % 2}
+            for i in range(70)]
+    (task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    (task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[60:]))
+    (task / "verbalizers.json").write_text(json.dumps(["negative", "positive"]))
+    return base, model_dir
+
+
+def argv(setup, out, *extra):
+    base, model_dir = setup
+    return ["results", "--data-dir", str(base / "data"), "--out", str(out),
+            "--model-path", f"smollm2={model_dir}", "--adapters-dir", str(out / "adapters"),
+            "--rows", "smollm2-sst2-s0", "--dev-size", "12", "--limit", "10",
+            "--iterations", "3", "--min-iterations", "2", "--patience", "1",
+            "--threads", "1", "--no-progress", *extra]
+
+
+def strip_seconds(value):
+    if isinstance(value, dict):
+        return {k: strip_seconds(v) for k, v in value.items()
+                if "seconds" not in k}
+    if isinstance(value, list):
+        return [strip_seconds(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    out = setup[0] / "out-a"
+    assert cli.main(argv(setup, out)) == 0
+    return out, json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
+
+
+def test_row_json_holds_every_column(uninterrupted):
+    out, row = uninterrupted
+    assert row["schema"] == results_cmd.ROW_SCHEMA and row["settings"]["n_test"] == 10
+    assert {"zero-shot", "icl", "icl+cf", "icl+dev", "dt", "dt+cf", "dt+dev", "dt-search",
+            "dt-oracle"} <= set(row["columns"])
+    assert len(row["scores"]["icl"]) == 10 and len(row["scores"]["icl"][0]) == 2
+    assert row["demos"]["shots_per_class"] == 4 and len(row["demos"]["indices"]) == 8
+    assert len(row["selection"]["dt-search"]["candidates"]) == 14
+    assert [e["iteration"] for e in row["test_trace"]] == list(
+        range(1, row["selection"]["dt"]["candidates"][0]["iterations_run"] + 1))
+    # T=1 Deep-Thinking is ICL, and the oracle is at least as good as every iteration
+    assert row["test_trace"][0]["test_acc"] == row["columns"]["icl"]["acc"]
+    assert row["columns"]["dt-oracle"]["acc"] == max(e["test_acc"] for e in row["test_trace"])
+    assert "dt vs icl" in row["paired"] and (out / "results.md").is_file()
+    assert (out / "curves.png").stat().st_size > 0
+    assert "smollm2 | sst2 | 0 | 10 |" in (out / "results.md").read_text()
+    for name in ("dt", "dt-search"):
+        assert (out / "adapters" / f"smollm2-sst2-s0-{name}" / "deepthink_config.json").is_file()
+    assert not (out / "work" / "smollm2-sst2-s0").exists()
+
+
+def test_calibrated_columns_can_be_recomputed_from_the_json(uninterrupted):
+    from vllm_deepthink.tasks import calibration
+
+    _, row = uninterrupted
+    for base in ("icl", "dt"):
+        scores = [[(s, n) for s, n in zip(r, lengths)]
+                  for r, lengths in zip(row["scores"][base], row["choice_tokens"])]
+        preds = calibration.calibrated_predictions(scores, row["priors"][base]["dev-prior"])
+        assert preds == row["columns"][f"{base}+dev"]["predictions"]
+
+
+def test_interrupted_row_resumes_and_a_done_row_is_never_recomputed(setup, uninterrupted,
+                                                                  monkeypatch):
+    from vllm_deepthink.producers.deepthink import builder
+
+    out = setup[0] / "out-b"
+    clock = iter(range(0, 10_000, 40))  # each reading of the clock is 40 s later
+    monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
+    # budget 100 s: start 0, row check 40, candidate 0 at 80, candidate 1 at 120 -> stop
+    assert cli.main(argv(setup, out, "--time-budget", "100s")) == 0
+    work = out / "work" / "smollm2-sst2-s0"
+    assert not (out / "json" / "smollm2-sst2-s0.json").exists()
+    assert sorted(p.name for p in work.iterdir()) == [
+        "cand-00.json", "cand-00.safetensors", "icl.json", "icl.safetensors", "zero-shot.json"]
+    monkeypatch.undo()
+
+    calls = []
+    real = builder.run_candidates
+    monkeypatch.setattr(builder, "run_candidates",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert cli.main(argv(setup, out)) == 0
+    assert len(calls) == 13  # candidates 1..13 only
+    row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
+    _, expected = uninterrupted
+    for key in ("columns", "scores", "priors", "paired", "selection", "test_trace_scores"):
+        assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
+
+    path = out / "json" / "smollm2-sst2-s0.json"
+    before = path.stat().st_mtime_ns
+    monkeypatch.setattr(results_cmd, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
+    assert cli.main(argv(setup, out)) == 0
+    assert path.stat().st_mtime_ns == before
+
+
+def test_list_and_row_patterns(setup, uninterrupted, capsys):
+    out, _ = uninterrupted
+    assert cli.main(argv(setup, out, "--list")) == 0
+    assert "smollm2-sst2-s0" in capsys.readouterr().out
+    keys = [r.key for r in results_cmd.default_rows()]
+    assert keys[:5] == ["smollm2-sst2-s0", "smollm2-mr-s0", "smollm2-trec-s0",
+                        "smollm2-sst5-s0", "smollm2-agnews-s0"]
+    assert len(keys) == 15 + 12 + 5
+    assert [r.key for r in results_cmd.select_rows("gemma3-270m-*-s2")] == [
+        "gemma3-270m-sst2-s2", "gemma3-270m-mr-s2", "gemma3-270m-trec-s2", "gemma3-270m-sst5-s2"]
+    with pytest.raises(SystemExit, match="neither a pattern"):
+        results_cmd.select_rows("nomodel-sst2-s0")
+    assert results_cmd.parse_duration("1h30m") == 5400
+    with pytest.raises(SystemExit, match="duration"):
+        results_cmd.parse_duration("soon")
