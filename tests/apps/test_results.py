@@ -134,3 +134,33 @@ def test_list_and_row_patterns(setup, uninterrupted, capsys):
     assert results_cmd.parse_duration("1h30m") == 5400
     with pytest.raises(SystemExit, match="duration"):
         results_cmd.parse_duration("soon")
+
+
+def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, monkeypatch):
+    from vllm_deepthink.producers.deepthink import builder
+
+    out = setup[0] / "out-c"
+    assert cli.main(argv(setup, out, "--skip-search")) == 0
+    path = out / "json" / "smollm2-sst2-s0.json"
+    first = json.loads(path.read_text())
+    assert first["search"] == "skipped" and "dt-search" not in first["columns"]
+    assert "DT search" in (out / "results.md").read_text()  # the column, not yet filled
+    spec = results_cmd.select_rows("smollm2-sst2-s0")[0]
+    assert results_cmd.row_state(out, spec) == "partial (no search)"
+    assert results_cmd.row_state(out, spec, with_search=False) == "done without search"
+    # A second first pass computes nothing; the full run adds candidates 1..13 only.
+    monkeypatch.setattr(results_cmd, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
+    assert cli.main(argv(setup, out, "--skip-search")) == 0
+    monkeypatch.undo()
+    calls = []
+    real = builder.run_candidates
+    monkeypatch.setattr(builder, "run_candidates",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert cli.main(argv(setup, out)) == 0
+    assert len(calls) == 13
+    row = json.loads(path.read_text())
+    _, expected = uninterrupted
+    for key in ("columns", "scores", "priors", "paired", "selection"):
+        assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
+    for column in ("icl", "dt", "icl+dev", "dt-oracle"):
+        assert row["columns"][column] == first["columns"][column]

@@ -155,6 +155,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              "2h; run again to continue")
     parser.add_argument("--max-rows", type=int, default=None,
                         help="compute at most this many new rows, then stop")
+    parser.add_argument("--skip-search", action="store_true",
+                        help="every column but DT search (its grid is most of a row's cost), "
+                             "so a first pass covers every row; a later run without this flag "
+                             "adds the search column from the row's checkpoints")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batch-size", type=int, default=16, help="scoring batch size")
@@ -196,9 +200,15 @@ def row_path(out: Path, spec: RowSpec) -> Path:
     return out / "json" / f"{spec.key}.json"
 
 
-def row_state(out: Path, spec: RowSpec) -> str:
-    if row_path(out, spec).is_file():
-        return "done"
+def row_state(out: Path, spec: RowSpec, with_search: bool = True) -> str:
+    """"done", "done without search" (a --skip-search row; the full run adds the search
+    column from its checkpoints), "partial" or "to do"."""
+    path = row_path(out, spec)
+    if path.is_file():
+        skipped = json.loads(path.read_text()).get("search") == "skipped"
+        if not skipped:
+            return "done"
+        return "partial (no search)" if with_search else "done without search"
     work = out / "work" / spec.key
     return "partial" if work.is_dir() and any(work.iterdir()) else "to do"
 
@@ -293,6 +303,8 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
                              patience=args.patience or None, guard_k=args.guard_k)
     grid = search.search_grid(search.position_modes(model.config))
     assert grid[0] == search.PUBLISHED
+    if args.skip_search:
+        grid = grid[:1]  # the published default only; a later run adds the others
     progress = not args.no_progress
 
     def score_test(keys=None, values=None, prefix_ids=None):
@@ -405,7 +417,9 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
 
     # the adapters of dt and dt-search, for serving
     saved_adapters = {}
-    for name, selection in (("dt", default), ("dt-search", searched)):
+    selections = (("dt", default),) if args.skip_search else (("dt", default),
+                                                              ("dt-search", searched))
+    for name, selection in selections:
         adapter = builder.adapter_from_selection(
             model, inputs.demos_text, inputs.demo_ids, selection, dev=dev,
             label_words=inputs.label_words, task=inputs.info,
@@ -420,7 +434,11 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
     columns = {"zero-shot": _column(zero_shot, labels), "icl": _column(icl_test, labels),
                "dt": _column(dt_test, labels), "dt-search": _column(search_test, labels),
                "dt-oracle": _column(oracle_test, labels)}
-    for base, test_scores in (("icl", icl_test), ("dt", dt_test), ("dt-search", search_test)):
+    bases = (("icl", icl_test), ("dt", dt_test), ("dt-search", search_test))
+    if args.skip_search:
+        del columns["dt-search"]
+        bases = bases[:2]
+    for base, test_scores in bases:
         if priors[base] is not None:
             for method in ("content-free", "dev-prior"):
                 suffix = "cf" if method == "content-free" else "dev"
@@ -436,8 +454,18 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
     seconds["published candidate"] = runs[0].seconds
     seconds["test trace"] = sum(e["test_seconds"] for e in test_trace)
     seconds["row (this invocation)"] = time.perf_counter() - started
+    scores = {"zero-shot": _rounded(zero_shot), "icl": _rounded(icl_test),
+              "dt": _rounded(dt_test), "dt-search": _rounded(search_test),
+              "dt-oracle": _rounded(oracle_test)}
+    selection = {"dt": default.summary, "dt-search": searched.summary,
+                 "dt-oracle": {"iteration": oracle_iteration,
+                               "note": "T picked on the test split: an upper bound, "
+                                       "never a claim"}}
+    if args.skip_search:
+        del scores["dt-search"], selection["dt-search"]
     return {
         "schema": ROW_SCHEMA,
+        "search": "skipped" if args.skip_search else "run",
         "row": {"model": spec.model, "task": spec.task, "seed": spec.seed, "key": spec.key},
         "settings": {"model_dir": str(ctx.dir), "task": task.to_dict(), "split": task.eval_split,
                      "limit": args.limit, "n_test": len(labels), "dev_size": dev.size,
@@ -448,16 +476,11 @@ def compute_row(spec: RowSpec, ctx: ModelContext, args, out: Path, deadline: flo
                   "fit": inputs.demos.fit},
         "labels": labels,
         "choice_tokens": test_plan.choice_lengths,
-        "scores": {"zero-shot": _rounded(zero_shot), "icl": _rounded(icl_test),
-                   "dt": _rounded(dt_test), "dt-search": _rounded(search_test),
-                   "dt-oracle": _rounded(oracle_test)},
+        "scores": scores,
         "priors": priors,
         "columns": columns,
         "paired": paired,
-        "selection": {"dt": default.summary, "dt-search": searched.summary,
-                      "dt-oracle": {"iteration": oracle_iteration,
-                                    "note": "T picked on the test split: an upper bound, "
-                                            "never a claim"}},
+        "selection": selection,
         "test_trace": test_trace,
         "test_trace_scores": test_trace_scores,
         "adapters": saved_adapters,
@@ -489,7 +512,7 @@ def main(args: argparse.Namespace) -> int:
     specs = select_rows(args.rows)
     if args.list:
         for spec in specs:
-            print(f"{spec.key:<28} {row_state(out, spec)}")
+            print(f"{spec.key:<28} {row_state(out, spec, not args.skip_search)}")
         return 0
     if args.report_only:
         print(results_report.write_report(out, ROW_SCHEMA, [s.key for s in default_rows()]))
@@ -505,7 +528,8 @@ def main(args: argparse.Namespace) -> int:
     deadline = None if budget is None else _now() + budget
     from tqdm.auto import tqdm
 
-    todo = [s for s in specs if row_state(out, s) != "done"]
+    finished = ("done", "done without search")
+    todo = [s for s in specs if row_state(out, s, not args.skip_search) not in finished]
     print(f"[results] {len(specs) - len(todo)} of {len(specs)} rows done; "
           f"{len(todo)} to compute" + (f" (at most {args.max_rows})" if args.max_rows else "")
           + (f", time budget {budget:.0f} s" if budget else ""), flush=True)
@@ -530,15 +554,17 @@ def main(args: argparse.Namespace) -> int:
             stopped = str(exc)
             break
         write_json_atomic(row_path(out, spec), row)
-        shutil.rmtree(out / "work" / spec.key, ignore_errors=True)
+        if not args.skip_search:  # a skip-search row keeps its checkpoints for the search
+            shutil.rmtree(out / "work" / spec.key, ignore_errors=True)
         computed += 1
         c = row["columns"]
         tqdm.write(f"[results] {spec.key}: zero-shot {c['zero-shot']['acc']:.3f} icl "
                    f"{c['icl']['acc']:.3f} dt {c['dt']['acc']:.3f} (T="
-                   f"{row['selection']['dt']['selected_iteration']}) dt-search "
-                   f"{c['dt-search']['acc']:.3f} ({row['seconds']['row (this invocation)']:.0f} s)")
+                   f"{row['selection']['dt']['selected_iteration']})"
+                   + (f" dt-search {c['dt-search']['acc']:.3f}" if "dt-search" in c else "")
+                   + f" ({row['seconds']['row (this invocation)']:.0f} s)")
     bar.close()
-    left = [s for s in specs if row_state(out, s) != "done"]
+    left = [s for s in specs if row_state(out, s, not args.skip_search) not in finished]
     report = results_report.write_report(out, ROW_SCHEMA, [s.key for s in default_rows()])
     print(report)
     print(f"[results] computed {computed} rows this time; {len(left)} left"

@@ -103,9 +103,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         c, sel = r["columns"], r["selection"]
         dt = sel["dt"]
-        search = sel["dt-search"]
+        search = sel.get("dt-search")
         t_dt = f"{dt['selected_iteration']}/{dt['candidates'][0]['iterations_run']}"
-        t_search = (f"{search['selected']}, {search['selected_iteration']}"
+        t_search = ("not run yet" if search is None else
+                    f"{search['selected']}, {search['selected_iteration']}"
                     if search["selected_iteration"] > 1 else "T=1")
         p = r["paired"].get("dt vs icl")
         delta = (f"{100 * p['diff']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
@@ -176,7 +177,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, max_panels: int = 
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     for ax, r in zip(axes.flat, chosen):
         dt = r["selection"]["dt"]
-        for cand in r["selection"]["dt-search"]["candidates"][1:]:
+        for cand in r["selection"].get("dt-search", {"candidates": []})["candidates"][1:]:
             ax.plot([e["iteration"] for e in cand["trace"]],
                     [100 * e["dev_acc"] for e in cand["trace"]], color="0.8", lw=0.8)
         published = dt["candidates"][0]["trace"]
