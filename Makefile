@@ -56,18 +56,15 @@ models: install
 adapters: models
 	@test -f adapters_store/sst2-smollm2/deepthink_model.safetensors || \
 	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(SERVE_TASKS)/sst2 \
-	    --shots-per-class 2 --seed 0 --iterations 15 --select-on dev --patience 4 \
-	    --out adapters_store/sst2-smollm2
+	    --seed 0 --out adapters_store/sst2-smollm2
 	@test -f adapters_store/trec-smollm2/deepthink_model.safetensors || \
 	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(SERVE_TASKS)/trec \
-	    --shots-per-class 1 --seed 0 --iterations 15 --select-on dev --patience 4 \
-	    --out adapters_store/trec-smollm2
+	    --seed 0 --out adapters_store/trec-smollm2
 
 serve: adapters
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/vllm serve $(MODEL_DIR) \
 	  --host $(HOST) --port $(PORT) --dtype float32 \
-	  --deepthink-adapter sst2=adapters_store/sst2-smollm2 \
-	  --deepthink-adapter trec=adapters_store/trec-smollm2
+	  --deepthink-adapter sst2=adapters_store/sst2-smollm2 trec=adapters_store/trec-smollm2
 
 results: install
 	$(BIN)/vllm-deepthink results --data-dir $(DATA_DIR) --out results $(RESULTS_ARGS)

@@ -8,7 +8,7 @@ from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.producers.deepthink.builder import build_adapter
 from vllm_deepthink.apps import eval as eval_cmd
 from vllm_deepthink.tasks.scoring import EncodedItem, HFScorer, encode_items, items_from_rows
-from vllm_deepthink.tasks import TaskError, load_task, sample_demos
+from vllm_deepthink.tasks import load_task, sample_demos
 
 pytestmark = pytest.mark.engine
 
@@ -198,10 +198,10 @@ def test_cli_limit_and_modes(setup, tmp_path):
 
 def test_cli_bad_task_dir_is_a_clear_error(setup, tmp_path):
     bad = write_task(tmp_path / "bad", spec={**TASK_JSON, "template": "Sentiment: {label}"})
-    with pytest.raises(TaskError, match=r"no \{text\} placeholder"):
+    with pytest.raises(SystemExit, match=r"eval: error: .*no \{text\} placeholder"):
         run_cli(["eval", "--model", str(setup["model_dir"]), "--task-dir", str(bad),
                  "--engine", "hf"])
-    with pytest.raises(TaskError, match="task.json is missing"):
+    with pytest.raises(SystemExit, match="eval: error: .*task.json is missing"):
         run_cli(["eval", "--model", str(setup["model_dir"]), "--task-dir", str(tmp_path),
                  "--engine", "hf"])
 

@@ -35,7 +35,7 @@ from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 
 import vllm_deepthink  # noqa: E402
 from vllm_deepthink import plugin  # noqa: E402
-from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter  # noqa: E402
+from vllm_deepthink.format import AdapterFormatError  # noqa: E402
 from vllm_deepthink.plugin import frontend, patches, protocol  # noqa: E402
 from vllm_deepthink.plugin.patches import engine as engine_patches  # noqa: E402
 

@@ -425,18 +425,22 @@ def test_default_out_name():
 
     from vllm_deepthink.apps.build import default_out
 
-    args = Namespace(task_dir="../shared/data/sst2", demos_text=None, model="models/SmolLM2-135M")
+    args = Namespace(task_dir="examples/data/sst2", dataset=None, demos_text=None,
+                     model="models/SmolLM2-135M")
     assert default_out(args) == Path("adapters_store/sst2-smollm2-135m")
-    args = Namespace(task_dir=None, demos_text="my_demos.txt", model="models/smollm2-135m/")
+    args = Namespace(task_dir=None, dataset=None, demos_text="my_demos.txt",
+                     model="models/smollm2-135m/")
     assert default_out(args) == Path("adapters_store/my_demos-smollm2-135m")
+    args = Namespace(task_dir=None, dataset="glue:sst2", demos_text=None, model="Org/Tiny-LM")
+    assert default_out(args) == Path("adapters_store/glue-sst2-tiny-lm")
+    args = Namespace(task_dir=None, dataset=None, demos_text="d.txt", model=".")
+    assert default_out(args) == Path(f"adapters_store/d-{Path.cwd().name}".lower())
 
 
 def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
     from vllm_deepthink.apps import cli
 
-    sst2 = REPO.parent / "shared" / "data" / "sst2"
-    if not (sst2 / "train.jsonl").is_file():
-        pytest.skip(f"{sst2} not present")
+    sst2 = REPO / "examples" / "data" / "sst2"  # shipped with the repository
     model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
     out = tmp_path / "adapter"
     assert cli.main(["build", "--model", str(model_dir), "--task-dir", str(sst2),

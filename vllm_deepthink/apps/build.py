@@ -17,10 +17,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
 
     defaults = SelectionPolicy()
-    parser.add_argument("--model", required=True, help="local HF model directory")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--demos-text", help="file holding the exact demonstration string")
-    source.add_argument("--task-dir", help="task directory (train.jsonl, ...) to sample demos from")
+    parser.add_argument("--model", required=True,
+                        help="HF model: a local directory or a hub id (ORG/NAME, resolved "
+                             "through the Hugging Face cache; HF_HUB_OFFLINE is honoured)")
+    parser.add_argument("--revision", default=None, help="hub revision of --model")
+    parser.add_argument("--demos-text", help="file holding the exact demonstration string")
+    parser.add_argument("--task-dir", help="task directory (train.jsonl, ...) to sample demos "
+                                           "from; with --dataset, the directory of its task.json")
+    parser.add_argument("--dataset", help="rows from the `datasets` library: NAME[:CONFIG] of "
+                                          "the hub or a local json/csv/parquet file or "
+                                          "directory (its task.json: --task-dir, or inside it)")
     parser.add_argument("--shots-per-class", type=int,
                         help="demos per label (in all for multiple choice); default: the "
                              "paper's count of a built-in task (SST-2 4, SST-5 2, MR 4, AG News "
@@ -115,21 +121,25 @@ def policy_from_args(args):
 
 
 def default_out(args) -> Path:
-    source = Path(args.task_dir or args.demos_text)
-    name = source.name if args.task_dir else source.stem
-    return Path("adapters_store") / f"{name}-{Path(args.model).resolve().name}".lower()
+    if args.task_dir or args.dataset:
+        name = Path(args.task_dir or args.dataset.replace(":", "-")).name
+    else:
+        name = Path(args.demos_text).stem
+    model = Path(args.model)
+    model_name = model.resolve().name if model.is_dir() else model.name  # a dir or ORG/NAME
+    return Path("adapters_store") / f"{name}-{model_name}".lower()
 
 
 def _check_args(args) -> str:
-    if not Path(args.model).is_dir():
-        _fail(f"--model {args.model}: no such directory; expected a local HF model directory "
-              f"(make one with `vllm-deepthink model`)")
     if args.iterations < 1:
         _fail(f"--iterations must be >= 1, found {args.iterations}")
-    if args.task_dir:
+    if bool(args.demos_text) == bool(args.task_dir or args.dataset):
+        _fail("give the demonstrations as --demos-text FILE, or a task to sample them from "
+              "(--task-dir DIR and/or --dataset SPEC), not both")
+    if args.task_dir or args.dataset:
         if args.shots_per_class is not None and args.shots_per_class < 1:
             _fail(f"--shots-per-class must be >= 1, found {args.shots_per_class}")
-        if not Path(args.task_dir).is_dir():
+        if args.task_dir and not Path(args.task_dir).is_dir():
             _fail(f"--task-dir {args.task_dir}: no such directory")
     else:
         if args.shots_per_class is not None:
@@ -138,7 +148,7 @@ def _check_args(args) -> str:
             _fail(f"--demos-text {args.demos_text}: no such file")
         if args.select_on == "dev":
             _fail("--select-on dev needs --task-dir (the dev split comes from its train.jsonl)")
-    select_on = args.select_on or ("dev" if args.task_dir else "none")
+    select_on = args.select_on or ("dev" if args.task_dir or args.dataset else "none")
     if args.search and select_on != "dev":
         _fail("--search needs --select-on dev (with --task-dir): candidates are compared on dev")
     if args.dev_size < 1:
@@ -182,18 +192,25 @@ def main(args: argparse.Namespace) -> int:
     from vllm_deepthink.producers.deepthink import builder
     from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
 
-    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    from vllm_deepthink.format.hub import HubResolutionError, resolve_dir
+
+    try:
+        model_dir = resolve_dir(args.model, revision=args.revision)
+    except HubResolutionError as exc:
+        _fail(str(exc))
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     candidates = candidates_from_args(args, config)
     policy = policy_from_args(args)
 
     task_info = dev_items = label_words = None
     cf_items = []
-    if args.task_dir:
+    if args.task_dir or args.dataset:
         from vllm_deepthink import tasks
+        from vllm_deepthink.tasks.datasets import open_task
 
         try:
-            task = tasks.load_task(args.task_dir)
+            task = open_task(args.task_dir, args.dataset)
             inputs = task_build_inputs(task, tokenizer, config,
                                        shots_per_class=args.shots_per_class, seed=args.seed,
                                        select_on_dev=select_on == "dev",
@@ -227,8 +244,7 @@ def main(args: argparse.Namespace) -> int:
           + (f" ({len(dev_items)} dev items, min {policy.min_iterations} iterations, patience "
              f"{policy.patience}, guard {policy.guard_k:g} SE)" if dev_items else ""),
           file=sys.stderr)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     model.eval()
 
     def report(entry: dict[str, Any]) -> None:
@@ -243,7 +259,8 @@ def main(args: argparse.Namespace) -> int:
             dev_items=dev_items if select_on == "dev" else None, content_free_items=cf_items,
             policy=policy, label_words=label_words, task=task_info,
             build_args=_json_safe(build_args),
-            base_model_name_or_path=str(Path(args.model).resolve()),
+            base_model_name_or_path=str(args.model if not Path(args.model).is_dir()
+                                        else Path(args.model).resolve()),
             score_batch_size=args.batch_size, on_iteration=report)
     adapter.save_pretrained(out)
     cfg = adapter.config

@@ -18,7 +18,7 @@ the plain ones; the raw per-choice scores of every item are in the JSON, so any
 calibration can be recomputed offline.
 
 JSON written by --output-json (schema_version 2):
-  settings:         model, task_dir, task (tasks.Task.to_dict()), split, limit, seed,
+  settings:         model, task_dir, dataset, task (tasks.Task.to_dict()), split, limit, seed,
                     engine, modes, adapter (path or null), adapter_config (prefix_len,
                     selected_iteration, iterations_run, optimizer, optimizer_params,
                     position_mode, demos_text)
@@ -54,10 +54,15 @@ ADAPTER_NAME = "eval"
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.description = "Accuracy of zero-shot vs ICL vs Deep-Thinking on one task."
-    parser.add_argument("--model", required=True, help="HF model directory")
-    parser.add_argument("--task-dir", required=True,
-                        help="task directory (a built-in task of ../shared/data or one with "
-                             "task.json)")
+    parser.add_argument("--model", required=True,
+                        help="HF model: a local directory or a hub id (ORG/NAME)")
+    parser.add_argument("--task-dir", default=None,
+                        help="task directory (a built-in task such as examples/data/sst2, or "
+                             "one with task.json); with --dataset, the directory of its "
+                             "task.json")
+    parser.add_argument("--dataset", default=None,
+                        help="rows from the `datasets` library: NAME[:CONFIG] of the hub or a "
+                             "local json/csv/parquet file or directory")
     parser.add_argument("--adapter", default=None,
                         help="Deep-Thinking adapter directory (needed by icl and deepthink)")
     parser.add_argument("--modes", default=None,
@@ -276,10 +281,14 @@ def make_scorer(engine: str, model_dir: str | Path, adapters: dict[str, Any],
 def main(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from vllm_deepthink.tasks import eval_rows, load_task
+    from vllm_deepthink.tasks import TaskError, eval_rows
+    from vllm_deepthink.tasks.datasets import open_task
 
     modes = parse_modes(args.modes, args.adapter is not None)
-    task = load_task(args.task_dir)
+    try:
+        task = open_task(args.task_dir, args.dataset)
+    except TaskError as exc:
+        raise SystemExit(f"vllm-deepthink eval: error: {exc}") from None
     split = args.split or task.eval_split
     rows = eval_rows(task, split, args.limit, args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -297,14 +306,15 @@ def main(args: argparse.Namespace) -> int:
     result = evaluate(scorer, tokenizer, task, rows, modes, adapter,
                       progress=not args.no_progress, calibrate=args.calibrate,
                       calibration_rows=calibration_rows)
-    settings = {"model": str(args.model), "task_dir": str(args.task_dir),
+    settings = {"model": str(args.model),
+                "task_dir": str(args.task_dir) if args.task_dir else None,
+                "dataset": args.dataset,
                 "task": task.to_dict(), "split": split, "limit": args.limit, "seed": args.seed,
                 "engine": args.engine, "modes": modes, "block_size": args.block_size,
                 "calibrate": args.calibrate,
                 "adapter": str(args.adapter) if args.adapter else None,
                 "adapter_config": adapter_summary(adapter)}
-    if hasattr(scorer, "close"):
-        scorer.close()
+    scorer.close()
     output = {"schema_version": SCHEMA_VERSION, "settings": settings, **result}
     print(format_table(f"{task.name} ({split}, n={len(rows)}), model {args.model}, "
                        f"engine {args.engine}", result))

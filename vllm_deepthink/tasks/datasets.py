@@ -192,3 +192,24 @@ def _rows(task: Task, config: dict, split, source: str) -> list[dict]:
     if not rows:
         raise TaskError(f"{source}: no rows")
     return rows
+
+
+def open_task(task_dir: str | Path | None, dataset: str | None = None,
+              revision: str | None = None) -> Task:
+    """The task of the CLIs' `--task-dir DIR [--dataset SPEC]`: DIR's jsonl files, or the
+    dataset's rows with DIR's task.json (DIR may be left out when SPEC is a local
+    directory holding the task.json)."""
+    from vllm_deepthink.tasks.task import load_task
+
+    if dataset is None:
+        if task_dir is None:
+            raise TaskError("give --task-dir DIR (train.jsonl, ...) or --dataset SPEC")
+        return load_task(task_dir)
+    config = task_dir
+    if config is None:
+        local = Path(dataset).expanduser()
+        if not (local.is_dir() and (local / TASK_FILE).is_file()):
+            raise TaskError(f"--dataset {dataset}: needs a {TASK_FILE} (template, label words, "
+                            f"columns): pass --task-dir DIR holding it")
+        config = local
+    return load_dataset_task(dataset, config, revision=revision)

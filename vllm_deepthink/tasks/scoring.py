@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -281,10 +282,27 @@ def accuracy(scores: Sequence[Sequence[Score]], labels: Sequence[int]) -> dict:
     return {"acc": acc, "acc_norm": acc_norm, "n": n}
 
 
+class Scorer(Protocol):
+    """What evaluation needs of a scorer: the HF one here, the vLLM one in
+    plugin/scoring.py. Both execute the same ScoringPlan."""
+
+    engine: str
+
+    def score(self, encoded: Sequence[EncodedItem] | ScoringPlan, *,
+              prefix_ids: Sequence[int] | None = None,
+              adapter: str | None = None) -> list[list[Score]]: ...
+
+    def close(self) -> None:
+        """Release the scorer's resources (an engine's processes); idempotent."""
+
+
 class HFScorer:
     """score(encoded, prefix_ids=..., adapter=...) with an HF model; adapters by name."""
 
     engine = "hf"
+
+    def close(self) -> None:
+        return None
 
     def __init__(self, model, adapters: dict | None = None, batch_size: int = 16,
                  progress: bool = False):

@@ -240,10 +240,6 @@ class Task:
         """Query + correct continuation: one demonstration."""
         return self.format_query(row) + self.choices(row)[self.label(row)]
 
-    @property
-    def num_classes(self) -> int | None:
-        return len(self.label_words) if self.label_words is not None else None
-
     def to_dict(self) -> dict[str, Any]:
         data = {"name": self.name, "kind": self.kind, "template": self.template,
                 "label_words": self.label_words, "separator": self.separator,

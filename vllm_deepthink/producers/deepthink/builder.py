@@ -30,8 +30,7 @@ from vllm_deepthink.format.hf_config import kv_geometry, max_positions, sliding_
 from vllm_deepthink.producers.deepthink import rotary, search
 from vllm_deepthink.tasks import stats
 from vllm_deepthink.producers.deepthink.search import Candidate
-from vllm_deepthink.producers.deepthink.selection import (SelectionPolicy, StopRule, best_iteration,
-                                                          guard)
+from vllm_deepthink.producers.deepthink.selection import (SelectionPolicy, StopRule, guard)
 
 OPTIMIZERS = ("momentum", "ema")
 POSITION_MODES = ("published", "aligned")

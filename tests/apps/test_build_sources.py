@@ -1,0 +1,103 @@
+"""`vllm-deepthink build` from a `datasets` dataset, and from a model named by hub id
+(a real hub-cache layout, HF_HUB_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT
+from tests.helpers.hub_cache import offline_env, publish
+from tests.helpers.tiny_models import make_tiny_model
+from vllm_deepthink import DeepThinkAdapter
+from vllm_deepthink.apps import cli
+
+BUILD = ["--shots-per-class", "1", "--iterations", "2", "--dev-size", "6", "--guard-k", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def test_build_from_a_local_csv_dataset(tiny, tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "train.csv").write_text("review,sentiment\n" + "".join(
+        f"review number {n},{'good' if n % 2 else 'bad'}\n" for n in range(20)))
+    (tmp_path / "test.csv").write_text("review,sentiment\nfine,good\nbad one,bad\n")
+    (tmp_path / "task.json").write_text(json.dumps({
+        "kind": "classification", "name": "reviews", "template": "Review: {text}\nSentiment: "
+        "{label}", "label_words": ["bad", "good"], "text_column": "review",
+        "label_column": "sentiment"}))
+    out = tmp_path / "adapter"
+    assert cli.main(["build", "--model", str(tiny), "--dataset", str(tmp_path), *BUILD,
+                     "--out", str(out)]) == 0
+    config = DeepThinkAdapter.from_pretrained(out).config
+    assert config.task["name"] == "reviews" and config.task["dev_size"] == 6
+    assert "Review: review number" in config.demos_text
+
+
+def test_build_from_a_model_named_by_hub_id_offline(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    publish(tiny, cache, "org/tiny-llama")
+    out = tmp_path / "adapter"
+    env = {**os.environ, **offline_env(cache), "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_deepthink.apps.cli", "build", "--model", "org/tiny-llama",
+         "--task-dir", str(REPO_ROOT / "examples" / "data" / "sst2"), *BUILD, "--out",
+         str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = DeepThinkAdapter.from_pretrained(out).config
+    assert config.base_model_name_or_path == "org/tiny-llama"
+    from vllm_deepthink.format import ModelFingerprint
+    assert config.fingerprint == ModelFingerprint.from_checkpoint(tiny)
+    # A hub id that is not in the cache is refused before any work, saying how to fix it.
+    missing = subprocess.run(
+        [sys.executable, "-m", "vllm_deepthink.apps.cli", "build", "--model", "org/missing",
+         "--task-dir", str(REPO_ROOT / "examples" / "data" / "sst2"), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "HF_HUB_OFFLINE=1" in missing.stderr
+
+
+def test_eval_on_a_local_jsonl_dataset_with_its_task_json(tiny, tmp_path):
+    """`eval --dataset DIR` reads the rows through the datasets library, the columns
+    mapped by DIR's task.json, and scores exactly what `--task-dir` scores on the same
+    rows written as the built-in jsonl layout."""
+    pytest.importorskip("datasets")
+    rows = [{"sentence": f"line {n} was {'fine' if n % 2 else 'poor'}", "y": n % 2}
+            for n in range(12)]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, part in (("train", rows[:8]), ("test", rows[8:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    spec = {"kind": "classification", "name": "lines", "template": "Line: {text}\nVerdict: "
+            "{label}", "label_words": ["poor", "fine"]}
+    (data / "task.json").write_text(json.dumps({**spec, "text_column": "sentence",
+                                                "label_column": "y"}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "task.json").write_text(json.dumps(spec))
+    for split, part in (("train", rows[:8]), ("test", rows[8:])):
+        (plain / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": r["sentence"], "label": r["y"]}) + "\n" for r in part))
+    results = {}
+    for name, source in (("dataset", ["--dataset", str(data)]),
+                         ("task-dir", ["--task-dir", str(plain)])):
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["eval", "--model", str(tiny), *source, "--engine", "hf",
+                         "--no-progress", "--output-json", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    by_dataset, by_dir = results["dataset"], results["task-dir"]
+    assert by_dataset["settings"]["dataset"] == str(data)
+    assert by_dataset["settings"]["task_dir"] is None
+    assert by_dataset["labels"] == [r["y"] for r in rows[8:]]
+    assert by_dataset["scores"] == by_dir["scores"]
+    # Without a task.json anywhere the error says what is needed.
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"text": "x", "label": 0}) + "\n")
+    with pytest.raises(SystemExit, match="task.json"):
+        cli.main(["eval", "--model", str(tiny), "--dataset", str(bare), "--engine", "hf"])
