@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import pytest
 
-from vllm_deepthink.plugin.connector.connector import DeepThinkConnector
-from vllm_deepthink.plugin.connector.stats import DeepThinkConnectorStats
+pytest.importorskip("vllm")
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
+
+from vllm_deepthink.plugin.connector.connector import DeepThinkConnector  # noqa: E402
+from vllm_deepthink.plugin.connector.stats import DeepThinkConnectorStats  # noqa: E402
 
 
 def test_stats_accumulate_per_adapter_and_survive_serialisation():
