@@ -125,9 +125,11 @@ def test_rewrite_request(llama, adapters):
     assert user_params.extra_args["kv_transfer_params"] == {"other": 1}, "caller's params changed"
     with pytest.raises(frontend.AdapterRequestError, match="max_model_len=14"):
         frontend.rewrite_request(info, "Review: a", user_params, tokenizer, max_model_len=14)
+    # Only the rewrite writes our kv_transfer_params entry: a request carrying it is refused.
     with pytest.raises(frontend.AdapterRequestError, match="reserved"):
-        frontend.reject_forged_params(params)
-    frontend.reject_forged_params(user_params)
+        frontend.check_request({"type": "token", "prompt_token_ids": [5, 6]}, params)
+    assert frontend.check_request({"type": "token", "prompt_token_ids": [5, 6]},
+                                  user_params) == "a"
 
 
 def test_engine_args_and_sampling_params(adapters):
@@ -178,6 +180,5 @@ def test_registry_for_builds_one_registry_per_engine(llama, adapters):
         frontend.registry_for(config(llama[0], connector="ExampleConnector"))
     first = frontend.registry_for(config(llama[0]))
     assert first.names() == ["a"] and frontend.registry_for(config(llama[0])) is first
-    assert frontend.current_registry() is first
     other = frontend.registry_for(config(llama[0], engine_id="e2"))
-    assert other is not first and frontend.current_registry() is other
+    assert other is not first and frontend.registry_for(config(llama[0])) is first

@@ -239,7 +239,6 @@ def _mtime(location: str) -> float:
 
 
 _registries: dict[tuple[str, str], AdapterRegistry] = {}
-_latest: list[AdapterRegistry] = []
 _registries_lock = threading.Lock()
 
 
@@ -265,18 +264,7 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
             registry.register_at_start(extra.get(EXTRA_CONFIG_ADAPTERS, {}),
                                        extra.get(EXTRA_CONFIG_PARENTS, {}))
             _registries[key] = registry
-            _latest[:] = [registry]
         return registry
-
-
-def current_registry() -> AdapterRegistry:
-    """The registry of the engine most recently started in this process (the one
-    engine of `vllm serve`). Raises if no Deep-Thinking engine has started."""
-    with _registries_lock:
-        if not _latest:
-            raise AdapterRequestError(
-                "no Deep-Thinking engine has started in this process yet")
-        return _latest[0]
 
 
 def adapter_name(params: Any) -> str | None:
@@ -495,11 +483,3 @@ def adapter_sampling_params(params: Any, info: AdapterInfo) -> Any:
     # hit instead so the query's prompt logprobs are computed.
     params.skip_reading_prefix_cache = False
     return params
-
-
-def reject_forged_params(params: Any) -> None:
-    """A request must not carry our kv_transfer_params entry itself: it names a
-    path the workers would load. Only the frontend rewrite sets it."""
-    extra = getattr(params, "extra_args", None) or {}
-    if has_transfer_entry(extra.get("kv_transfer_params")):
-        raise _forged_entry_error()

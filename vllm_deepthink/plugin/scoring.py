@@ -121,15 +121,6 @@ def score_plan_vllm(llm, plan: ScoringPlan, *, prefix_ids: Sequence[int] | None 
             for i, lengths in enumerate(plan.choice_lengths)]
 
 
-def score_encoded_vllm(llm, encoded: Sequence[EncodedItem], *,
-                       prefix_ids: Sequence[int] | None = None, adapter: str | None = None,
-                       progress: bool = False) -> list[list[Score]]:
-    """Per item, per choice: (sum of the choice tokens' logprobs, number of tokens);
-    see score_plan_vllm."""
-    return score_plan_vllm(llm, make_plan(encoded), prefix_ids=prefix_ids, adapter=adapter,
-                           progress=progress)
-
-
 class VllmScorer:
     """score(encoded, prefix_ids=..., adapter=...) with one vLLM engine."""
 

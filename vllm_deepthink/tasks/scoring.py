@@ -105,10 +105,6 @@ class ScoringPlan:
     units: list[ScoringUnit]
     choice_lengths: list[list[int]]  # [item][choice] -> number of choice tokens
 
-    @property
-    def num_items(self) -> int:
-        return len(self.choice_lengths)
-
 
 def make_plan(encoded: Sequence[EncodedItem]) -> ScoringPlan:
     """The units that score every choice of every item (pure)."""
