@@ -101,3 +101,45 @@ def test_eval_on_a_local_jsonl_dataset_with_its_task_json(tiny, tmp_path):
     bare.write_text(json.dumps({"text": "x", "label": 0}) + "\n")
     with pytest.raises(SystemExit, match="task.json"):
         cli.main(["eval", "--model", str(tiny), "--dataset", str(bare), "--engine", "hf"])
+
+
+# The split names of the hub datasets named in examples/tasks (their dataset cards);
+# SST-2's test split has no labels (-1).
+HUB_SPLITS = {"sst2": ("train", "validation", "test"), "sst5": ("train", "validation", "test"),
+              "mr": ("train", "validation", "test"), "agnews": ("train", "test"),
+              "trec": ("train", "test")}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_SPLITS))
+def test_shipped_hub_task_files_load_against_their_columns(name, tmp_path):
+    """examples/tasks/NAME/task.json (a hub dataset) drives `--task-dir` alone: the same
+    file, its "dataset" pointed at local files with the hub dataset's columns and split
+    names, loads with the paper's template, label words, shot count and split."""
+    pytest.importorskip("datasets")
+    from vllm_deepthink.tasks import default_shots
+    from vllm_deepthink.tasks.datasets import open_task
+    from vllm_deepthink.tasks.task import BUILTIN_TASKS, DEFAULT_SHOTS
+
+    spec = json.loads((REPO_ROOT / "examples" / "tasks" / name / "task.json").read_text())
+    assert "/" in spec["dataset"]  # a hub id
+    text, label = spec.get("text_column", "text"), spec.get("label_column", "label")
+    data = tmp_path / "data"
+    data.mkdir()
+    n_labels = len(spec["label_words"])
+    for split in HUB_SPLITS[name]:
+        unlabeled = name == "sst2" and split == "test"
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({text: f"{split} row {i}", label: -1 if unlabeled else i % n_labels})
+            + "\n" for i in range(3 * n_labels)))
+    task_dir = tmp_path / name
+    task_dir.mkdir()
+    (task_dir / "task.json").write_text(json.dumps({**spec, "dataset": "../data"}))
+    task = open_task(task_dir)
+    kind, template, eval_split, _ = BUILTIN_TASKS[name]
+    assert (task.name, task.kind, task.template, task.eval_split) == (name, kind, template,
+                                                                      eval_split)
+    assert default_shots(task) == DEFAULT_SHOTS[name]
+    theirs = {"train": "train", "validation": "validation", "test": "test",
+              **spec.get("splits", {})}[eval_split]
+    assert task.rows(eval_split)[0]["text"] == f"{theirs} row 0"
+    assert task.format_demo(task.rows("train")[1]).endswith(spec["label_words"][1])

@@ -108,9 +108,14 @@ def load_dataset_task(spec: str | None, task_config: str | Path,
     if unknown:
         raise TaskError(f"{config_path}: unknown keys {unknown}; allowed keys are "
                         f"{sorted(TASK_JSON_KEYS | DATASET_KEYS)}.")
-    spec = spec or config.get("dataset")
     if not spec:
-        raise TaskError(f"{config_path}: no dataset: pass --dataset SPEC or set \"dataset\"")
+        spec = config.get("dataset")
+        if not spec:
+            raise TaskError(f"{config_path}: no dataset: pass --dataset SPEC or set "
+                            f"\"dataset\"")
+        beside = config_path.parent / spec  # a local path in a task.json: relative to it
+        if beside.exists():
+            spec = str(beside)
     dataset_spec = DatasetSpec.parse(spec)
     kind = config.get("kind")
     splits = _load_splits(dataset_spec, config, revision)
@@ -198,12 +203,15 @@ def open_task(task_dir: str | Path | None, dataset: str | None = None,
               revision: str | None = None) -> Task:
     """The task of the CLIs' `--task-dir DIR [--dataset SPEC]`: DIR's jsonl files, or the
     dataset's rows with DIR's task.json (DIR may be left out when SPEC is a local
-    directory holding the task.json)."""
+    directory holding the task.json; SPEC may be left out when DIR's task.json names
+    its "dataset")."""
     from vllm_deepthink.tasks.task import load_task
 
     if dataset is None:
         if task_dir is None:
             raise TaskError("give --task-dir DIR (train.jsonl, ...) or --dataset SPEC")
+        if _names_a_dataset(Path(task_dir).expanduser() / TASK_FILE):
+            return load_dataset_task(None, task_dir, revision=revision)
         return load_task(task_dir)
     config = task_dir
     if config is None:
@@ -213,3 +221,13 @@ def open_task(task_dir: str | Path | None, dataset: str | None = None,
                             f"columns): pass --task-dir DIR holding it")
         config = local
     return load_dataset_task(dataset, config, revision=revision)
+
+
+def _names_a_dataset(task_file: Path) -> bool:
+    import json
+
+    try:
+        spec = json.loads(task_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # no (readable) task.json: load_task says what is wrong
+    return isinstance(spec, dict) and spec.get("dataset") is not None

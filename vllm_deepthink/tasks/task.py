@@ -7,16 +7,23 @@ A task directory holds `train.jsonl` and an evaluation split (`test.jsonl` and/o
   and may be used by the template);
 - multiple-choice rows: `{"question": str, "choices": [str, ...], "label": int}`.
 
-The ten built-in tasks of ../shared/data are recognised by directory name and need no
-`task.json`; their templates are the published Deep-Thinking prompts (BUILTIN_TASKS).
-Any other directory needs a `task.json`::
+The ten tasks of the Deep-Thinking paper are built in: a directory named sst2, sst5, mr,
+agnews, trec, copa, openbookqa, qasc, hellaswag or winogrande needs no `task.json`; their
+templates are the published Deep-Thinking prompts (BUILTIN_TASKS), their label words come
+from the directory's verbalizers.json (e.g. examples/data/sst2). Any other directory needs
+a `task.json`::
 
     {"kind": "classification",                      # or "multiple_choice"
      "template": "Review: {text}\\nSentiment: {label}",
      "label_words": ["negative", "positive"],      # classification only
      "separator": "\\n\\n",                          # between demos (default "\\n\\n")
      "name": "my-task",                             # default: directory name
-     "eval_split": "test"}                          # default: test, else validation
+     "eval_split": "test",                          # default: test, else validation
+     "shots": 4}                                    # default demonstrations per class
+                                                    # (in all for multiple choice)
+
+A task.json may also name a `datasets` dataset and its columns instead of jsonl files
+(tasks/datasets.py; `--task-dir DIR` then loads it, as `--dataset` does).
 
 Template placeholders: `{label}` (classification) or `{choice}` (multiple choice) marks
 the answer and must come after `{text}` / `{question}`; any other `{field}` before the
@@ -45,7 +52,8 @@ DEFAULT_SEPARATOR = "\n\n"
 _INPUT_SLOT = {CLASSIFICATION: "text", MULTIPLE_CHOICE: "question"}
 _ANSWER_SLOT = {CLASSIFICATION: "label", MULTIPLE_CHOICE: "choice"}
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
-TASK_JSON_KEYS = {"kind", "template", "label_words", "separator", "name", "eval_split"}
+TASK_JSON_KEYS = {"kind", "template", "label_words", "separator", "name", "eval_split",
+                  "shots"}
 
 
 class TaskError(ValueError):
@@ -130,6 +138,7 @@ class Task:
     eval_split: str
     row_transform: str | None = None
     builtin: bool = False  # one of BUILTIN_TASKS, recognised by name (no task.json)
+    shots: int | None = None  # task.json "shots": the default demonstration count
     _rows: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -345,7 +354,8 @@ def _task_from_json(directory: Path, path: Path) -> Task:
         raise TaskError(f"{source}: expected a JSON object, found {type(spec).__name__}")
     if spec.get("dataset") is not None:
         raise TaskError(f"{source} names a dataset ({spec['dataset']!r}); load it with "
-                        f"--dataset (tasks/datasets.py), not as a task directory.")
+                        f"tasks.datasets.open_task (the CLIs' --task-dir / --dataset do), "
+                        f"not as a directory of jsonl files.")
     unknown = sorted(set(spec) - TASK_JSON_KEYS)
     if unknown:
         raise TaskError(f"{source}: unknown keys {unknown}; allowed keys are "
@@ -385,8 +395,14 @@ def task_from_spec(spec: dict, directory: Path, source: str) -> Task:
     name = spec.get("name", directory.name)
     if not isinstance(name, str) or not name:
         raise TaskError(f"{source}: 'name' must be a non-empty string, found {name!r}")
+    shots = spec.get("shots")
+    if shots is not None and (not isinstance(shots, int) or isinstance(shots, bool)
+                              or shots < 1):
+        raise TaskError(f"{source}: 'shots' must be a positive integer (demonstrations per "
+                        f"class, or in all for multiple choice), found {shots!r}")
     return Task(name=name, kind=kind, label_words=label_words, separator=separator,
-                template=spec["template"], directory=directory, eval_split=eval_split)
+                template=spec["template"], directory=directory, eval_split=eval_split,
+                shots=shots)
 
 
 def _labels(task: Task, rows: list[dict], indices: list[int]) -> dict[int, list[int]]:
@@ -397,8 +413,10 @@ def _labels(task: Task, rows: list[dict], indices: list[int]) -> dict[int, list[
 
 
 def default_shots(task: Task) -> int | None:
-    """The paper's shot count of a built-in task (per class for classification, in all
-    for multiple choice), None for other tasks."""
+    """The task.json's "shots", else the paper's shot count of a built-in task (per class
+    for classification, in all for multiple choice), else None."""
+    if task.shots is not None:
+        return task.shots
     return DEFAULT_SHOTS.get(task.name) if task.builtin else None
 
 
