@@ -202,3 +202,30 @@ def test_inconsistent_config_rejected(saved):
     _edit_config(saved, lambda d: d.update(demo_token_ids=d["demo_token_ids"][:-1]))
     with pytest.raises(AdapterFormatError, match="demo_token_ids has .* ids but prefix_len"):
         DeepThinkAdapter.from_pretrained(saved)
+
+
+def test_readme_transformers_usage(adapter, llama_dir, saved):
+    """The README's "Using an adapter in plain transformers": the query after
+    `as_cache` equals the query after the demonstrations' own K/V recomputed as the
+    prefix (iteration 1 would be ICL; here the adapter's K/V, checked against
+    tests.helpers' reference), and `generate` on placeholder ids + query continues
+    exactly as a step-by-step greedy decode over the same cache."""
+    from tests.helpers.adapter_factory import hf_reference
+
+    model, tokenizer = load_tiny("llama", llama_dir)
+    loaded = DeepThinkAdapter.from_pretrained(saved)
+    query = tokenizer("Review: a dull film\nSentiment:", add_special_tokens=False).input_ids
+    ids = torch.tensor([query])
+    with torch.no_grad():
+        logits = model(ids, past_key_values=loaded.as_cache(model.config)).logits
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    reference = hf_reference(model, adapter, query, num_greedy=6)
+    ours = [logprobs[j - 1, query[j]].item() for j in range(1, len(query))]
+    assert ours == pytest.approx(reference.prompt_logprobs, abs=1e-6)
+    # generate: the cache stands for the first L input ids (the placeholders)
+    full = torch.tensor([loaded.config.placeholder_token_ids() + query])
+    out = model.generate(full, past_key_values=loaded.as_cache(model.config),
+                         max_new_tokens=6, do_sample=False)
+    assert out[0, full.shape[1]:].tolist() == reference.greedy_tokens[:6]
+    # each call is a fresh cache: the adapter's own tensors never grow
+    assert loaded.keys[0].shape[1] == loaded.prefix_len

@@ -76,6 +76,16 @@ class DeepThinkAdapter:
                  v.unsqueeze(0).to(device=device, dtype=dtype))
                 for k, v in zip(self.keys, self.values)]
 
+    def as_cache(self, model_config, batch_size: int = 1, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        """A new transformers `DynamicCache` holding the adapter for `model(...,
+        past_key_values=...)` or `generate` (transformers >= 5 takes Cache objects only;
+        each call gives a fresh cache, since a forward pass appends to it). The query
+        then sits at positions L.., as it does behind the server."""
+        from vllm_deepthink.format.hf_cache import cache_from_kv
+
+        return cache_from_kv(self.as_past_key_values(device, dtype), model_config, batch_size)
+
     def _validate_tensors(self, source: str) -> None:
         fp = self.config.fingerprint
         expected_shape = (fp.num_kv_heads, self.config.prefix_len, fp.head_dim)
