@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from vllm_deepthink.format.errors import AdapterFormatError
+from vllm_deepthink.format.errors import AdapterFormatError, read_json
 from vllm_deepthink.format.fingerprint import ModelFingerprint
 
 FORMAT_VERSION = 2
@@ -351,10 +351,7 @@ def load_config_and_digest(directory: str | Path) -> tuple[DeepThinkConfig, str]
         raise AdapterFormatError(
             f"{directory}: {CONFIG_NAME} is missing; expected a vllm-deepthink adapter "
             f"directory.{hint} Build one with `vllm-deepthink build`.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc}). Rebuild the adapter.") from None
+    data = read_json(path, ". Rebuild the adapter.")
     config = DeepThinkConfig.from_dict(data, str(path))
     # Unknown keys are ignored (with a warning) by the digest as by the config.
     known = {f.name for f in dataclasses.fields(DeepThinkConfig)}

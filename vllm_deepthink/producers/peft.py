@@ -29,13 +29,13 @@ read here, so PEFT never falls back to the hub. Imports `peft` only when called.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vllm_deepthink.format import DeepThinkAdapter, ModelFingerprint
+from vllm_deepthink.format.errors import read_json
 from vllm_deepthink.format.hf_config import kv_geometry, text_config
 from vllm_deepthink.producers.kv_import import (
     ImportRefusedError,
@@ -77,10 +77,7 @@ def read_peft_config(adapter_dir: str | Path) -> dict[str, Any]:
             f"{adapter_dir}: expected a PEFT adapter directory holding {PEFT_CONFIG_NAME}; "
             f"found none. Pass the directory written by PeftModel.save_pretrained (the hub "
             f"is never asked).")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _refuse(f"{path}: not valid JSON ({exc}); save the adapter again.") from None
+    cfg = read_json(path, "; save the adapter again.", ImportRefusedError)
     if not isinstance(cfg, dict):
         raise _refuse(f"{path}: expected a JSON object, found {type(cfg).__name__}.")
     peft_type = str(cfg.get("peft_type"))

@@ -123,18 +123,21 @@ def check_build_supported(config, prefix_len: int, position_mode: str) -> None:
     if prefix_len < 1:
         raise BuildError("the demonstrations tokenize to 0 tokens; give a non-empty demo text")
     positions, window = max_positions(config), sliding_window(config)
-    if positions is not None and 2 * prefix_len > positions:
+    _check_twice_prefix_fits(
+        prefix_len, positions, f"Deep-Thinking runs them at positions {prefix_len}.."
+        f"{2 * prefix_len - 1}", f"the model's {positions} positions")
+    _check_twice_prefix_fits(
+        prefix_len, window, f"in the later steps the last demo token (position "
+        f"{2 * prefix_len - 1}) must still see the whole prefix",
+        f"the sliding window of {window} tokens")
+
+
+def _check_twice_prefix_fits(prefix_len: int, limit: int | None, why: str, what: str) -> None:
+    """Refuse demonstrations whose 2*L exceeds `limit` tokens (None: no limit)."""
+    if limit is not None and 2 * prefix_len > limit:
         raise BuildError(
-            f"demonstrations are {prefix_len} tokens; Deep-Thinking runs them at positions "
-            f"{prefix_len}..{2 * prefix_len - 1}, so 2*L = {2 * prefix_len} must be <= the "
-            f"model's {positions} positions. Use fewer or shorter demonstrations "
-            f"(at most {positions // 2} tokens).")
-    if window is not None and 2 * prefix_len > window:
-        raise BuildError(
-            f"demonstrations are {prefix_len} tokens; in the later steps the last demo token "
-            f"(position {2 * prefix_len - 1}) must still see the whole prefix, so 2*L = "
-            f"{2 * prefix_len} must be <= the sliding window of {window} tokens. Use fewer or "
-            f"shorter demonstrations (at most {window // 2} tokens).")
+            f"demonstrations are {prefix_len} tokens; {why}, so 2*L = {2 * prefix_len} must "
+            f"be <= {what}. Use fewer or shorter demonstrations (at most {limit // 2} tokens).")
 
 
 # ----------------------------------------------------------------- the iteration
