@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,69 +182,89 @@ def format_selection(summary: dict[str, Any]) -> str:
             f"iteration {summary['selected_iteration']}")
 
 
-def main(args: argparse.Namespace) -> int:
-    select_on = _check_args(args)
-    out = Path(args.out) if args.out else default_out(args)
+@dataclass
+class Demonstrations:
+    """What a build starts from: the demonstration string and, from a task, the dev and
+    content-free items, label words and the task record."""
 
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    demos_text: str
+    task_info: dict[str, Any] | None = None
+    dev_items: list | None = None
+    content_free_items: list = field(default_factory=list)
+    label_words: list | None = None
 
-    from vllm_deepthink.producers.deepthink import builder
-    from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
 
+def resolve_model(args) -> Path:
+    """--model (a directory or a hub id at --revision) as a local directory."""
     from vllm_deepthink.format.hub import HubResolutionError, resolve_dir
 
     try:
-        model_dir = resolve_dir(args.model, revision=args.revision)
+        return resolve_dir(args.model, revision=args.revision)
     except HubResolutionError as exc:
         _fail(str(exc))
-    config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    candidates = candidates_from_args(args, config)
-    policy = policy_from_args(args)
 
-    task_info = dev_items = label_words = None
-    cf_items = []
-    if args.task_dir or args.dataset:
-        from vllm_deepthink import tasks
-        from vllm_deepthink.tasks.datasets import open_task
 
-        try:
-            task = open_task(args.task_dir, args.dataset)
-            inputs = task_build_inputs(task, tokenizer, config,
-                                       shots_per_class=args.shots_per_class, seed=args.seed,
-                                       select_on_dev=select_on == "dev",
-                                       dev_size=args.dev_size, stratify_dev=args.stratify_dev)
-        except (tasks.TaskError, builder.BuildError) as exc:
-            _fail(str(exc))
-        demos_text, task_info = inputs.demos_text, inputs.info
-        dev_items, cf_items, label_words = (inputs.dev_items, inputs.content_free_items,
-                                            inputs.label_words)
-        fit = inputs.demos.fit
-        if fit and fit["replaced"]:
-            print(f"demonstrations: the first draw was {fit['tokens_first_draw']} tokens, over "
-                  f"this model's {fit['max_tokens']}; replaced {len(fit['replaced'])} of them "
-                  f"by shorter rows of the same label ({fit['tokens']} tokens)", file=sys.stderr)
-    else:
+def demonstrations_from_args(args, tokenizer, config, select_on: str) -> Demonstrations:
+    """--demos-text read exactly, or demonstrations, dev split and content-free queries
+    sampled from the task of --task-dir / --dataset."""
+    if not (args.task_dir or args.dataset):
         # newline="": the exact string, \r\n included (read_text would translate it)
         with open(args.demos_text, encoding="utf-8", newline="") as handle:
-            demos_text = handle.read()
+            return Demonstrations(handle.read())
+    from vllm_deepthink import tasks
+    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
+    from vllm_deepthink.tasks.datasets import open_task
+
+    try:
+        task = open_task(args.task_dir, args.dataset)
+        inputs = task_build_inputs(task, tokenizer, config,
+                                   shots_per_class=args.shots_per_class, seed=args.seed,
+                                   select_on_dev=select_on == "dev",
+                                   dev_size=args.dev_size, stratify_dev=args.stratify_dev)
+    except (tasks.TaskError, builder.BuildError) as exc:
+        _fail(str(exc))
+    fit = inputs.demos.fit
+    if fit and fit["replaced"]:
+        print(f"demonstrations: the first draw was {fit['tokens_first_draw']} tokens, over "
+              f"this model's {fit['max_tokens']}; replaced {len(fit['replaced'])} of them "
+              f"by shorter rows of the same label ({fit['tokens']} tokens)", file=sys.stderr)
+    return Demonstrations(inputs.demos_text, inputs.info, inputs.dev_items,
+                          inputs.content_free_items, inputs.label_words)
+
+
+def check_demonstrations(tokenizer, config, demos_text: str, candidates) -> list[int]:
+    """The demonstration ids, checked against every candidate before the weights load."""
+    from vllm_deepthink.producers.deepthink import builder
 
     demo_ids = builder.tokenize_demos(tokenizer, demos_text)
-    try:  # everything checkable fails here, before the weights are loaded
+    try:
         for c in candidates:
             builder.check_build_supported(config, len(demo_ids), c.position_mode)
     except builder.BuildError as exc:
         _fail(str(exc))
+    return demo_ids
 
+
+def format_plan(args, demo_ids, candidates, policy, select_on: str, dev_items) -> str:
     what = (f"--search ({len(candidates)} candidates)" if args.search
             else f"{candidates[0].name}")
-    print(f"demonstrations: {len(demo_ids)} tokens; up to {policy.max_iterations} iterations, "
-          f"{what}, select on {select_on}"
-          + (f" ({len(dev_items)} dev items, min {policy.min_iterations} iterations, patience "
-             f"{policy.patience}, guard {policy.guard_k:g} SE)" if dev_items else ""),
-          file=sys.stderr)
+    return (f"demonstrations: {len(demo_ids)} tokens; up to {policy.max_iterations} "
+            f"iterations, {what}, select on {select_on}"
+            + (f" ({len(dev_items)} dev items, min {policy.min_iterations} iterations, "
+               f"patience {policy.patience}, guard {policy.guard_k:g} SE)" if dev_items
+               else ""))
+
+
+def run_build(args, model_dir: Path, tokenizer, demos: Demonstrations, candidates, policy,
+              select_on: str, out: Path):
+    """Load the model and run the builder; the adapter (not yet saved)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from vllm_deepthink.producers.deepthink import builder
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     model.eval()
 
@@ -254,24 +275,47 @@ def main(args: argparse.Namespace) -> int:
     build_args.update(select_on=select_on, out=str(out), policy=policy.to_dict(),
                       candidates=[c.to_dict() for c in candidates])
     with torch.inference_mode():
-        adapter = builder.build_adapter(
-            model, tokenizer, demos_text, candidates=candidates,
-            dev_items=dev_items if select_on == "dev" else None, content_free_items=cf_items,
-            policy=policy, label_words=label_words, task=task_info,
+        return builder.build_adapter(
+            model, tokenizer, demos.demos_text, candidates=candidates,
+            dev_items=demos.dev_items if select_on == "dev" else None,
+            content_free_items=demos.content_free_items, policy=policy,
+            label_words=demos.label_words, task=demos.task_info,
             build_args=_json_safe(build_args),
             base_model_name_or_path=str(args.model if not Path(args.model).is_dir()
                                         else Path(args.model).resolve()),
             score_batch_size=args.batch_size, on_iteration=report)
+
+
+def build_summary(cfg, out: Path) -> dict[str, Any]:
+    """The JSON of --output-json."""
+    return {"out": str(out), "prefix_len": cfg.prefix_len,
+            "iterations_run": cfg.iterations_run, "selected_iteration": cfg.selected_iteration,
+            "optimizer": cfg.optimizer, "optimizer_params": cfg.optimizer_params,
+            "position_mode": cfg.position_mode, "selection_trace": cfg.selection_trace,
+            "selection": cfg.selection, "label_calibration": cfg.label_calibration}
+
+
+def main(args: argparse.Namespace) -> int:
+    select_on = _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = resolve_model(args)
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    candidates = candidates_from_args(args, config)
+    policy = policy_from_args(args)
+    demos = demonstrations_from_args(args, tokenizer, config, select_on)
+    demo_ids = check_demonstrations(tokenizer, config, demos.demos_text, candidates)
+    print(format_plan(args, demo_ids, candidates, policy, select_on, demos.dev_items),
+          file=sys.stderr)
+    adapter = run_build(args, model_dir, tokenizer, demos, candidates, policy, select_on, out)
     adapter.save_pretrained(out)
     cfg = adapter.config
     print(format_selection(cfg.selection), file=sys.stderr)
-    summary = {"out": str(out), "prefix_len": cfg.prefix_len,
-               "iterations_run": cfg.iterations_run, "selected_iteration": cfg.selected_iteration,
-               "optimizer": cfg.optimizer, "optimizer_params": cfg.optimizer_params,
-               "position_mode": cfg.position_mode, "selection_trace": cfg.selection_trace,
-               "selection": cfg.selection, "label_calibration": cfg.label_calibration}
     print(f"selected iteration {cfg.selected_iteration} of {cfg.iterations_run} "
           f"({cfg.optimizer} {cfg.optimizer_params}, {cfg.position_mode}); adapter saved to {out}")
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        Path(args.output_json).write_text(json.dumps(build_summary(cfg, out), indent=2) + "\n",
+                                          encoding="utf-8")
     return 0
