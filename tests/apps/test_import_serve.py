@@ -1,5 +1,6 @@
 """End to end: `vllm-deepthink import peft|past-kv` then `vllm serve --deepthink-adapter`
-(one real server, tiny Llama), answers checked against PeftModel / HF over HTTP."""
+(one real server per family: tiny Llama with RoPE and GQA, tiny GPT-2 with learned
+positions), answers checked against PeftModel / HF over HTTP."""
 
 from __future__ import annotations
 
@@ -24,16 +25,18 @@ TOLERANCE = 1e-4
 NUM_GREEDY = 6
 QUERY = "Review: contains no wit , only labored gags\nSentiment:"
 # served name -> (PEFT kind, num_virtual_tokens)
-PEFT = {"my-prefix": ("prefix", 12), "my-prompt": ("prompt", 6), "my-ptuning": ("ptuning", 4)}
+PEFT = {"my-prefix": ("prefix", 12), "my-prefix-proj": ("prefix-proj", 5),
+        "my-prompt": ("prompt", 6), "my-ptuning": ("ptuning", 4)}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def served(request, tmp_path_factory):
     if not VLLM_SCRIPT.exists():
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
-    root = tmp_path_factory.mktemp("import-serve")
-    model_dir = root / "tiny-llama"
-    model, tokenizer = load_tiny("llama", model_dir)
+    family = request.param
+    root = tmp_path_factory.mktemp(f"import-serve-{family}")
+    model_dir = root / f"tiny-{family}"
+    model, tokenizer = load_tiny(family, model_dir)
     references = {}
     for i, (name, (kind, virtual)) in enumerate(PEFT.items()):
         source = make_peft_adapter(model_dir, kind, root / "peft" / name,
@@ -57,7 +60,7 @@ def served(tmp_path_factory):
         server.start()
         server.wait_until_healthy()
         yield SimpleNamespace(client=openai_client(server), tokenizer=tokenizer,
-                              references=references, model=model)
+                              references=references, model=model, family=family)
     finally:
         server.stop()
 
@@ -74,7 +77,7 @@ def test_imported_adapter_over_http_matches_peft(served, name):
     logprobs = choice.logprobs.token_logprobs
     assert len(logprobs) == len(ids) + NUM_GREEDY and logprobs[0] is None
     diff = max_abs_diff(logprobs[1:len(ids)], reference.prompt_logprobs)
-    print(f"[peft parity vllm serve] {name}: max |dlogprob| {diff:.2e}")
+    print(f"[peft parity vllm serve] {served.family} {name}: max |dlogprob| {diff:.2e}")
     assert diff <= TOLERANCE, f"{name}: query logprobs differ from PeftModel by {diff}"
     assert choice.token_ids == reference.greedy_tokens
     assert response.usage.prompt_tokens == len(ids)
