@@ -1,12 +1,22 @@
 """`vllm serve ORG/NAME --deepthink-adapter NAME=ORG/ADAPTER`: the base model and the
-adapter named by hub id, resolved from a real hub-cache layout with HF_HUB_OFFLINE=1."""
+adapter named by hub id, resolved from a real hub-cache layout with HF_HUB_OFFLINE=1.
+
+The whole path of a user outside this repository: `vllm-deepthink build --model ORG/NAME
+--revision REV --dataset FILES` (the model from the hub cache under HF_HOME, the rows
+through the `datasets` library), the adapter published to the hub cache, then served by
+hub id next to another one."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO_ROOT
 from tests.helpers.adapter_factory import build_adapter, hf_reference, max_abs_diff
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.openai_server import VllmServer, openai_client
@@ -17,15 +27,46 @@ pytestmark = pytest.mark.engine
 QUERY = "Review: a charming film\nSentiment:"
 
 
+def build_from_hub_model_and_dataset(root: Path, home: Path) -> Path:
+    """`vllm-deepthink build --model org/tiny-llama --revision v1 --dataset DIR` in a
+    fresh process that sees only the hub cache under HF_HOME, offline."""
+    pytest.importorskip("datasets")
+    data = root / "reviews"
+    data.mkdir()
+    (data / "train.csv").write_text("review,sentiment\n" + "".join(
+        f"review number {n} was {'fine' if n % 2 else 'dull'},{'good' if n % 2 else 'bad'}\n"
+        for n in range(24)))
+    (data / "test.csv").write_text("review,sentiment\nfine work,good\ndull work,bad\n")
+    (data / "task.json").write_text(json.dumps({
+        "kind": "classification", "name": "reviews", "template": "Review: {text}\n"
+        "Sentiment: {label}", "label_words": ["bad", "good"], "text_column": "review",
+        "label_column": "sentiment"}))
+    out = root / "reviews-adapter"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "PYTHONPATH": str(REPO_ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_deepthink.apps.cli", "build", "--model", "org/tiny-llama",
+         "--revision", "v1", "--dataset", str(data), "--shots-per-class", "1",
+         "--iterations", "2", "--dev-size", "6", "--guard-k", "0", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-serving")
     model, tokenizer = load_tiny("llama", root / "tiny")
     adapter = build_adapter(model, tokenizer, root / "adapter", 40, seed=3)
-    cache = root / "cache"
-    publish(root / "tiny", cache, "org/tiny-llama")
+    home = root / "hf-home"
+    cache = home / "hub"  # HF_HOME/hub is where huggingface_hub looks by default
+    publish(root / "tiny", cache, "org/tiny-llama", refs=("main", "v1"))
     commit = publish(root / "adapter", cache, "org/sst2-adapter")
-    server = VllmServer("org/tiny-llama", ["--deepthink-adapter", "sst2=org/sst2-adapter"],
+    built = build_from_hub_model_and_dataset(root, home)
+    publish(built, cache, "org/reviews-adapter")
+    server = VllmServer("org/tiny-llama", ["--deepthink-adapter", "sst2=org/sst2-adapter",
+                                           "reviews=org/reviews-adapter"],
                         log_path=root / "server.log", env=offline_env(cache))
     try:
         server.start()
@@ -38,13 +79,34 @@ def served(tmp_path_factory):
 def test_adapter_named_by_hub_id_is_served_with_hf_parity(served):
     server, client, model, tokenizer, adapter, commit = served
     cards = {card.id: card for card in client.models.list().data}
-    assert set(cards) == {"org/tiny-llama", "sst2"}
+    assert set(cards) == {"org/tiny-llama", "sst2", "reviews"}
     assert cards["sst2"].parent == "org/tiny-llama"
     assert Path(cards["sst2"].root).parts[-2:] == ("snapshots", commit)
     ids = tokenizer(QUERY, add_special_tokens=False)["input_ids"]
     reference = hf_reference(model, adapter, ids, num_greedy=4)
     response = client.completions.create(model="sst2", prompt=QUERY, max_tokens=4,
                                          temperature=0.0, echo=True, logprobs=0,
+                                         extra_body={"return_token_ids": True})
+    logprobs = response.choices[0].logprobs.token_logprobs
+    assert max_abs_diff(logprobs[1:len(ids)], reference.prompt_logprobs) < 1e-4
+    assert response.choices[0].token_ids == reference.greedy_tokens
+
+
+def test_adapter_built_from_a_hub_model_and_a_dataset_is_served_by_hub_id(served):
+    """The adapter `build` made from org/tiny-llama (HF_HOME, --revision) and a csv
+    dataset: bound to that model's fingerprint, named by its hub id, served with parity."""
+    from vllm_deepthink.format import DeepThinkAdapter
+
+    server, client, model, tokenizer, _, _ = served
+    card = {c.id: c for c in client.models.list().data}["reviews"]
+    adapter = DeepThinkAdapter.from_pretrained(card.root)
+    assert adapter.config.base_model_name_or_path == "org/tiny-llama"
+    assert adapter.config.task["name"] == "reviews"
+    assert "Review: review number" in adapter.config.demos_text
+    ids = tokenizer("Review: fine work\nSentiment:", add_special_tokens=False)["input_ids"]
+    reference = hf_reference(model, adapter, ids, num_greedy=4)
+    response = client.completions.create(model="reviews", prompt="Review: fine work\nSentiment:",
+                                         max_tokens=4, temperature=0.0, echo=True, logprobs=0,
                                          extra_body={"return_token_ids": True})
     logprobs = response.choices[0].logprobs.token_logprobs
     assert max_abs_diff(logprobs[1:len(ids)], reference.prompt_logprobs) < 1e-4
