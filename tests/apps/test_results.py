@@ -10,6 +10,7 @@ import pytest
 from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps import cli
 from vllm_deepthink.apps import results as results_cmd
+from vllm_deepthink.apps import results_rows
 
 TEXTS = ["a charming film", "contains no wit , only labored gags", "the quick brown fox",
          "lazy dog", "the sun was rising", "the grass was cut", "a film", "only labored gags"]
@@ -56,7 +57,7 @@ def uninterrupted(setup):
 
 def test_row_json_holds_every_column(uninterrupted):
     out, row = uninterrupted
-    assert row["schema"] == results_cmd.ROW_SCHEMA and row["settings"]["n_test"] == 10
+    assert row["schema"] == results_rows.ROW_SCHEMA and row["settings"]["n_test"] == 10
     assert {"zero-shot", "icl", "icl+cf", "icl+dev", "dt", "dt+cf", "dt+dev", "dt-search",
             "dt-oracle"} <= set(row["columns"])
     assert len(row["scores"]["icl"]) == 10 and len(row["scores"]["icl"][0]) == 2
@@ -123,7 +124,7 @@ def test_list_and_row_patterns(setup, uninterrupted, capsys):
     out, _ = uninterrupted
     assert cli.main(argv(setup, out, "--list")) == 0
     assert "smollm2-sst2-s0" in capsys.readouterr().out
-    keys = [r.key for r in results_cmd.default_rows()]
+    keys = [r.key for r in results_rows.default_rows()]
     assert keys[:5] == ["smollm2-sst2-s0", "smollm2-mr-s0", "smollm2-trec-s0",
                         "smollm2-sst5-s0", "smollm2-agnews-s0"]
     assert len(keys) == 15 + 12 + 5
@@ -146,8 +147,8 @@ def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, mon
     assert first["search"] == "skipped" and "dt-search" not in first["columns"]
     assert "DT search" in (out / "results.md").read_text()  # the column, not yet filled
     spec = results_cmd.select_rows("smollm2-sst2-s0")[0]
-    assert results_cmd.row_state(out, spec) == "partial (no search)"
-    assert results_cmd.row_state(out, spec, with_search=False) == "done without search"
+    assert results_rows.row_state(out, spec) == "partial (no search)"
+    assert results_rows.row_state(out, spec, with_search=False) == "done without search"
     # A second first pass computes nothing; the full run adds candidates 1..13 only.
     monkeypatch.setattr(results_cmd, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
     assert cli.main(argv(setup, out, "--skip-search")) == 0
