@@ -86,3 +86,38 @@ def test_import_past_kv(llama, tmp_path):
                                          "has shape"):
         cli.main(["import", "past-kv", str(tmp_path / "bad.safetensors"), "--model",
                   str(llama), "--out", str(tmp_path / "out2")])
+
+
+def test_import_with_a_model_named_by_hub_id_offline(llama, tmp_path):
+    """`--model ORG/NAME` resolves through a real hub-cache layout (HF_HUB_OFFLINE=1, in a
+    fresh process: huggingface_hub reads its environment at import): the adapter is bound
+    to that snapshot's fingerprint and records the hub id; a PEFT adapter trained on
+    ORG/NAME passes the base-model check by name."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+    from tests.helpers.hub_cache import offline_env, publish
+
+    cache = tmp_path / "cache"
+    publish(llama, cache, "org/tiny-llama")
+    source = make_peft_adapter(llama, "prompt", tmp_path / "peft", num_virtual_tokens=3)
+    config_path = source / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": "org/tiny-llama"}))
+    env = {**os.environ, **offline_env(cache), "PYTHONPATH": str(REPO_ROOT)}
+
+    def run(model, out):
+        return subprocess.run([sys.executable, "-m", "vllm_deepthink.apps.cli", "import", "peft",
+                               str(source), "--model", model, "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    result = run("org/tiny-llama", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = DeepThinkAdapter.from_pretrained(
+        tmp_path / "out", expected_fingerprint=ModelFingerprint.from_checkpoint(llama))
+    assert adapter.config.base_model_name_or_path == "org/tiny-llama"
+    missing = run("org/missing", tmp_path / "out2")
+    assert missing.returncode != 0 and "HF_HUB_OFFLINE=1" in missing.stderr
+    assert not (tmp_path / "out2").exists()

@@ -69,8 +69,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="local HF model directory of the base model (the adapter is "
-                             "bound to its fingerprint)")
+                        help="the base model: a local HF directory or a hub id (ORG/NAME, "
+                             "resolved through the Hugging Face cache); the adapter is bound "
+                             "to its fingerprint")
     parser.add_argument("--out", required=True, help="adapter directory to write")
     parser.add_argument("--output-json", default=None,
                         help="also write a JSON summary (method, out, prefix_len, digest, "

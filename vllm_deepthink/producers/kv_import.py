@@ -86,7 +86,19 @@ def check_prefix_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
     return length
 
 
-def make_adapter(model_dir: str | Path, fingerprint: ModelFingerprint, method: str,
+def resolve_model(model: str | Path) -> tuple[Path, str]:
+    """(local directory, name to record as base_model_name_or_path) of `--model`: a local
+    directory, or a hub id resolved through the Hugging Face cache (format.hub)."""
+    from vllm_deepthink.format.hub import HubResolutionError, resolve_dir
+
+    try:
+        directory = resolve_dir(model)
+    except HubResolutionError as exc:
+        raise ImportRefusedError(f"--model: {exc}") from None
+    return directory, str(directory) if Path(model).expanduser().is_dir() else str(model)
+
+
+def make_adapter(model_name: str, fingerprint: ModelFingerprint, method: str,
                  keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                  prefix_special_ids: Sequence[int], provenance: dict[str, Any],
                  dtype: str | None, build_args: dict[str, Any]) -> DeepThinkAdapter:
@@ -95,7 +107,7 @@ def make_adapter(model_dir: str | Path, fingerprint: ModelFingerprint, method: s
     dtype_name(stored)  # refuses dtypes the format does not store
     length = keys[0].shape[1]
     config = DeepThinkConfig(
-        base_model_name_or_path=str(model_dir),
+        base_model_name_or_path=model_name,
         fingerprint=fingerprint,
         prefix_len=length,
         dtype=dtype_name(stored),

@@ -44,6 +44,7 @@ from vllm_deepthink.producers.kv_import import (
     check_prefix_kv,
     file_sha256,
     make_adapter,
+    resolve_model,
 )
 
 METHOD = "past-kv"
@@ -115,13 +116,12 @@ def _per_layer(tensors: dict[str, torch.Tensor], num_layers: int, source: str
 def import_past_kv(path: str | Path, model_dir: str | Path, *, dtype: str | None = None,
                    build_args: dict[str, Any] | None = None) -> DeepThinkAdapter:
     """A KV-prefix adapter (method "past-kv") holding the K/V of `path`, bound to the
-    model in `model_dir`. `dtype` None keeps the file's dtype. Raises ImportRefusedError."""
+    model `model_dir` (a directory or a hub id). `dtype` None keeps the file's dtype.
+    Raises ImportRefusedError."""
     from transformers import AutoConfig
 
-    path, model_dir = Path(path), Path(model_dir)
-    if not model_dir.is_dir():
-        raise ImportRefusedError(f"--model {model_dir}: no such directory; expected a local HF "
-                                 f"model directory (safetensors checkpoint).")
+    path = Path(path)
+    model_dir, model_name = resolve_model(model_dir)
     model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_model_supported(model_config, str(model_dir))
     tensors, metadata = read_past_kv(path)
@@ -149,5 +149,5 @@ def import_past_kv(path: str | Path, model_dir: str | Path, *, dtype: str | None
         "source_dtype": sorted(str(d).replace("torch.", "") for d in dtypes),
         "metadata": metadata,
     }
-    return make_adapter(model_dir, fingerprint, METHOD, keys, values, prefix_special_ids=[],
+    return make_adapter(model_name, fingerprint, METHOD, keys, values, prefix_special_ids=[],
                         provenance=provenance, dtype=dtype, build_args=build_args or {})

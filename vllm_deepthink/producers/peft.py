@@ -43,6 +43,7 @@ from vllm_deepthink.producers.kv_import import (
     check_prefix_kv,
     file_sha256,
     make_adapter,
+    resolve_model,
 )
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -179,18 +180,19 @@ def check_peft_tensors(state: dict[str, torch.Tensor], cfg: dict[str, Any], mode
                           f"expected finite weights. Retrain or restore the adapter.")
 
 
-def _same_model_by_name(adapter_base: str, model_dir: Path) -> bool:
-    return Path(adapter_base).name.lower() == model_dir.resolve().name.lower()
+def _same_model_by_name(adapter_base: str, model_name: str) -> bool:
+    return Path(adapter_base).name.lower() == Path(model_name).name.lower()
 
 
-def check_peft_base(cfg: dict[str, Any], model_dir: Path, fingerprint: ModelFingerprint,
+def check_peft_base(cfg: dict[str, Any], model_name: str, fingerprint: ModelFingerprint,
                     source: str) -> None:
-    """The adapter's base_model_name_or_path names `model_dir`'s model: the same
-    fingerprint when that path is a local checkpoint, else the same model name."""
+    """The adapter's base_model_name_or_path names the model of `--model` (`model_name`:
+    its resolved directory, or its hub id): the same fingerprint when that path is a
+    local checkpoint, else the same model name."""
     adapter_base = cfg.get("base_model_name_or_path")
     if not adapter_base:
         return  # nothing recorded: the geometry checks are all there is
-    fix = (f"Import it with that model, or pass --allow-base-mismatch if {str(model_dir)!r} "
+    fix = (f"Import it with that model, or pass --allow-base-mismatch if {model_name!r} "
            f"holds the same weights under another name.")
     local = Path(adapter_base)
     if local.is_dir() and (local / "config.json").is_file():
@@ -203,13 +205,13 @@ def check_peft_base(cfg: dict[str, Any], model_dir: Path, fingerprint: ModelFing
             if diffs:
                 raise _refuse(
                     f"{source}: the adapter was trained on {adapter_base!r}, whose "
-                    f"fingerprint differs from --model {str(model_dir)!r} ("
+                    f"fingerprint differs from --model {model_name!r} ("
                     + "; ".join(diffs[:3]) + f"). {fix}")
             return
-    if not _same_model_by_name(adapter_base, model_dir):
+    if not _same_model_by_name(adapter_base, model_name):
         raise _refuse(
             f"{source}: the adapter was trained on base_model_name_or_path="
-            f"{adapter_base!r}; found --model {str(model_dir)!r}, another model name. {fix}")
+            f"{adapter_base!r}; found --model {model_name!r}, another model name. {fix}")
 
 
 def special_prefix_ids(tokenizer) -> list[int]:
@@ -323,7 +325,7 @@ def import_peft_adapter(adapter_dir: str | Path, model_dir: str | Path, *,
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    adapter_dir, model_dir = Path(adapter_dir), Path(model_dir)
+    adapter_dir = Path(adapter_dir)
     if query_special_tokens not in QUERY_SPECIAL_TOKENS:
         raise _refuse(f"query_special_tokens must be one of {QUERY_SPECIAL_TOKENS}, found "
                       f"{query_special_tokens!r}")
@@ -341,15 +343,13 @@ def import_peft_adapter(adapter_dir: str | Path, model_dir: str | Path, *,
     elif task_id is not None:
         raise _refuse(f"--task-id is for MULTITASK_PROMPT_TUNING adapters; this one is "
                       f"{peft_type}.")
-    if not model_dir.is_dir():
-        raise _refuse(f"--model {model_dir}: no such directory; expected a local HF model "
-                      f"directory (safetensors checkpoint).")
+    model_dir, model_name = resolve_model(model_dir)
     model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_model_supported(model_config, str(model_dir))
     check_peft_geometry(cfg, model_config, config_source)
     fingerprint = ModelFingerprint.from_checkpoint(model_dir, model_config)
     if not allow_base_mismatch:
-        check_peft_base(cfg, model_dir, fingerprint, str(adapter_dir))
+        check_peft_base(cfg, model_name, fingerprint, str(adapter_dir))
 
     from safetensors.torch import load_file
 
@@ -395,6 +395,6 @@ def import_peft_adapter(adapter_dir: str | Path, model_dir: str | Path, *,
             provenance[key] = cfg[key]
     if task_id is not None:
         provenance["task_id"] = task_id
-    return make_adapter(model_dir, fingerprint, PEFT_METHODS[peft_type], keys, values,
+    return make_adapter(model_name, fingerprint, PEFT_METHODS[peft_type], keys, values,
                         prefix_special_ids=specials, provenance=provenance, dtype=dtype,
                         build_args=build_args or {})
