@@ -182,3 +182,52 @@ def test_registry_for_builds_one_registry_per_engine(llama, adapters):
     assert first.names() == ["a"] and frontend.registry_for(config(llama[0])) is first
     other = frontend.registry_for(config(llama[0], engine_id="e2"))
     assert other is not first and frontend.registry_for(config(llama[0])) is first
+
+
+def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
+    """register_resolver (another adapter source, like vLLM's LoRA resolver plugins):
+    an engine started afterwards serves NAME from it, validated like any adapter."""
+    from types import SimpleNamespace
+
+    from vllm_deepthink.plugin import resolvers
+
+    class Mapping:
+        def resolve(self, name):
+            return {"fresh": str(adapters / "b"), "alien": str(adapters / "foreign")}.get(name)
+
+    kv = SimpleNamespace(kv_connector=protocol.CONNECTOR_NAME, engine_id="resolver-test",
+                         kv_connector_extra_config={})
+    config = SimpleNamespace(kv_transfer_config=kv,
+                             model_config=SimpleNamespace(model=str(llama[0]), revision=None))
+    with pytest.raises(TypeError, match="resolve\\(name\\) method"):
+        resolvers.register_resolver("bad", object())
+    resolvers.register_resolver("test-mapping", Mapping())
+    try:
+        registry = frontend.registry_for(config)
+        assert registry.names() == [] and registry.lookup("nosuch") is None
+        assert registry.lookup("fresh").prefix_len == 20
+        with pytest.raises(frontend.AdapterRequestError, match="'alien' found at .* cannot be "
+                                                                "served"):
+            registry.lookup("alien")
+    finally:
+        resolvers._registered.pop("test-mapping")
+
+
+def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(adapters, tmp_path):
+    """HubResolver("org"): NAME -> org/NAME from a real hub-cache layout, offline (a fresh
+    process: huggingface_hub reads its environment at import)."""
+    import os
+
+    from tests.helpers import REPO_ROOT
+    from tests.helpers.hub_cache import offline_env, publish
+
+    cache = tmp_path / "cache"
+    publish(adapters / "a", cache, "org/sst2")
+    code = ("from vllm_deepthink.plugin.resolvers import HubResolver\n"
+            "r = HubResolver('org')\n"
+            "print(r.resolve('sst2'), r.resolve('missing'), r.resolve('../x'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, **offline_env(cache),
+                                 "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["org/sst2", "None", "None"]

@@ -34,7 +34,8 @@ from typing import Any
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter, ModelFingerprint
 from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.resolvers import AdapterResolver, DirectoryResolver
+from vllm_deepthink.plugin.resolvers import (AdapterResolver, DirectoryResolver,
+                                             registered_resolvers)
 from vllm_deepthink.plugin.protocol import (
     ADAPTER_ARG,
     EXTRA_CONFIG_ADAPTER_DIRS,
@@ -258,8 +259,9 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
             extra = kv_config.kv_connector_extra_config
             registry = AdapterRegistry(
                 vllm_config.model_config.model, revision=vllm_config.model_config.revision,
-                resolvers=[DirectoryResolver(d)
-                           for d in extra.get(EXTRA_CONFIG_ADAPTER_DIRS, [])],
+                resolvers=[*(DirectoryResolver(d)
+                             for d in extra.get(EXTRA_CONFIG_ADAPTER_DIRS, [])),
+                           *registered_resolvers()],
                 dtype=getattr(vllm_config.model_config, "dtype", None))
             registry.register_at_start(extra.get(EXTRA_CONFIG_ADAPTERS, {}),
                                        extra.get(EXTRA_CONFIG_PARENTS, {}))

@@ -2,8 +2,17 @@
 
 Like vLLM's LoRA resolvers (`VLLM_LORA_RESOLVER_CACHE_DIR`), a resolver maps an unknown
 model name to an adapter location at request time; the registry then validates the
-adapter as any other and serves it from then on (cached: resolved once). Another
-source (for example a hub organisation) implements the same one-method interface.
+adapter as any other and serves it from then on (cached: resolved once).
+
+Built in: DirectoryResolver (`--deepthink-adapter-dir DIR`: NAME -> DIR/NAME) and
+HubResolver (NAME -> ORG/NAME on the Hugging Face Hub or its local cache). Another source
+implements the same one-method interface and is added with `register_resolver`, from a
+`vllm.general_plugins` entry point of its own (as vLLM's LoRA resolver plugins register
+with LoRAResolverRegistry); every adapter engine started after that consults it after
+its directories.
+
+    from vllm_deepthink.plugin.resolvers import HubResolver, register_resolver
+    register_resolver("my-org", HubResolver("my-org"))
 """
 
 from __future__ import annotations
@@ -11,7 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from vllm_deepthink.format import CONFIG_NAME
+from vllm_deepthink.format import CONFIG_NAME, AdapterFormatError
+from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin.protocol import AdapterNameError, check_adapter_name
 
 
@@ -51,3 +61,42 @@ class DirectoryResolver:
             if self.resolve(child.name) is not None:
                 found.append(child.name)
         return found
+
+
+class HubResolver:
+    """NAME -> ORG/NAME when that hub repository (or its copy in the local hub cache, with
+    HF_HUB_OFFLINE=1) holds an adapter config. Only the adapter's files are fetched."""
+
+    def __init__(self, org: str, revision: str | None = None):
+        check_adapter_name(org)
+        self.org, self.revision = org, revision
+
+    def resolve(self, name: str) -> str | None:
+        try:
+            check_adapter_name(name)
+        except AdapterNameError:
+            return None
+        repo_id = f"{self.org}/{name}"
+        try:
+            directory = resolve_adapter_dir(repo_id, self.revision)
+        except AdapterFormatError:
+            return None
+        return repo_id if (directory / CONFIG_NAME).is_file() else None
+
+
+_registered: dict[str, AdapterResolver] = {}
+
+
+def register_resolver(name: str, resolver: AdapterResolver) -> None:
+    """Add `resolver` (anything with `resolve(name) -> location | None`) for the adapter
+    engines started after this call in this process; registering a name again replaces
+    its resolver."""
+    if not callable(getattr(resolver, "resolve", None)):
+        raise TypeError(f"resolver {name!r}: expected an object with a resolve(name) method, "
+                        f"found {type(resolver).__name__}")
+    _registered[name] = resolver
+
+
+def registered_resolvers() -> list[AdapterResolver]:
+    """The resolvers added with register_resolver, in registration order."""
+    return list(_registered.values())
