@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO_ROOT
+from tests.helpers.datasets_files import write_reviews_dataset
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink import DeepThinkAdapter
@@ -26,13 +27,7 @@ def tiny(tmp_path_factory):
 
 def test_build_from_a_local_csv_dataset(tiny, tmp_path):
     pytest.importorskip("datasets")
-    (tmp_path / "train.csv").write_text("review,sentiment\n" + "".join(
-        f"review number {n},{'good' if n % 2 else 'bad'}\n" for n in range(20)))
-    (tmp_path / "test.csv").write_text("review,sentiment\nfine,good\nbad one,bad\n")
-    (tmp_path / "task.json").write_text(json.dumps({
-        "kind": "classification", "name": "reviews", "template": "Review: {text}\nSentiment: "
-        "{label}", "label_words": ["bad", "good"], "text_column": "review",
-        "label_column": "sentiment"}))
+    write_reviews_dataset(tmp_path)
     out = tmp_path / "adapter"
     assert cli.main(["build", "--model", str(tiny), "--dataset", str(tmp_path), *BUILD,
                      "--out", str(out)]) == 0

@@ -8,7 +8,6 @@ hub id next to another one."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO_ROOT
+from tests.helpers.datasets_files import write_reviews_dataset
 from tests.helpers.adapter_factory import build_adapter, hf_reference, max_abs_diff
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.openai_server import VllmServer, openai_client
@@ -31,16 +31,7 @@ def build_from_hub_model_and_dataset(root: Path, home: Path) -> Path:
     """`vllm-deepthink build --model org/tiny-llama --revision v1 --dataset DIR` in a
     fresh process that sees only the hub cache under HF_HOME, offline."""
     pytest.importorskip("datasets")
-    data = root / "reviews"
-    data.mkdir()
-    (data / "train.csv").write_text("review,sentiment\n" + "".join(
-        f"review number {n} was {'fine' if n % 2 else 'dull'},{'good' if n % 2 else 'bad'}\n"
-        for n in range(24)))
-    (data / "test.csv").write_text("review,sentiment\nfine work,good\ndull work,bad\n")
-    (data / "task.json").write_text(json.dumps({
-        "kind": "classification", "name": "reviews", "template": "Review: {text}\n"
-        "Sentiment: {label}", "label_words": ["bad", "good"], "text_column": "review",
-        "label_column": "sentiment"}))
+    data = write_reviews_dataset(root / "reviews")
     out = root / "reviews-adapter"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update({"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -38,14 +38,9 @@ import torch
 
 from vllm_deepthink.format import DeepThinkAdapter, ModelFingerprint, dtype_name
 from vllm_deepthink.format.hf_config import kv_geometry
-from vllm_deepthink.producers.kv_import import (
-    ImportRefusedError,
-    check_model_supported,
-    check_prefix_kv,
-    file_sha256,
-    make_adapter,
-    resolve_model,
-)
+from vllm_deepthink.producers.kv_import import (ImportRefusedError, check_model_supported,
+                                               check_prefix_kv, file_sha256, make_adapter,
+                                               resolve_model)
 
 METHOD = "past-kv"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
