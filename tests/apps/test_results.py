@@ -165,3 +165,20 @@ def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, mon
         assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
     for column in ("icl", "dt", "icl+dev", "dt-oracle"):
         assert row["columns"][column] == first["columns"][column]
+
+
+def test_label_balance_table_counts_each_columns_answers(uninterrupted):
+    from vllm_deepthink.apps import results_report
+
+    out, row = uninterrupted
+    assert results_report.majority_share([1, 1, 0, 2]) == (0.5, 1)
+    assert results_report.majority_share([0, 1]) == (0.5, 0)  # ties: the lower label
+    text = (out / "results.md").read_text()
+    line = next(l for l in text.splitlines() if l.startswith("| smollm2 | sst2 | 0 | ")
+                and "## " not in l and l.count("|") == 10)
+    gold_share, gold = results_report.majority_share(row["labels"])
+    words = ["negative", "positive"]
+    icl_share, icl = results_report.majority_share(row["columns"]["icl"]["predictions"])
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == f"{100 * gold_share:.0f} {words[gold]}"
+    assert cells[5] == f"{100 * icl_share:.0f} {words[icl]}"

@@ -144,6 +144,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             if line:
                 readings.append(line)
         readings.append("")
+    lines += label_balance(rows)
     lines += ["", "## Reading (generated from the intervals above)", ""] + readings
     lines += ["Per-iteration dev and test accuracy of the published-default run: "
               "curves.png.", ""]
@@ -151,6 +152,48 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines += ["Gemma 3 270M is provided under and subject to the Gemma Terms of Use "
                   "(https://ai.google.dev/gemma/terms).", ""]
     return "\n".join(lines)
+
+
+BALANCE_COLUMNS = [("zero-shot", "zero-shot"), ("icl", "ICL"), ("icl+dev", "ICL+dev"),
+                   ("dt", "DT"), ("dt-search", "DT search")]
+
+
+def majority_share(predictions: list[int]) -> tuple[float, int]:
+    """(share of the most frequent answer, that answer)."""
+    counts: dict[int, int] = {}
+    for p in predictions:
+        counts[p] = counts.get(p, 0) + 1
+    label, count = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
+    return count / len(predictions), label
+
+
+def label_balance(rows: list[dict[str, Any]]) -> list[str]:
+    """Classification rows: how much of each column's answers go to its most frequent
+    label (gold: the most frequent true label), the collapse ICL shows and
+    calibration or Deep-Thinking may undo."""
+    rows = [r for r in rows if _kind(r) == "classification"]
+    if not rows:
+        return []
+    lines = ["", "## Label balance (classification)", "",
+             "Share of the test answers that go to the column's most frequent label, and "
+             "that label (gold: the true labels). A column far above gold answers mostly "
+             "one label.", "",
+             "| model | task | seed | gold | " + " | ".join(t for _, t in BALANCE_COLUMNS)
+             + " |", "|---|---|---|---|" + "---|" * len(BALANCE_COLUMNS)]
+    for r in rows:
+        words = r["settings"]["task"].get("label_words") or []
+
+        def cell(predictions: list[int]) -> str:
+            share, label = majority_share(predictions)
+            word = words[label] if label < len(words) else str(label)
+            return f"{100 * share:.0f} {word}"
+
+        cells = [r["row"]["model"], r["row"]["task"], str(r["row"]["seed"]),
+                 cell(r["labels"])]
+        cells += [cell(r["columns"][name]["predictions"]) if name in r["columns"] else "–"
+                  for name, _ in BALANCE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, max_panels: int = 6
