@@ -88,13 +88,12 @@ def installed_backends() -> list[str]:
 
 
 def cuda_settings(num_gpus: int, tests: tuple[str, ...] | None) -> list[Setting]:
-    tiny = tests or TINY_TESTS + (TP_TESTS if num_gpus >= 2 else ())
+    suite = tests or TINY_TESTS + (TP_TESTS if num_gpus >= 2 else ()) + REAL_TESTS
     settings = []
     for runner in ("0", "1"):
-        settings.append(Setting("cuda", runner, "float32", None, 16, False,
-                                tests or tiny + REAL_TESTS))
+        settings.append(Setting("cuda", runner, "float32", None, 16, False, suite))
         for dtype, backend in itertools.product(("bfloat16", "float16"), installed_backends()):
-            settings.append(Setting("cuda", runner, dtype, backend, 16, False, tiny))
+            settings.append(Setting("cuda", runner, dtype, backend, 16, False, suite))
     return settings
 
 
