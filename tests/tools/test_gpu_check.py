@@ -24,7 +24,7 @@ def test_cuda_matrix_covers_runners_dtypes_backends_and_graphs(monkeypatch):
     assert len(one_gpu) == 10
     assert all(not s.eager and s.block_size == 16 for s in one_gpu)
     assert all(gpu_check.TP_TESTS[0] not in s.tests for s in one_gpu)
-    assert all(gpu_check.REAL_TESTS[0] in s.tests for s in one_gpu )  # every dtype and backend
+    assert all(gpu_check.REAL_TESTS[0] in s.tests for s in one_gpu)  # every dtype, backend
     two_gpus = gpu_check.cuda_settings(num_gpus=2, tests=None)
     assert all(gpu_check.TP_TESTS[0] in s.tests for s in two_gpus)
     env = one_gpu[0].env(log=gpu_check.REPO_ROOT / "x.jsonl")
