@@ -130,6 +130,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for _, better, base in GAINS:
             s = gain_summary(group, better, base)
             cells.append("–" if s is None else
+                         f"{100 * s[0]:+.1f} (too few pairs)" if s[3] < 3 else
                          f"{100 * s[0]:+.1f} [{100 * s[1]:+.1f}, {100 * s[2]:+.1f}]")
         lines.append(f"| {model} | {kind} | {len(group)} | " + " | ".join(cells) + " |")
         kept_t1 = sum(1 for r in group if r["selection"]["dt"]["selected_iteration"] == 1)
