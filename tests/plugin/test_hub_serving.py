@@ -20,7 +20,7 @@ from tests.helpers.datasets_files import write_reviews_dataset
 from tests.helpers.adapter_factory import build_adapter, hf_reference, max_abs_diff
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.openai_server import VllmServer, openai_client
-from tests.helpers.tiny_models import load_tiny
+from tests.helpers.tiny_models import load_tiny, make_tiny_model
 
 pytestmark = pytest.mark.engine
 
@@ -52,11 +52,15 @@ def served(tmp_path_factory):
     adapter = build_adapter(model, tokenizer, root / "adapter", 40, seed=3)
     home = root / "hf-home"
     cache = home / "hub"  # HF_HOME/hub is where huggingface_hub looks by default
-    publish(root / "tiny", cache, "org/tiny-llama", refs=("main", "v1"))
+    # main is another model (other weights): only --revision v1 reaches the tiny model
+    make_tiny_model("llama", root / "other", seed=1)
+    publish(root / "other", cache, "org/tiny-llama", refs=("main",))
+    publish(root / "tiny", cache, "org/tiny-llama", refs=("v1",))
     commit = publish(root / "adapter", cache, "org/sst2-adapter")
     built = build_from_hub_model_and_dataset(root, home)
     publish(built, cache, "org/reviews-adapter")
-    server = VllmServer("org/tiny-llama", ["--deepthink-adapter", "sst2=org/sst2-adapter",
+    server = VllmServer("org/tiny-llama", ["--revision", "v1",
+                                           "--deepthink-adapter", "sst2=org/sst2-adapter",
                                            "reviews=org/reviews-adapter"],
                         log_path=root / "server.log", env=offline_env(cache))
     try:

@@ -30,8 +30,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                                           "directory (its task.json: --task-dir, or inside it)")
     parser.add_argument("--shots-per-class", type=int,
                         help="demos per label (in all for multiple choice); default: the "
-                             "paper's count of a built-in task (SST-2 4, SST-5 2, MR 4, AG News "
-                             "2, TREC 2, multiple choice 4)")
+                             "task.json's \"shots\", else the paper's count of a built-in task "
+                             "(SST-2 4, SST-5 2, MR 4, AG News 2, TREC 2, multiple choice 4)")
     parser.add_argument("--seed", type=int, default=0, help="demo sampling and dev split seed")
     parser.add_argument("--iterations", type=int, default=defaults.max_iterations,
                         help="maximum Deep-Thinking iterations T (1 = plain ICL); "
@@ -123,20 +123,29 @@ def policy_from_args(args):
 
 def default_out(args) -> Path:
     if args.task_dir or args.dataset:
-        name = Path(args.task_dir or args.dataset.replace(":", "-")).name
+        source = Path(args.task_dir or args.dataset.replace(":", "-"))
+        name = source.stem if source.is_file() else source.name
     else:
         name = Path(args.demos_text).stem
-    model = Path(args.model)
-    model_name = model.resolve().name if model.is_dir() else model.name  # a dir or ORG/NAME
-    return Path("adapters_store") / f"{name}-{model_name}".lower()
+    return Path("adapters_store") / f"{name}-{Path(model_name(args.model)).name}".lower()
+
+
+def model_name(model: str) -> str:
+    """What the adapter records as its base model: the absolute directory of a local
+    model, else the hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
 
 
 def _check_args(args) -> str:
     if args.iterations < 1:
         _fail(f"--iterations must be >= 1, found {args.iterations}")
-    if bool(args.demos_text) == bool(args.task_dir or args.dataset):
+    if args.demos_text and (args.task_dir or args.dataset):
         _fail("give the demonstrations as --demos-text FILE, or a task to sample them from "
               "(--task-dir DIR and/or --dataset SPEC), not both")
+    if not (args.demos_text or args.task_dir or args.dataset):
+        _fail("no demonstrations: give --task-dir DIR (and/or --dataset SPEC) to sample them "
+              "from a task, or --demos-text FILE with the exact demonstration string")
     if args.task_dir or args.dataset:
         if args.shots_per_class is not None and args.shots_per_class < 1:
             _fail(f"--shots-per-class must be >= 1, found {args.shots_per_class}")
@@ -144,14 +153,17 @@ def _check_args(args) -> str:
             _fail(f"--task-dir {args.task_dir}: no such directory")
     else:
         if args.shots_per_class is not None:
-            _fail("--shots-per-class applies to --task-dir, not --demos-text")
+            _fail("--shots-per-class applies to a task (--task-dir / --dataset), not "
+                  "--demos-text")
         if not Path(args.demos_text).is_file():
             _fail(f"--demos-text {args.demos_text}: no such file")
         if args.select_on == "dev":
-            _fail("--select-on dev needs --task-dir (the dev split comes from its train.jsonl)")
+            _fail("--select-on dev needs a task (--task-dir / --dataset): the dev split comes "
+                  "from its training rows")
     select_on = args.select_on or ("dev" if args.task_dir or args.dataset else "none")
     if args.search and select_on != "dev":
-        _fail("--search needs --select-on dev (with --task-dir): candidates are compared on dev")
+        _fail("--search needs --select-on dev (with --task-dir / --dataset): candidates are "
+              "compared on dev")
     if args.dev_size < 1:
         _fail(f"--dev-size must be >= 1, found {args.dev_size}")
     if args.patience is not None and args.patience < 0:
@@ -196,10 +208,10 @@ class Demonstrations:
 
 def resolve_model(args) -> Path:
     """--model (a directory or a hub id at --revision) as a local directory."""
-    from vllm_deepthink.format.hub import HubResolutionError, resolve_dir
+    from vllm_deepthink.format.hub import MODEL_FILES, HubResolutionError, resolve_dir
 
     try:
-        return resolve_dir(args.model, revision=args.revision)
+        return resolve_dir(args.model, revision=args.revision, allow_patterns=MODEL_FILES)
     except HubResolutionError as exc:
         _fail(str(exc))
 
@@ -281,8 +293,7 @@ def run_build(args, model_dir: Path, tokenizer, demos: Demonstrations, candidate
             content_free_items=demos.content_free_items, policy=policy,
             label_words=demos.label_words, task=demos.task_info,
             build_args=_json_safe(build_args),
-            base_model_name_or_path=str(args.model if not Path(args.model).is_dir()
-                                        else Path(args.model).resolve()),
+            base_model_name_or_path=model_name(args.model),
             score_batch_size=args.batch_size, on_iteration=report)
 
 

@@ -152,11 +152,13 @@ def main(args: argparse.Namespace) -> int:
     scorer = make_scorer(args.engine, args.model, {ADAPTER_NAME: adapter} if adapter else {},
                          dirs, needed, args.batch_size, progress=not args.no_progress,
                          **vllm_engine_kwargs(args))
-    result = evaluate(scorer, tokenizer, task, rows, modes, adapter,
-                      progress=not args.no_progress, calibrate=args.calibrate,
-                      calibration_rows=calibration_rows)
+    try:
+        result = evaluate(scorer, tokenizer, task, rows, modes, adapter,
+                          progress=not args.no_progress, calibrate=args.calibrate,
+                          calibration_rows=calibration_rows)
+    finally:
+        scorer.close()
     settings = settings_of(args, task, split, modes, adapter)
-    scorer.close()
     output = {"schema_version": SCHEMA_VERSION, "settings": settings, **result}
     print(format_table(f"{task.name} ({split}, n={len(rows)}), model {args.model}, "
                        f"engine {args.engine}", result))

@@ -90,8 +90,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
     defaults = SelectionPolicy()
     parser.description = __doc__.split("\n\n", 1)[0]
-    parser.add_argument("--data-dir", default="../shared/data",
-                        help="directory holding the built-in task directories")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory holding one task directory per task of the rows, named "
+                             "sst2, mr, trec, sst5, agnews, copa, ... (jsonl files as in "
+                             "examples/data, or a task.json naming a `datasets` dataset as in "
+                             "examples/tasks); needed unless --list or --report-only")
     parser.add_argument("--out", default="results", help="output directory")
     parser.add_argument("--models-dir", default="models", help="where converted models live")
     parser.add_argument("--model-path", action="append", default=[], metavar="NAME=DIR",
@@ -212,9 +215,13 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         print(results_report.write_report(out, ROW_SCHEMA, [s.key for s in default_rows()]))
         return 0
+    if args.data_dir is None:
+        raise SystemExit("vllm-deepthink results: error: --data-dir DIR is required: the "
+                         "directory of the task directories (see results/README.md, Data)")
     bad = [s.task for s in specs if not (Path(args.data_dir) / s.task).is_dir()]
     if bad:
-        raise SystemExit(f"--data-dir {args.data_dir}: no task directory for {sorted(set(bad))}")
+        raise SystemExit(f"--data-dir {args.data_dir}: no task directory for {sorted(set(bad))}; "
+                         f"add them, or choose rows with --rows (e.g. 'smollm2-sst2-*')")
     if args.threads:
         import torch
 

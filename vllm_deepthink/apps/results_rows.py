@@ -306,9 +306,10 @@ def prepare_row(spec: RowSpec, ctx: ModelContext, options: RowOptions) -> RowInp
     from vllm_deepthink.producers.deepthink import builder, search
     from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
     from vllm_deepthink.tasks import scoring
+    from vllm_deepthink.tasks.datasets import open_task
 
     tok, config = ctx.tokenizer, ctx.model.config
-    task = tasks.load_task(Path(options.data_dir) / spec.task)
+    task = open_task(Path(options.data_dir) / spec.task)  # jsonl files or a task.json dataset
     inputs = task_build_inputs(task, tok, config, seed=spec.seed, dev_size=options.dev_size)
     dev = builder.DevSet.from_items(tok, inputs.dev_items, inputs.content_free_items,
                                     options.batch_size)

@@ -34,11 +34,13 @@ from vllm_deepthink.format.fingerprint import ModelFingerprint
 
 
 def resolve_adapter_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """The local directory of an adapter given as a path or a hub id."""
+    """The local directory of an adapter given as a path or a hub id (of a hub repository
+    only the adapter's two files are fetched)."""
     from vllm_deepthink.format.hub import HubResolutionError, resolve_dir
 
     try:
-        return resolve_dir(name_or_path, revision=revision, what="adapter")
+        return resolve_dir(name_or_path, revision=revision, what="adapter",
+                           allow_patterns=(CONFIG_NAME, WEIGHTS_NAME))
     except HubResolutionError as exc:
         raise AdapterFormatError(f"{exc} (expected a directory holding {CONFIG_NAME} and "
                                  f"{WEIGHTS_NAME})") from None

@@ -106,10 +106,10 @@ class ModelFingerprint:
                         revision: str | None = None) -> ModelFingerprint:
         """Fingerprint of an HF checkpoint (a local directory or a hub id, see hub.py),
         reading only its config and the embedding tensor (never instantiates the model)."""
-        from vllm_deepthink.format.hub import resolve_dir
+        from vllm_deepthink.format.hub import MODEL_FILES, resolve_dir
 
         model_dir = resolve_dir(model, revision=revision, what="model",
-                                allow_patterns=["*.json", "*.safetensors"])
+                                allow_patterns=MODEL_FILES)
         if hf_config is None:
             from transformers import AutoConfig
 

@@ -16,6 +16,11 @@ from pathlib import Path
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
+# What building, importing and fingerprinting read of a model repository: configs,
+# tokenizer files and the safetensors weights (never other weight formats, GGUF, ONNX...).
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+
+
 class HubResolutionError(FileNotFoundError):
     """A name that is neither a local directory nor a hub id in reach; says what to do."""
 

@@ -17,12 +17,19 @@ its directories.
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
-from vllm_deepthink.format import CONFIG_NAME, AdapterFormatError
-from vllm_deepthink.format.adapter import resolve_adapter_dir
+from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME
+from vllm_deepthink.format.hub import resolve_dir
 from vllm_deepthink.plugin.protocol import AdapterNameError, check_adapter_name
+
+
+logger = logging.getLogger(__name__)
 
 
 class AdapterResolver(Protocol):
@@ -64,33 +71,53 @@ class DirectoryResolver:
 
 
 class HubResolver:
-    """NAME -> ORG/NAME when that hub repository (or its copy in the local hub cache, with
-    HF_HUB_OFFLINE=1) holds an adapter config. Only the adapter's files are fetched."""
+    """NAME -> ORG/NAME when that hub repository (at `revision`; with HF_HUB_OFFLINE=1 its
+    copy in the local hub cache) holds an adapter. Only the adapter's config and weights
+    are fetched, and only once the config is found; a name found nowhere is not asked
+    again for `retry_after` seconds, so unknown model names do not each cost a hub
+    round trip. Returns the resolved snapshot directory (the revision stays pinned)."""
 
-    def __init__(self, org: str, revision: str | None = None):
-        check_adapter_name(org)
-        self.org, self.revision = org, revision
+    def __init__(self, org: str, revision: str | None = None, retry_after: float = 300.0):
+        try:
+            check_adapter_name(org)
+        except AdapterNameError:
+            raise ValueError(f"HubResolver: {org!r} is not a hub organisation name; expected "
+                             f"a plain name such as 'my-org'") from None
+        self.org, self.revision, self.retry_after = org, revision, retry_after
+        self._missing: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def resolve(self, name: str) -> str | None:
         try:
             check_adapter_name(name)
         except AdapterNameError:
             return None
+        with self._lock:
+            if time.monotonic() < self._missing.get(name, -math.inf):
+                return None
         repo_id = f"{self.org}/{name}"
         try:
-            directory = resolve_adapter_dir(repo_id, self.revision)
-        except AdapterFormatError:
-            return None
-        return repo_id if (directory / CONFIG_NAME).is_file() else None
+            config_dir = resolve_dir(repo_id, revision=self.revision, what="adapter",
+                                     allow_patterns=(CONFIG_NAME,))
+            if (config_dir / CONFIG_NAME).is_file():
+                return str(resolve_dir(repo_id, revision=self.revision, what="adapter",
+                                       allow_patterns=(CONFIG_NAME, WEIGHTS_NAME)))
+        except Exception as exc:  # noqa: BLE001  the hub client raises many types
+            logger.debug("HubResolver: %s not resolved: %s", repo_id, exc)
+        with self._lock:
+            self._missing[name] = time.monotonic() + self.retry_after
+        return None
 
 
 _registered: dict[str, AdapterResolver] = {}
 
 
 def register_resolver(name: str, resolver: AdapterResolver) -> None:
-    """Add `resolver` (anything with `resolve(name) -> location | None`) for the adapter
-    engines started after this call in this process; registering a name again replaces
-    its resolver."""
+    """Add `resolver` (anything with `resolve(name) -> location | None`, safe to call from
+    several threads) for the adapter engines of this process whose adapter registry is
+    built after this call (at server start, or an LLM's first adapter request);
+    registering a name again replaces its resolver. Call it at import time of a
+    vllm.general_plugins entry point."""
     if not callable(getattr(resolver, "resolve", None)):
         raise TypeError(f"resolver {name!r}: expected an object with a resolve(name) method, "
                         f"found {type(resolver).__name__}")

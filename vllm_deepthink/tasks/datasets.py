@@ -51,12 +51,13 @@ class DatasetSpec:
     data_files: dict[str, str] | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> DatasetSpec:
+    def parse(cls, spec: str, *, local_paths: bool = True) -> DatasetSpec:
+        """`local_paths=False`: SPEC is a hub name even if a path of that name exists."""
         local = Path(spec).expanduser()
-        if local.is_file():
+        if local_paths and local.is_file():
             builder = _builder(local)
             return cls(builder, data_files={"train": str(local)})
-        if local.is_dir():
+        if local_paths and local.is_dir():
             files = {}
             for path in sorted(local.iterdir()):
                 if path.stem in SPLITS and path.suffix in _FILE_BUILDERS:
@@ -108,7 +109,9 @@ def load_dataset_task(spec: str | None, task_config: str | Path,
     if unknown:
         raise TaskError(f"{config_path}: unknown keys {unknown}; allowed keys are "
                         f"{sorted(TASK_JSON_KEYS | DATASET_KEYS)}.")
-    if not spec:
+    if spec:
+        dataset_spec = DatasetSpec.parse(spec)
+    else:
         spec = config.get("dataset")
         if not spec:
             raise TaskError(f"{config_path}: no dataset: pass --dataset SPEC or set "
@@ -116,7 +119,9 @@ def load_dataset_task(spec: str | None, task_config: str | Path,
         beside = config_path.parent / spec  # a local path in a task.json: relative to it
         if beside.exists():
             spec = str(beside)
-    dataset_spec = DatasetSpec.parse(spec)
+            dataset_spec = DatasetSpec.parse(spec)
+        else:  # never a path relative to the working directory: a hub name
+            dataset_spec = DatasetSpec.parse(spec, local_paths=False)
     kind = config.get("kind")
     splits = _load_splits(dataset_spec, config, revision)
     if kind == CLASSIFICATION and "label_words" not in config:
@@ -146,8 +151,8 @@ def _load_splits(spec: DatasetSpec, config: dict, revision: str | None) -> dict[
     try:
         import datasets
     except ImportError:
-        raise TaskError("--dataset needs the `datasets` library: pip install "
-                        "'vllm-deepthink[datasets]'") from None
+        raise TaskError("rows from a dataset (--dataset, or a task.json naming one) need the "
+                        "`datasets` library: pip install 'vllm-deepthink[datasets]'") from None
     mapping = {"train": "train", "validation": "validation", "test": "test"}
     mapping.update(config.get("splits") or {})
     try:

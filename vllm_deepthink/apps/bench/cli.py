@@ -85,8 +85,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="VLLM_CPU_NUM_OF_RESERVED_CPU for every vLLM engine: CPUs kept "
                              "free of OpenMP threads for the scheduler process, the same for "
                              "every system. 'auto': leave vLLM's choice (the DeepThink "
-                             "connector reserves as no connector does: compat."
-                             "patch_cpu_core_reservation)")
+                             "connector reserves as no connector does: "
+                             "plugin/patches/engine.py, patch_cpu_core_reservation)")
     parser.add_argument("--block-size", type=int, default=d.block_size,
                         help="vLLM KV block size (default: the engine's; CPU: 128)")
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

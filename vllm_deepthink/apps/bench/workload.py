@@ -5,7 +5,7 @@ number of requests). Every system of a run sees exactly the same token ids:
 
 - task t's demonstrations: L token ids that start with BOS (demos carry special
   tokens, DESIGN.md). Synthetic: BOS + seeded random word tokens (see
-  `word_token_ids`). From a task directory (`vllm_deepthink.tasks.load_task`): the
+  `word_token_ids`). From a task directory (`vllm_deepthink.tasks.datasets.open_task`): the
   task's own demonstrations (`sample_demos` with seed + t, its template and separator),
   as many shots as L ids need, tokenized as the builder does, clipped to exactly L ids;
 - the queries: `query_len` ids each without special tokens, synthetic word tokens or
@@ -76,9 +76,9 @@ def make_request_set(tokenizer, workload: Workload, *, seed: int = 0,
 
     `query_seed_offset` gives a disjoint query set with the same demos (warm-up)."""
     if task_dir is not None:
-        from vllm_deepthink.tasks import load_task
+        from vllm_deepthink.tasks.datasets import open_task
 
-        task = load_task(task_dir)
+        task = open_task(task_dir)
         demos = [_task_demos(tokenizer, task, workload.prefix_len, seed + t)
                  for t in range(workload.num_tasks)]
         queries = _task_queries(tokenizer, task, workload.query_len, workload.num_requests,

@@ -38,8 +38,8 @@ def resolve_shots(task, shots_per_class: int | None) -> int:
     shots = tasks.default_shots(task)
     if shots is None:
         raise builder.BuildError(
-            f"task {task.name!r} is not a built-in task, so it has no default shot count; "
-            f"give shots per class (--shots-per-class K).")
+            f"task {task.name!r} is not a built-in task and its task.json sets no \"shots\", "
+            f"so it has no default shot count; give shots per class (--shots-per-class K).")
     return shots
 
 
