@@ -182,3 +182,81 @@ def test_label_balance_table_counts_each_columns_answers(uninterrupted):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[3] == f"{100 * gold_share:.0f} {words[gold]}"
     assert cells[5] == f"{100 * icl_share:.0f} {words[icl]}"
+
+
+def test_search_column_of_a_committed_first_pass_row_skips_its_published_run(
+        setup, uninterrupted, monkeypatch):
+    """A --skip-search row whose checkpoints are gone (a later session with the row JSON
+    only): the full run rebuilds zero-shot, ICL and the published-default candidate from
+    the JSON (the optimizer run to the best iteration, no test trace again) and computes
+    only candidates 1..13; the row equals the uninterrupted one."""
+    import shutil
+
+    from vllm_deepthink.producers.deepthink import builder
+
+    out = setup[0] / "out-d"
+    assert cli.main(argv(setup, out, "--skip-search")) == 0
+    shutil.rmtree(out / "work")
+    calls = []
+    real = builder.run_candidates
+    monkeypatch.setattr(builder, "run_candidates",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    assert cli.main(argv(setup, out)) == 0
+    assert len(calls) == 13 and all(c[0].name != "momentum(step_size=0.01,beta=0.9)/published"
+                                    for c in calls)
+    row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
+    _, expected = uninterrupted
+    for key in ("columns", "scores", "priors", "paired", "selection", "test_trace_scores"):
+        assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
+
+
+def test_restored_published_candidate_holds_its_best_iterations_kv(setup, monkeypatch):
+    """When the first pass kept a later iteration (best_iteration 3 here, set in the
+    JSON), the restored checkpoint holds the K/V the builder produces at iteration 3
+    and the dev result of those K/V."""
+    import shutil
+
+    import torch
+
+    from vllm_deepthink.format import DeepThinkAdapter
+    from vllm_deepthink.producers.deepthink import builder
+    from tests.helpers.tiny_models import load_tiny
+
+    out = setup[0] / "out-e"
+    assert cli.main(argv(setup, out, "--skip-search")) == 0
+    path = out / "json" / "smollm2-sst2-s0.json"
+    row = json.loads(path.read_text())
+    row["selection"]["dt"]["candidates"][0]["best_iteration"] = 3
+    path.write_text(json.dumps(row))
+    shutil.rmtree(out / "work")
+    saved = {}
+    real = results_rows.RowCheckpoints.save_candidate
+
+    def capture(self, index, run, *rest):
+        saved.setdefault(index, run)
+        return real(self, index, run, *rest)
+
+    monkeypatch.setattr(results_rows.RowCheckpoints, "save_candidate", capture)
+    assert cli.main(argv(setup, out)) == 0
+    restored = saved[0]
+    assert restored.best_iteration == 3
+    demo_ids = DeepThinkAdapter.from_pretrained(
+        out / "adapters" / "smollm2-sst2-s0-dt").config.demo_token_ids
+    model, tokenizer = load_tiny("llama", setup[1])
+    reference = builder.build_adapter(model, tokenizer, "", demo_ids=demo_ids, iterations=3,
+                                      progress=False)
+    for ours, theirs in zip(restored.keys + restored.values,
+                            reference.keys + reference.values):
+        torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=0, atol=1e-6)
+    assert restored.best.acc == builder.score_dev(
+        model, builder.DevSet.from_items(tokenizer, *_dev_items(setup, tokenizer, model)),
+        restored.keys, restored.values).acc
+
+
+def _dev_items(setup, tokenizer, model):
+    from vllm_deepthink import tasks
+    from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
+
+    task = tasks.load_task(setup[0] / "data" / "sst2")
+    inputs = task_build_inputs(task, tokenizer, model.config, seed=0, dev_size=12)
+    return inputs.dev_items, inputs.content_free_items

@@ -432,6 +432,43 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
     return GridRuns(runs, icl, test_trace, test_trace_scores)
 
 
+def restore_first_pass(checkpoints: RowCheckpoints, first_pass: dict[str, Any], model,
+                       row: RowInputs, scorer: RowScorer) -> None:
+    """Rebuild the checkpoints of zero-shot, ICL and the published-default candidate
+    from a --skip-search row JSON (e.g. committed by an earlier session), so that adding
+    the search column does not run that candidate and its test trace again: the scores
+    and traces come from the JSON, the K/V of its best iteration from running the
+    optimizer that far (no scoring), and the dev results of iterations 1 and best from
+    one dev pass each. The zero-shot scores are the JSON's (rounded to 1e-5)."""
+    import torch
+
+    from vllm_deepthink.producers.deepthink import builder
+
+    published = first_pass["selection"]["dt"]["candidates"][0]
+    candidate = row.grid[0]
+    if published["name"] != candidate.name:
+        return  # another grid: compute it again
+    if checkpoints.load_zero_shot() is None:
+        checkpoints.save_zero_shot(scorer.with_lengths(first_pass["scores"]["zero-shot"]),
+                                   0.0)
+    best = published["best_iteration"]
+    with torch.inference_mode():
+        for iteration, keys, values in builder.deep_thinking_steps(
+                model, row.build.demo_ids, iterations=best, optimizer=candidate.optimizer,
+                position_mode=candidate.position_mode, **candidate.params):
+            if iteration == 1:
+                icl_kv = ([k.clone() for k in keys], [v.clone() for v in values])
+        best_kv = ([k.clone() for k in keys], [v.clone() for v in values])
+        icl_dev = builder.score_dev(model, row.dev, *icl_kv)
+        best_dev = icl_dev if best == 1 else builder.score_dev(model, row.dev, *best_kv)
+    checkpoints.save_icl_once((icl_dev, *icl_kv))
+    run = builder.CandidateRun(candidate, trace=published["trace"], stopped=published["stopped"],
+                               best_iteration=best, best=best_dev, keys=best_kv[0],
+                               values=best_kv[1], seconds=published["seconds"])
+    checkpoints.save_candidate(0, run, first_pass["test_trace"],
+                               first_pass["test_trace_scores"])
+
+
 @dataclass
 class Selected:
     """The dt, dt-search and dt-oracle choices and the test scores of the columns
@@ -552,6 +589,12 @@ def compute_row(spec: RowSpec, ctx: ModelContext, options: RowOptions, out: Path
     checkpoints = RowCheckpoints(work_dir(out, spec))
     row = prepare_row(spec, ctx, options)
     scorer = RowScorer(ctx.model, row.test_plan, options.batch_size)
+    first_pass = row_path(out, spec)
+    if (not options.skip_search and first_pass.is_file()
+            and checkpoints.load_candidate(0, row.grid[0]) is None):
+        data = json.loads(first_pass.read_text())
+        if data.get("search") == "skipped":
+            restore_first_pass(checkpoints, data, ctx.model, row, scorer)
     seconds: dict[str, float] = {}
     zero_shot = zero_shot_scores(checkpoints, scorer, ctx.tokenizer, seconds)
     grid = run_grid(spec, ctx.model, row, options, checkpoints, scorer, deadline, now)
