@@ -12,12 +12,15 @@ from typing import Any
 
 TABLE_COLUMNS = [("zero-shot", "zero-shot"), ("icl", "ICL"), ("icl+cf", "ICL+cf"),
                  ("icl+dev", "ICL+dev"), ("dt", "DT"), ("dt+dev", "DT+dev"),
-                 ("dt-search", "DT search"), ("dt-oracle", "oracle†")]
+                 ("dt-search", "DT search"), ("dt-search+dev", "DT search+dev"),
+                 ("dt-oracle", "oracle†")]
 # (name, better column, baseline column)
 GAINS = [("DT − ICL", "dt", "icl"), ("DT − ICL+cf", "dt", "icl+cf"),
          ("DT − ICL+dev", "dt", "icl+dev"), ("DT search − ICL", "dt-search", "icl"),
          ("DT search − ICL+dev", "dt-search", "icl+dev"),
-         ("DT+dev − ICL+dev", "dt+dev", "icl+dev"), ("ICL+dev − ICL", "icl+dev", "icl"),
+         ("DT+dev − ICL+dev", "dt+dev", "icl+dev"),
+         ("DT search+dev − ICL+dev", "dt-search+dev", "icl+dev"),
+         ("ICL+dev − ICL", "icl+dev", "icl"),
          ("oracle† − ICL (upper bound)", "dt-oracle", "icl")]
 
 
@@ -140,7 +143,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                        < 0.05 and r["paired"]["dt vs icl"]["diff"] < 0)
         readings += [f"**{model}, {kind}** ({len(group)} rows; DT kept T=1 in {kept_t1}; "
                      f"McNemar p < 0.05 for DT vs ICL: {sig_up} up, {sig_down} down):", ""]
-        for label, better, base in GAINS[:6]:
+        for label, better, base in GAINS[:7]:
             line = _reading(label, gain_summary(group, better, base))
             if line:
                 readings.append(line)

@@ -250,6 +250,8 @@ def _paired(a_preds, b_preds, labels) -> dict[str, Any]:
 COMPARISONS = {"dt vs icl": ("icl", "dt"), "dt-search vs icl": ("icl", "dt-search"),
                "dt vs icl+dev": ("icl+dev", "dt"), "dt vs icl+cf": ("icl+cf", "dt"),
                "dt+dev vs icl+dev": ("icl+dev", "dt+dev"),
+               "dt-search vs icl+dev": ("icl+dev", "dt-search"),
+               "dt-search+dev vs icl+dev": ("icl+dev", "dt-search+dev"),
                "icl+dev vs icl": ("icl", "icl+dev")}
 
 
