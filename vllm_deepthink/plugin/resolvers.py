@@ -37,6 +37,16 @@ class AdapterResolver(Protocol):
         """The location (directory or hub id) of adapter `name`, or None."""
 
 
+def _is_plain_name(name: str) -> bool:
+    """A name a resolver may look up: protocol.check_adapter_name's rule (no separator,
+    no '..'), so that it never reaches outside its directory or organisation."""
+    try:
+        check_adapter_name(name)
+    except AdapterNameError:
+        return False
+    return True
+
+
 class DirectoryResolver:
     """NAME -> DIR/NAME when that directory holds an adapter config.
 
@@ -52,9 +62,7 @@ class DirectoryResolver:
         self.root = root.resolve()
 
     def resolve(self, name: str) -> str | None:
-        try:
-            check_adapter_name(name)
-        except AdapterNameError:
+        if not _is_plain_name(name):
             return None
         candidate = self.root / name
         if candidate.parent != self.root or not (candidate / CONFIG_NAME).is_file():
@@ -78,19 +86,15 @@ class HubResolver:
     round trip. Returns the resolved snapshot directory (the revision stays pinned)."""
 
     def __init__(self, org: str, revision: str | None = None, retry_after: float = 300.0):
-        try:
-            check_adapter_name(org)
-        except AdapterNameError:
+        if not _is_plain_name(org):
             raise ValueError(f"HubResolver: {org!r} is not a hub organisation name; expected "
-                             f"a plain name such as 'my-org'") from None
+                             f"a plain name such as 'my-org'")
         self.org, self.revision, self.retry_after = org, revision, retry_after
         self._missing: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def resolve(self, name: str) -> str | None:
-        try:
-            check_adapter_name(name)
-        except AdapterNameError:
+        if not _is_plain_name(name):
             return None
         with self._lock:
             if time.monotonic() < self._missing.get(name, -math.inf):
