@@ -69,7 +69,9 @@ def _reading(label: str, summary) -> str:
     if n < 3:
         return (f"- {label}: mean {100 * mean:+.1f} points over {n} (task, seed) pairs: too "
                 f"few pairs for an interval.")
-    if lo > 0:
+    if lo == hi == mean == 0:
+        verdict = "the same answers in every pair"
+    elif lo > 0:
         verdict = "a gain: the interval is above zero"
     elif hi < 0:
         verdict = "a loss: the interval is below zero"
