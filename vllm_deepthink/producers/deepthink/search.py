@@ -68,10 +68,10 @@ def default_position_mode(config) -> str:
     """The builder's default: "aligned" where the rotary embedding can be undone (RoPE
     models), else "published" (learned positions: the two are the same there). Measured
     (README, "Building"): in published mode the rotation by L positions that `new - old`
-    carries on RoPE models never moved dev selection off T=1 (SmolLM2-135M on SST-2, MR,
-    TREC; Gemma 3 270M on SST-2; every published candidate of the search collapsed or
-    stayed at T=1), while aligned runs gained on Gemma 3 SST-2 (all 7 candidates, dev +2.0
-    to +4.3 points) and stayed neutral on SmolLM2 SST-2."""
+    carries on RoPE models never moved dev selection off T=1 (SmolLM2-135M and Gemma 3
+    270M, 7 task rows; every published candidate of three searches collapsed or stayed
+    at T=1), while aligned runs gained on Gemma 3 SST-2 (all 7 candidates, dev +2.0 to
+    +4.3 points) and the default strength stayed at T=1 on SmolLM2 SST-2 and MR."""
     return "aligned" if "aligned" in position_modes(config) else "published"
 
 
