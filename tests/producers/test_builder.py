@@ -451,7 +451,7 @@ def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
     assert "guard 0 SE" in err
     cfg = DeepThinkAdapter.from_pretrained(out).config
     assert cfg.task["shots_per_class"] == 1 and cfg.task["seed"] == 3
-    assert cfg.position_mode == "aligned"  # the default for a RoPE model
+    assert cfg.position_mode == "published"  # the default, also for a RoPE model
     assert len(cfg.task["demo_indices"]) == 2 and cfg.task["dev_size"] == 8
     accs = [e["dev_acc"] for e in cfg.selection_trace]
     assert len(accs) == 3 and all(a is not None for a in accs)

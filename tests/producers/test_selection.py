@@ -144,9 +144,6 @@ def test_grid_is_the_documented_one(llama):
     from transformers import GPT2Config
 
     assert search.position_modes(GPT2Config()) == ("published",)
-    # the builder's default: content-only updates where RoPE can be undone
-    assert search.default_position_mode(GPT2Config()) == "published"
-    assert search.default_position_mode(model.config) == "aligned"
 
 
 def test_search_bookkeeping(monkeypatch, llama):

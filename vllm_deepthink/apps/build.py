@@ -47,7 +47,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--position-mode", choices=("published", "aligned"), default=None,
                         help="aligned: rotate the new keys back by L positions so the update "
                              "sees content only (RoPE models); published: the published code "
-                             "exactly. Default: aligned for RoPE models, else published")
+                             "exactly (the default; the two are the same for learned positions)")
     parser.add_argument("--search", action="store_true",
                         help="select the update strength on dev too: momentum step {0.01, "
                              "0.03} x beta {0.9, 0}, ema eta {0.05, 0.1, 0.2}, each in "
@@ -97,7 +97,7 @@ def candidates_from_args(args, config) -> list:
             _fail(f"--search selects the optimizer on dev; drop {', '.join(explicit)}")
         return search.search_grid(search.position_modes(config))
     optimizer = args.optimizer or "momentum"
-    mode = args.position_mode or search.default_position_mode(config)
+    mode = args.position_mode or search.PUBLISHED.position_mode
     if optimizer == "momentum":
         if args.eta is not None:
             _fail("--eta belongs to --optimizer ema; with momentum use --step-size / --beta")
