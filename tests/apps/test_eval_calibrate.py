@@ -93,3 +93,15 @@ def test_calibrating_a_multiple_choice_task_is_refused(built, tmp_path):
     with pytest.raises(SystemExit, match="fixed label set"):
         cli.main(["eval", "--model", str(model_dir), "--task-dir", str(task), "--engine", "hf",
                   "--calibrate", "content-free", "--no-progress"])
+
+
+def test_dev_prior_refuses_the_evaluated_split(built):
+    """Without an adapter's dev record, eval --calibrate dev-prior draws from --dev-split,
+    which may not be the split being evaluated."""
+    base, model_dir, task, _ = built
+    with pytest.raises(SystemExit, match="--dev-split test is the split being evaluated"):
+        cli.main(["eval", "--model", str(model_dir), "--task-dir", str(task), "--engine", "hf",
+                  "--calibrate", "dev-prior", "--dev-split", "test", "--no-progress"])
+    with pytest.raises(SystemExit, match="has no 'validation' split"):
+        cli.main(["eval", "--model", str(model_dir), "--task-dir", str(task), "--engine", "hf",
+                  "--calibrate", "dev-prior", "--dev-split", "validation", "--no-progress"])

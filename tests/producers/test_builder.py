@@ -461,3 +461,34 @@ def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
     assert cfg.selected_iteration == 1 + accs.index(max(accs))
     assert cfg.build_args["select_on"] == "dev"
     assert cfg.selection["select_on"] == "dev" and cfg.selection["guard"]["k"] == 0
+
+
+def test_cli_build_selects_on_a_held_out_split(tmp_path, capsys):
+    """--dev-split validation: the dev rows come from validation.jsonl, the record says
+    so (eval --calibrate dev-prior rebuilds the same rows), and the evaluation split is
+    refused before any model is loaded."""
+    import shutil
+
+    from vllm_deepthink.apps import cli
+    from vllm_deepthink.tasks import dev_split_of, load_task
+
+    task_dir = tmp_path / "sst2"
+    shutil.copytree(REPO / "examples" / "data" / "sst2", task_dir)
+    validation = [{"text": f"a held-out sentence number {i}", "label": i % 2} for i in range(10)]
+    (task_dir / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation))
+    model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
+    out = tmp_path / "adapter"
+    assert cli.main(["build", "--model", str(model_dir), "--task-dir", str(task_dir),
+                     "--shots-per-class", "1", "--iterations", "2", "--dev-size", "6",
+                     "--dev-split", "validation", "--guard-k", "0", "--out", str(out)]) == 0
+    record = DeepThinkAdapter.from_pretrained(out).config.task
+    assert record["dev_split"] == "validation" and record["dev_size"] == 6
+    rows = dev_split_of(load_task(task_dir), record)
+    assert len(rows) == 6 and all(row in validation for row in rows)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="'test' is its evaluation split"):
+        cli.main(["build", "--model", str(model_dir), "--task-dir", str(task_dir),
+                  "--dev-split", "test", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--dev-split validation applies to --select-on dev"):
+        cli.main(["build", "--model", str(model_dir), "--task-dir", str(task_dir),
+                  "--dev-split", "validation", "--select-on", "none", "--out", str(tmp_path / "c")])

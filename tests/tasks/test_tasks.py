@@ -304,3 +304,31 @@ def test_dev_split_of_a_build_record(tmp_path):
                                                    stratify=True)
     with pytest.raises(TaskError, match="lacks"):
         dev_split_of(task, {"seed": 0})
+
+
+def test_dev_split_from_a_held_out_split(tmp_path):
+    """--dev-split validation: dev rows come from validation.jsonl (the demos' train
+    indices do not apply there); the evaluation split is refused, a missing one named."""
+    from vllm_deepthink.tasks import dev_split_of
+
+    d = make_task_dir(tmp_path, CLS_SPEC)
+    validation = [{"text": f"held out {i}", "label": i % 2} for i in range(12)]
+    write_jsonl(d / "validation.jsonl", validation)
+    task = load_task(d)
+    assert task.eval_split == "test"
+    demos = sample_demos(task, 2, seed=0)
+    dev = dev_split(task, 8, seed=1, exclude=set(demos.indices), split="validation")
+    assert len(dev) == 8 and all(row in validation for row in dev)
+    # all 12 rows are available: the demos' train indices are not excluded from it
+    assert len(dev_split(task, 100, seed=1, exclude=set(range(12)), split="validation")) == 12
+    record = {"dev_size": 8, "seed": 1, "demo_indices": demos.indices,
+              "dev_split": "validation"}
+    assert dev_split_of(task, record) == dev
+    with pytest.raises(TaskError, match="'test' is its evaluation split.*'train' or "
+                                        "'validation'"):
+        dev_split(task, 8, seed=1, exclude=set(), split="test")
+    with pytest.raises(TaskError, match="evaluation split"):
+        dev_split_of(task, {**record, "dev_split": "test"})
+    bare = load_task(make_task_dir(tmp_path, CLS_SPEC, name="bare"))
+    with pytest.raises(TaskError, match="has no 'validation' split.*from 'train'"):
+        dev_split(bare, 8, seed=1, exclude=set(), split="validation")

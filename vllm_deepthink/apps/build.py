@@ -56,8 +56,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="dev: keep the iteration chosen on a dev split (default with "
                              "--task-dir); none: keep the last (default with --demos-text)")
     parser.add_argument("--dev-size", type=int, default=DEFAULT_DEV_SIZE,
-                        help="dev rows drawn at random from train.jsonl, disjoint from the "
-                             f"demos (default {DEFAULT_DEV_SIZE})")
+                        help="dev rows drawn at random from the --dev-split (train: disjoint "
+                             f"from the demos) (default {DEFAULT_DEV_SIZE})")
+    parser.add_argument("--dev-split", choices=("train", "validation", "test"), default="train",
+                        help="where the dev rows come from: train (default; disjoint from the "
+                             "demos) or a held-out split of the task that is not its "
+                             "evaluation split, e.g. validation when the task evaluates on "
+                             "test (use it when train rows differ in kind from the test rows)")
     parser.add_argument("--stratify-dev", action="store_true",
                         help="draw the dev split with an equal count per label")
     parser.add_argument("--min-iterations", type=int, default=defaults.min_iterations,
@@ -168,6 +173,9 @@ def _check_args(args) -> str:
               "compared on dev")
     if args.dev_size < 1:
         _fail(f"--dev-size must be >= 1, found {args.dev_size}")
+    if args.dev_split != "train" and select_on != "dev":
+        _fail(f"--dev-split {args.dev_split} applies to --select-on dev, which this build "
+              f"does not use")
     if args.patience is not None and args.patience < 0:
         _fail(f"--patience must be >= 0, found {args.patience}")
     return select_on
@@ -235,7 +243,8 @@ def demonstrations_from_args(args, tokenizer, config, select_on: str) -> Demonst
         inputs = task_build_inputs(task, tokenizer, config,
                                    shots_per_class=args.shots_per_class, seed=args.seed,
                                    select_on_dev=select_on == "dev",
-                                   dev_size=args.dev_size, stratify_dev=args.stratify_dev)
+                                   dev_size=args.dev_size, stratify_dev=args.stratify_dev,
+                                   dev_split=args.dev_split)
     except (tasks.TaskError, builder.BuildError) as exc:
         _fail(str(exc))
     fit = inputs.demos.fit

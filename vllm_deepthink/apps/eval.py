@@ -77,7 +77,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              "label prior on the adapter's dev split; costs 3 queries / one dev "
                              "pass per mode")
     parser.add_argument("--dev-size", type=int, default=300,
-                        help="dev-prior without an adapter's dev record: rows drawn from train")
+                        help="dev-prior without an adapter's dev record: rows drawn from "
+                             "--dev-split")
+    parser.add_argument("--dev-split", choices=("train", "validation", "test"), default="train",
+                        help="dev-prior without an adapter's dev record: the split its rows "
+                             "come from (not the evaluated one; default train)")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="HF engine: (item, choice) sequences per forward")
     add_block_size_arg(parser)
@@ -141,11 +145,16 @@ def main(args: argparse.Namespace) -> int:
     adapter = load_adapter_for(args.model, args.adapter) if args.adapter else None
     calibration_rows = None
     if args.calibrate != "none":
+        recorded = adapter is not None and "dev_size" in (adapter.config.task or {})
+        if args.calibrate == "dev-prior" and not recorded and args.dev_split == split:
+            raise SystemExit(f"vllm-deepthink eval: error: --dev-split {args.dev_split} is the "
+                             f"split being evaluated; estimate the dev prior on another split "
+                             f"(train by default)")
         try:
             calibration_rows = calibration_items(task, tokenizer, args.calibrate, adapter,
-                                                 args.dev_size, args.seed)
-        except EvalError as exc:
-            raise SystemExit(str(exc)) from None
+                                                 args.dev_size, args.seed, args.dev_split)
+        except (EvalError, TaskError) as exc:
+            raise SystemExit(f"vllm-deepthink eval: error: {exc}") from None
     needed = max_prompt_len(tokenizer, task, rows, adapter, modes,
                             extra_items=calibration_rows[0] if calibration_rows else ())
     dirs = {ADAPTER_NAME: args.adapter} if "deepthink" in modes else {}

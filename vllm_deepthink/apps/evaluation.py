@@ -50,7 +50,7 @@ def mode_prefix(mode: str, tokenizer, adapter) -> dict[str, Any]:
 
 
 def calibration_items(task, tokenizer, method: str, adapter=None, dev_size: int = 300,
-                      seed: int = 0) -> tuple[list, dict[str, Any]]:
+                      seed: int = 0, split: str = "train") -> tuple[list, dict[str, Any]]:
     """The items whose scores estimate a mode's label prior, and what they were."""
     from vllm_deepthink.tasks import CLASSIFICATION, calibration, dev_split, dev_split_of
     from vllm_deepthink.tasks.scoring import items_from_rows
@@ -66,8 +66,8 @@ def calibration_items(task, tokenizer, method: str, adapter=None, dev_size: int 
         rows = dev_split_of(task, record)
         source = "the adapter's dev split"
     else:
-        rows = dev_split(task, dev_size, seed, exclude=set())
-        source = f"{dev_size} train rows drawn with seed {seed}"
+        rows = dev_split(task, dev_size, seed, exclude=set(), split=split)
+        source = f"{dev_size} {split} rows drawn with seed {seed}"
     return items_from_rows(task, rows), {"dev_size": len(rows), "dev_source": source}
 
 

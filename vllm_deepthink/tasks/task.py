@@ -512,19 +512,24 @@ def _fit_demos(task: Task, rows: list[dict], indices: list[int], max_tokens: int
 
 
 def dev_split(task: Task, size: int, seed: int, exclude: set[int], *,
-              stratify: bool = False) -> list[dict]:
-    """Up to `size` train rows not in `exclude` (the demos), drawn at random with
-    `seed` (so the label mix follows train's); with `stratify` (classification), an
-    equal number per label as far as train allows. Shuffled."""
-    return [task.rows("train")[i] for i in dev_indices(task, size, seed, exclude,
-                                                       stratify=stratify)]
+              stratify: bool = False, split: str = "train") -> list[dict]:
+    """Up to `size` rows of `split` (default train) not in `exclude` (the demos' train
+    indices), drawn at random with `seed` (so the label mix follows the split's); with
+    `stratify` (classification), an equal number per label as far as the split allows.
+    Shuffled."""
+    return [task.rows(split)[i] for i in dev_indices(task, size, seed, exclude,
+                                                     stratify=stratify, split=split)]
 
 
 def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
-                stratify: bool = False) -> list[int]:
-    """The train row indices of dev_split, in dev order."""
-    rows = task.rows("train")
-    pool = [i for i in range(len(rows)) if i not in exclude]
+                stratify: bool = False, split: str = "train") -> list[int]:
+    """The row indices (in `split`) of dev_split, in dev order. `exclude` holds train
+    indices, so it applies to the train split only. Selecting on the task's evaluation
+    split is refused: that would be choosing on test."""
+    check_dev_split(task, split)
+    rows = task.rows(split)
+    skip = exclude if split == "train" else set()
+    pool = [i for i in range(len(rows)) if i not in skip]
     if not pool:
         raise TaskError(f"task {task.name!r}: no train rows left for a dev split after "
                         f"excluding the {len(exclude)} demonstrations.")
@@ -546,16 +551,39 @@ def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
     return chosen
 
 
+def check_dev_split(task: Task, split: str) -> None:
+    """Raise TaskError unless `split` can hold a dev split of `task`: train (drawn
+    disjoint from the demos) or a held-out split that is not the evaluation split."""
+    if split == task.eval_split:
+        raise TaskError(
+            f"task {task.name!r}: {split!r} is its evaluation split; selecting on it would "
+            f"choose T on the items the adapter is evaluated on. Use the train split (the "
+            f"default) or another held-out split ({_other_splits(task)}).")
+    if split not in SPLITS:
+        raise TaskError(f"unknown dev split {split!r}; expected one of "
+                        f"{[s for s in SPLITS if s != task.eval_split]}")
+    if not task.has_split(split):
+        raise TaskError(f"task {task.name!r} has no {split!r} split ({split}.jsonl in "
+                        f"{task.directory}, or a dataset split mapped to it); the dev split "
+                        f"can come from {_other_splits(task)}.")
+
+
+def _other_splits(task: Task) -> str:
+    found = [s for s in SPLITS if s != task.eval_split and task.has_split(s)]
+    return " or ".join(repr(s) for s in found) or "no other split"
+
+
 def dev_split_of(task: Task, record: dict[str, Any]) -> list[dict]:
     """The dev split a build drew, from its record (DeepThinkConfig.task: dev_size,
-    seed or dev_seed, demo_indices, dev_stratified)."""
+    seed or dev_seed, demo_indices, dev_stratified, dev_split)."""
     missing = [k for k in ("dev_size", "seed", "demo_indices") if k not in record]
     if missing:
         raise TaskError(f"the build record lacks {missing}: the adapter was not selected on "
                         f"a dev split of a task directory")
     return dev_split(task, int(record["dev_size"]), int(record.get("dev_seed", record["seed"])),
                      exclude=set(record["demo_indices"]),
-                     stratify=bool(record.get("dev_stratified", False)))
+                     stratify=bool(record.get("dev_stratified", False)),
+                     split=str(record.get("dev_split", "train")))
 
 
 def eval_rows(task: Task, split: str | None = None, limit: int | None = None,

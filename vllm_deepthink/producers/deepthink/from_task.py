@@ -45,11 +45,12 @@ def resolve_shots(task, shots_per_class: int | None) -> int:
 
 def task_build_inputs(task, tokenizer, model_config, *, shots_per_class: int | None = None,
                       seed: int = 0, select_on_dev: bool = True,
-                      dev_size: int = DEFAULT_DEV_SIZE, stratify_dev: bool = False
-                      ) -> TaskBuildInputs:
+                      dev_size: int = DEFAULT_DEV_SIZE, stratify_dev: bool = False,
+                      dev_split: str = "train") -> TaskBuildInputs:
     """Demonstrations (the paper's shot count unless given; fitted to the model's 2L
-    bound by tasks.sample_demos, never truncated), a random dev split disjoint from
-    them, and the content-free queries of a classification task."""
+    bound by tasks.sample_demos, never truncated), a random dev split (from train,
+    disjoint from them, or from another held-out split), and the content-free queries
+    of a classification task."""
     shots = resolve_shots(task, shots_per_class)
     budget = builder.max_prefix_len(model_config)
     count = (lambda text: len(builder.tokenize_demos(tokenizer, text))) if budget else None
@@ -61,12 +62,11 @@ def task_build_inputs(task, tokenizer, model_config, *, shots_per_class: int | N
         info["demo_fit"] = demos.fit
     dev_rows = dev_items = None
     if select_on_dev:
-        indices = tasks.dev_indices(task, dev_size, seed, exclude=set(demos.indices),
-                                    stratify=stratify_dev)
-        train = task.rows("train")
-        dev_rows = [train[i] for i in indices]
+        dev_rows = tasks.dev_split(task, dev_size, seed, exclude=set(demos.indices),
+                                   stratify=stratify_dev, split=dev_split)
         dev_items = scoring.items_from_rows(task, dev_rows)
-        info.update(dev_size=len(dev_rows), dev_seed=seed, dev_stratified=stratify_dev)
+        info.update(dev_size=len(dev_rows), dev_seed=seed, dev_stratified=stratify_dev,
+                    dev_split=dev_split)
     cf_items = []
     if task.kind == tasks.CLASSIFICATION:
         cf_items = scoring.items_from_rows(task, calibration.content_free_rows(task))
