@@ -50,7 +50,7 @@ def test_eval_calibrate_json_recomputes(built, method):
     cal = result["calibration"]
     assert result["schema_version"] == 2 and cal["method"] == method
     if method == "dev-prior":
-        assert cal["dev_size"] == 10 and cal["dev_source"] == "the adapter's dev split"
+        assert cal["dev_size"] == 10 and cal["dev_source"] == "the adapter's dev split (10 train rows)"
     else:
         assert cal["inputs"][0] == "Review: N/A\nSentiment:"
     for mode in ("zero-shot", "icl", "deepthink"):
@@ -99,9 +99,35 @@ def test_dev_prior_refuses_the_evaluated_split(built):
     """Without an adapter's dev record, eval --calibrate dev-prior draws from --dev-split,
     which may not be the split being evaluated."""
     base, model_dir, task, _ = built
-    with pytest.raises(SystemExit, match="--dev-split test is the split being evaluated"):
+    with pytest.raises(SystemExit, match="'test' is the split being evaluated.*from 'train'"):
         cli.main(["eval", "--model", str(model_dir), "--task-dir", str(task), "--engine", "hf",
                   "--calibrate", "dev-prior", "--dev-split", "test", "--no-progress"])
     with pytest.raises(SystemExit, match="has no 'validation' split"):
         cli.main(["eval", "--model", str(model_dir), "--task-dir", str(task), "--engine", "hf",
                   "--calibrate", "dev-prior", "--dev-split", "validation", "--no-progress"])
+
+
+def test_dev_prior_of_an_adapter_selected_on_the_evaluated_split_is_refused(tmp_path):
+    """An adapter built with --dev-split validation chose T on validation: its dev prior
+    is not estimated for an eval of that same split."""
+    from types import SimpleNamespace
+
+    from vllm_deepthink.apps.evaluation import EvalError, calibration_items
+    from vllm_deepthink.tasks import load_task
+
+    d = tmp_path / "sent"
+    d.mkdir()
+    (d / "task.json").write_text(json.dumps({
+        "kind": "classification", "template": "Review: {text}\nSentiment: {label}",
+        "label_words": ["negative", "positive"]}))
+    for split, n in (("train", 20), ("validation", 12), ("test", 6)):
+        (d / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": f"{split} {i}", "label": i % 2}) + "\n" for i in range(n)))
+    task = load_task(d)
+    record = {"dev_size": 5, "seed": 0, "demo_indices": [0, 1], "dev_split": "validation"}
+    adapter = SimpleNamespace(config=SimpleNamespace(task=record))
+    items, info = calibration_items(task, None, "dev-prior", adapter, evaluated="test")
+    assert info == {"dev_size": 5, "dev_source": "the adapter's dev split (5 validation rows)"}
+    assert all(item.query.startswith("Review: validation") for item in items)
+    with pytest.raises(EvalError, match="drawn from 'validation', the split being evaluated"):
+        calibration_items(task, None, "dev-prior", adapter, evaluated="validation")

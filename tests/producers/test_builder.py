@@ -485,8 +485,16 @@ def test_cli_build_selects_on_a_held_out_split(tmp_path, capsys):
     assert record["dev_split"] == "validation" and record["dev_size"] == 6
     rows = dev_split_of(load_task(task_dir), record)
     assert len(rows) == 6 and all(row in validation for row in rows)
+    # the rows the builder scores are the ones the record rebuilds
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
+    inputs = task_build_inputs(load_task(task_dir), AutoTokenizer.from_pretrained(model_dir),
+                               AutoConfig.from_pretrained(model_dir), shots_per_class=1,
+                               seed=0, dev_size=6, dev_split="validation")
+    assert inputs.dev_rows == rows and inputs.info["dev_split"] == "validation"
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="'test' is its evaluation split"):
+    with pytest.raises(SystemExit, match="'test' is the split being evaluated"):
         cli.main(["build", "--model", str(model_dir), "--task-dir", str(task_dir),
                   "--dev-split", "test", "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="--dev-split validation applies to --select-on dev"):

@@ -83,3 +83,22 @@ def test_hub_specs_parse_to_load_dataset_arguments():
     assert DatasetSpec.parse("SetFit/sst5") == DatasetSpec("SetFit/sst5", None)
     with pytest.raises(TaskError, match="expected NAME\\[:CONFIG\\]"):
         DatasetSpec.parse(":x")
+
+
+def test_a_dataset_split_mapped_to_test_is_not_also_validation(tmp_path):
+    """{"test": "validation"} (examples/tasks/sst2): the dataset's validation rows are the
+    test split only, so `build --dev-split validation` cannot select on them."""
+    from vllm_deepthink.tasks import dev_split
+
+    data = tmp_path / "reviews"
+    data.mkdir()
+    for split, rows in (("train", REVIEWS), ("validation", REVIEWS[:4])):
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"sentence": t, "label": n % 2}) + "\n" for n, t in enumerate(rows)))
+    config = write_task(tmp_path / "task.json", text_column="sentence",
+                        label_words=["negative", "positive"], splits={"test": "validation"},
+                        eval_split="test")
+    task = load_dataset_task(str(data), config)
+    assert len(task.rows("test")) == 4 and not task.has_split("validation")
+    with pytest.raises(TaskError, match="has no 'validation' split.*from 'train'"):
+        dev_split(task, 2, seed=0, exclude=set(), split="validation")

@@ -324,11 +324,32 @@ def test_dev_split_from_a_held_out_split(tmp_path):
     record = {"dev_size": 8, "seed": 1, "demo_indices": demos.indices,
               "dev_split": "validation"}
     assert dev_split_of(task, record) == dev
-    with pytest.raises(TaskError, match="'test' is its evaluation split.*'train' or "
+    with pytest.raises(TaskError, match="'test' is the split being evaluated.*'train' or "
                                         "'validation'"):
         dev_split(task, 8, seed=1, exclude=set(), split="test")
-    with pytest.raises(TaskError, match="evaluation split"):
+    with pytest.raises(TaskError, match="split being evaluated"):
         dev_split_of(task, {**record, "dev_split": "test"})
+    # evaluating validation instead: test may hold the dev split, validation may not
+    assert len(dev_split(task, 3, seed=1, exclude=set(), split="test",
+                         evaluated="validation")) == 3
+    with pytest.raises(TaskError, match="'validation' is the split being evaluated"):
+        dev_split(task, 3, seed=1, exclude=set(), split="validation", evaluated="validation")
     bare = load_task(make_task_dir(tmp_path, CLS_SPEC, name="bare"))
     with pytest.raises(TaskError, match="has no 'validation' split.*from 'train'"):
         dev_split(bare, 8, seed=1, exclude=set(), split="validation")
+
+
+def test_dev_split_leaves_out_rows_of_the_evaluated_split(tmp_path):
+    """A held-out split sharing rows with the evaluated one: those rows are never drawn;
+    the same data under two names is refused."""
+    train = [{"text": f"text {i}", "label": i % 2} for i in range(20)]
+    test = [{"text": f"test {i}", "label": i % 2} for i in range(6)]
+    d = make_task_dir(tmp_path, CLS_SPEC, train=train, test=test)
+    write_jsonl(d / "validation.jsonl", test[:4] + [{"text": "other", "label": 1}])
+    task = load_task(d)
+    assert dev_split(task, 10, seed=0, exclude=set(), split="validation") == [
+        {"text": "other", "label": 1}]
+    write_jsonl(d / "validation.jsonl", test)
+    with pytest.raises(TaskError, match="no validation rows that are not also in the "
+                                        "evaluated split 'test'.*same data"):
+        dev_split(load_task(d), 10, seed=0, exclude=set(), split="validation")

@@ -145,14 +145,10 @@ def main(args: argparse.Namespace) -> int:
     adapter = load_adapter_for(args.model, args.adapter) if args.adapter else None
     calibration_rows = None
     if args.calibrate != "none":
-        recorded = adapter is not None and "dev_size" in (adapter.config.task or {})
-        if args.calibrate == "dev-prior" and not recorded and args.dev_split == split:
-            raise SystemExit(f"vllm-deepthink eval: error: --dev-split {args.dev_split} is the "
-                             f"split being evaluated; estimate the dev prior on another split "
-                             f"(train by default)")
         try:
             calibration_rows = calibration_items(task, tokenizer, args.calibrate, adapter,
-                                                 args.dev_size, args.seed, args.dev_split)
+                                                 args.dev_size, args.seed, args.dev_split,
+                                                 evaluated=split)
         except (EvalError, TaskError) as exc:
             raise SystemExit(f"vllm-deepthink eval: error: {exc}") from None
     needed = max_prompt_len(tokenizer, task, rows, adapter, modes,

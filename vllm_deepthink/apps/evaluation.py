@@ -50,8 +50,11 @@ def mode_prefix(mode: str, tokenizer, adapter) -> dict[str, Any]:
 
 
 def calibration_items(task, tokenizer, method: str, adapter=None, dev_size: int = 300,
-                      seed: int = 0, split: str = "train") -> tuple[list, dict[str, Any]]:
-    """The items whose scores estimate a mode's label prior, and what they were."""
+                      seed: int = 0, split: str = "train", *, evaluated: str | None = None
+                      ) -> tuple[list, dict[str, Any]]:
+    """The items whose scores estimate a mode's label prior, and what they were. dev-prior:
+    the adapter's dev split (rebuilt from its record) or `dev_size` rows of `split`; never
+    rows of `evaluated`, the split being evaluated (default the task's)."""
     from vllm_deepthink.tasks import CLASSIFICATION, calibration, dev_split, dev_split_of
     from vllm_deepthink.tasks.scoring import items_from_rows
 
@@ -61,13 +64,20 @@ def calibration_items(task, tokenizer, method: str, adapter=None, dev_size: int 
     if method == "content-free":
         items = items_from_rows(task, calibration.content_free_rows(task))
         return items, {"inputs": [i.query for i in items]}
+    evaluated = evaluated or task.eval_split
     record = adapter.config.task if adapter is not None else None
     if record and "dev_size" in record:
+        recorded = str(record.get("dev_split", "train"))
+        if recorded == evaluated:
+            raise EvalError(
+                f"--calibrate dev-prior: the adapter's dev split (which also chose its T) was "
+                f"drawn from {recorded!r}, the split being evaluated; evaluate on another "
+                f"split (--split), or build the adapter with another --dev-split")
         rows = dev_split_of(task, record)
-        source = "the adapter's dev split"
+        source = f"the adapter's dev split ({len(rows)} {recorded} rows)"
     else:
-        rows = dev_split(task, dev_size, seed, exclude=set(), split=split)
-        source = f"{dev_size} {split} rows drawn with seed {seed}"
+        rows = dev_split(task, dev_size, seed, exclude=set(), split=split, evaluated=evaluated)
+        source = f"{len(rows)} {split} rows drawn with seed {seed}"
     return items_from_rows(task, rows), {"dev_size": len(rows), "dev_source": source}
 
 

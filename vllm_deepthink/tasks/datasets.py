@@ -153,8 +153,13 @@ def _load_splits(spec: DatasetSpec, config: dict, revision: str | None) -> dict[
     except ImportError:
         raise TaskError("rows from a dataset (--dataset, or a task.json naming one) need the "
                         "`datasets` library: pip install 'vllm-deepthink[datasets]'") from None
-    mapping = {"train": "train", "validation": "validation", "test": "test"}
-    mapping.update(config.get("splits") or {})
+    explicit = config.get("splits") or {}
+    # A dataset split feeds at most one held-out split of ours: with {"test": "validation"},
+    # the dataset's validation rows are our test split only, never also our validation
+    # split (from which `build --dev-split validation` would then select on test).
+    mapping = {ours: ours for ours in ("validation", "test")
+               if ours not in explicit.values() or ours in explicit}
+    mapping = {"train": "train", **mapping, **explicit}
     try:
         loaded = datasets.load_dataset(spec.path, spec.name, data_files=spec.data_files,
                                        revision=revision)

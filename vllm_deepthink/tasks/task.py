@@ -512,27 +512,39 @@ def _fit_demos(task: Task, rows: list[dict], indices: list[int], max_tokens: int
 
 
 def dev_split(task: Task, size: int, seed: int, exclude: set[int], *,
-              stratify: bool = False, split: str = "train") -> list[dict]:
+              stratify: bool = False, split: str = "train",
+              evaluated: str | None = None) -> list[dict]:
     """Up to `size` rows of `split` (default train) not in `exclude` (the demos' train
     indices), drawn at random with `seed` (so the label mix follows the split's); with
     `stratify` (classification), an equal number per label as far as the split allows.
-    Shuffled."""
+    Shuffled. `evaluated`: the split being evaluated (default the task's evaluation
+    split), which the dev split may not be."""
     return [task.rows(split)[i] for i in dev_indices(task, size, seed, exclude,
-                                                     stratify=stratify, split=split)]
+                                                     stratify=stratify, split=split,
+                                                     evaluated=evaluated)]
 
 
 def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
-                stratify: bool = False, split: str = "train") -> list[int]:
+                stratify: bool = False, split: str = "train",
+                evaluated: str | None = None) -> list[int]:
     """The row indices (in `split`) of dev_split, in dev order. `exclude` holds train
-    indices, so it applies to the train split only. Selecting on the task's evaluation
-    split is refused: that would be choosing on test."""
-    check_dev_split(task, split)
+    indices, so it applies to the train split only. The evaluated split is refused, and a
+    held-out split's rows that also occur in it are left out of the draw (the train split
+    keeps its historical draw: its overlap with test is the dataset's own)."""
+    evaluated = evaluated or task.eval_split
+    check_dev_split(task, split, evaluated)
     rows = task.rows(split)
-    skip = exclude if split == "train" else set()
+    if split == "train":
+        skip = exclude
+    else:
+        seen = {_row_key(row) for row in task.rows(evaluated)}
+        skip = {i for i, row in enumerate(rows) if _row_key(row) in seen}
     pool = [i for i in range(len(rows)) if i not in skip]
     if not pool:
-        raise TaskError(f"task {task.name!r}: no train rows left for a dev split after "
-                        f"excluding the {len(exclude)} demonstrations.")
+        why = (f"after excluding the {len(exclude)} demonstrations" if split == "train" else
+               f"that are not also in the evaluated split {evaluated!r} (does the task map "
+               f"both to the same data?)")
+        raise TaskError(f"task {task.name!r}: no {split} rows {why} are left for a dev split.")
     if size < 1:
         raise TaskError(f"the dev split needs size >= 1, found {size}")
     rng = random.Random(seed)
@@ -551,26 +563,32 @@ def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
     return chosen
 
 
-def check_dev_split(task: Task, split: str) -> None:
+def check_dev_split(task: Task, split: str, evaluated: str | None = None) -> None:
     """Raise TaskError unless `split` can hold a dev split of `task`: train (drawn
-    disjoint from the demos) or a held-out split that is not the evaluation split."""
-    if split == task.eval_split:
-        raise TaskError(
-            f"task {task.name!r}: {split!r} is its evaluation split; selecting on it would "
-            f"choose T on the items the adapter is evaluated on. Use the train split (the "
-            f"default) or another held-out split ({_other_splits(task)}).")
+    disjoint from the demos) or a held-out split other than `evaluated` (default: the
+    task's evaluation split)."""
+    evaluated = evaluated or task.eval_split
     if split not in SPLITS:
         raise TaskError(f"unknown dev split {split!r}; expected one of "
-                        f"{[s for s in SPLITS if s != task.eval_split]}")
+                        f"{[s for s in SPLITS if s != evaluated]}")
+    if split == evaluated:
+        raise TaskError(
+            f"task {task.name!r}: {split!r} is the split being evaluated; a dev split drawn "
+            f"from it would choose on the evaluated items. Draw it from "
+            f"{_other_splits(task, evaluated)}.")
     if not task.has_split(split):
         raise TaskError(f"task {task.name!r} has no {split!r} split ({split}.jsonl in "
                         f"{task.directory}, or a dataset split mapped to it); the dev split "
-                        f"can come from {_other_splits(task)}.")
+                        f"can come from {_other_splits(task, evaluated)}.")
 
 
-def _other_splits(task: Task) -> str:
-    found = [s for s in SPLITS if s != task.eval_split and task.has_split(s)]
+def _other_splits(task: Task, evaluated: str) -> str:
+    found = [s for s in SPLITS if s != evaluated and task.has_split(s)]
     return " or ".join(repr(s) for s in found) or "no other split"
+
+
+def _row_key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
 
 
 def dev_split_of(task: Task, record: dict[str, Any]) -> list[dict]:
