@@ -349,6 +349,13 @@ def test_dev_split_leaves_out_rows_of_the_evaluated_split(tmp_path):
     task = load_task(d)
     assert dev_split(task, 10, seed=0, exclude=set(), split="validation") == [
         {"text": "other", "label": 1}]
+    # the same item is the same item when a copy carries bookkeeping fields (an id, a
+    # source) or spacing the prompt strips: what is compared is what the model sees
+    copies = [{**row, "id": f"val-{i}"} for i, row in enumerate(test[:3])]
+    copies.append({"text": f" {test[3]['text']}  ", "label": test[3]["label"]})
+    write_jsonl(d / "validation.jsonl", copies + [{"text": "other", "label": 1, "id": "x"}])
+    assert dev_split(load_task(d), 10, seed=0, exclude=set(), split="validation") == [
+        {"text": "other", "label": 1, "id": "x"}]
     write_jsonl(d / "validation.jsonl", test)
     with pytest.raises(TaskError, match="no validation rows that are not also in the "
                                         "evaluated split 'test'.*same data"):

@@ -537,8 +537,8 @@ def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
     if split == "train":
         skip = exclude
     else:
-        seen = {_row_key(row) for row in task.rows(evaluated)}
-        skip = {i for i, row in enumerate(rows) if _row_key(row) in seen}
+        seen = {_row_key(task, row) for row in task.rows(evaluated)}
+        skip = {i for i, row in enumerate(rows) if _row_key(task, row) in seen}
     pool = [i for i in range(len(rows)) if i not in skip]
     if not pool:
         why = (f"after excluding the {len(exclude)} demonstrations" if split == "train" else
@@ -587,8 +587,10 @@ def _other_splits(task: Task, evaluated: str) -> str:
     return " or ".join(repr(s) for s in found) or "no other split"
 
 
-def _row_key(row: dict) -> str:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+def _row_key(task: Task, row: dict) -> tuple[str, tuple[str, ...]]:
+    """What a row puts before the model: its query and its choices (not bookkeeping
+    fields such as an id, which differ between copies of the same item)."""
+    return task.format_query(row), tuple(task.choices(row))
 
 
 def dev_split_of(task: Task, record: dict[str, Any]) -> list[dict]:
