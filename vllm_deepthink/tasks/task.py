@@ -532,7 +532,7 @@ def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
     held-out split's rows that also occur in it are left out of the draw (the train split
     keeps its historical draw: its overlap with test is the dataset's own)."""
     evaluated = evaluated or task.eval_split
-    check_dev_split(task, split, evaluated)
+    _check_dev_split(task, split, evaluated)
     rows = task.rows(split)
     if split == "train":
         skip = exclude
@@ -563,20 +563,15 @@ def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
     return chosen
 
 
-def check_dev_split(task: Task, split: str, evaluated: str | None = None) -> None:
-    """Raise TaskError unless `split` can hold a dev split of `task`: train (drawn
-    disjoint from the demos) or a held-out split other than `evaluated` (default: the
-    task's evaluation split)."""
-    evaluated = evaluated or task.eval_split
-    if split not in SPLITS:
-        raise TaskError(f"unknown dev split {split!r}; expected one of "
-                        f"{[s for s in SPLITS if s != evaluated]}")
+def _check_dev_split(task: Task, split: str, evaluated: str) -> None:
+    """Raise TaskError unless `split` can hold a dev split of `task` evaluated on
+    `evaluated`: train (drawn disjoint from the demos) or another held-out split."""
     if split == evaluated:
         raise TaskError(
             f"task {task.name!r}: {split!r} is the split being evaluated; a dev split drawn "
             f"from it would choose on the evaluated items. Draw it from "
             f"{_other_splits(task, evaluated)}.")
-    if not task.has_split(split):
+    if not task.has_split(split):  # an unknown split name raises in split_path
         raise TaskError(f"task {task.name!r} has no {split!r} split ({split}.jsonl in "
                         f"{task.directory}, or a dataset split mapped to it); the dev split "
                         f"can come from {_other_splits(task, evaluated)}.")
