@@ -157,8 +157,7 @@ def _load_splits(spec: DatasetSpec, config: dict, revision: str | None) -> dict[
     # A dataset split feeds at most one held-out split of ours: with {"test": "validation"},
     # the dataset's validation rows are our test split only, never also our validation
     # split (from which `build --dev-split validation` would then select on test).
-    mapping = {ours: ours for ours in ("validation", "test")
-               if ours not in explicit.values() or ours in explicit}
+    mapping = {ours: ours for ours in ("validation", "test") if ours not in explicit.values()}
     mapping = {"train": "train", **mapping, **explicit}
     try:
         loaded = datasets.load_dataset(spec.path, spec.name, data_files=spec.data_files,
