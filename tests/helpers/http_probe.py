@@ -114,10 +114,49 @@ _IDS = re.compile(r'"(id|created|created_at|request_id|system_fingerprint)"\s*:\
                   r'("[^"]*"|[0-9.]+|null)')
 
 
+# Fields a stream spreads over its chunks; everything else keeps its last non-null value.
+_STREAMED = {"text", "content", "reasoning_content", "token_ids", "tokens", "token_logprobs",
+             "top_logprobs", "text_offset"}
+
+
+def _merge(old: Any, new: Any, key: str | None = None) -> Any:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _merge(old.get(k), v, k) for k, v in new.items()}}
+    if key in _STREAMED and isinstance(old, (str, list)) and type(old) is type(new):
+        return old + new
+    return old if new is None else new
+
+
+def merged_stream(events: list[Any]) -> list[Any]:
+    """A stream's events with its chunks merged per choice index. vLLM puts the tokens a
+    slow reader has not yet taken into one chunk, so where a stream splits depends on
+    timing, not on the server; what it says does not. Events without choices (errors, a
+    usage chunk) stay where they are."""
+    merged: dict | None = None
+    choices: dict[int, dict] = {}
+    out: list[Any] = []
+    for event in events:
+        if not (isinstance(event, dict) and isinstance(event.get("choices"), list)):
+            out.append(event)
+            continue
+        if merged is None:
+            merged = {}
+            out.append(merged)
+        merged.update(_merge(merged, {k: v for k, v in event.items() if k != "choices"}))
+        for choice in event["choices"]:
+            index = choice.get("index", 0)
+            choices[index] = _merge(choices.get(index, {}), choice)
+    if merged is not None:
+        merged["choices"] = [choices[i] for i in sorted(choices)]
+    return out
+
+
 def normalized(probe: Probe) -> str:
-    """A response as text with ids and timestamps blanked, for byte comparisons."""
+    """A response as text with ids and timestamps blanked, for byte comparisons (a
+    stream's chunks merged, and whether it ended with [DONE])."""
     text = probe.text if not probe.events else "\n".join(
-        json.dumps(e, sort_keys=True) for e in probe.events)
+        [json.dumps(e, sort_keys=True) for e in merged_stream(probe.events)]
+        + (["[DONE]"] if "data: [DONE]" in probe.text else []))
     text = _IDS.sub(lambda m: f'"{m.group(1)}":"*"', text)
     # Request ids also appear inside error messages and stream chunk ids.
     text = re.sub(r"(cmpl|chatcmpl|resp)-[0-9a-f]{8,}(-\d+)?", r"\1-*", text)
