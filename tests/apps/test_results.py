@@ -260,3 +260,58 @@ def _dev_items(setup, tokenizer, model):
     task = tasks.load_task(setup[0] / "data" / "sst2")
     inputs = task_build_inputs(task, tokenizer, model.config, seed=0, dev_size=12)
     return inputs.dev_items, inputs.content_free_items
+
+
+def test_a_candidate_interrupted_mid_run_resumes_after_its_last_scored_iteration(
+        setup, uninterrupted, monkeypatch):
+    """A run longer than a session: the published-default candidate dies in its third dev
+    pass. The next invocation takes iterations 1 and 2 (dev result and test trace) from
+    cand-00.partial.json, scores only what was not scored, and writes the uninterrupted
+    row."""
+    from vllm_deepthink.producers.deepthink import builder
+
+    _, expected = uninterrupted
+    published = expected["selection"]["dt"]["candidates"][0]
+    assert published["iterations_run"] == 3  # so the third dev pass is candidate 0's
+    out = setup[0] / "out-mid-run"
+    real = builder.score_dev
+    calls = []
+
+    class Killed(Exception):
+        pass
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "score_dev", dying)
+    with pytest.raises(Killed):
+        cli.main(argv(setup, out))
+    monkeypatch.undo()
+    work = out / "work" / "smollm2-sst2-s0"
+    partial_path = work / "cand-00.partial.json"
+    partial = json.loads(partial_path.read_text())
+    assert [len(partial[k]) for k in ("dev", "test_trace", "test_trace_scores")] == [2, 2, 2]
+    assert not (work / "cand-00.json").exists()
+    # marks that survive only if the resumed run reuses these iterations
+    partial["dev"][1]["seconds"] = 4321.0
+    partial["test_trace"][1]["test_seconds"] = 1234.0
+    partial_path.write_text(json.dumps(partial))
+
+    dev_passes = []
+    monkeypatch.setattr(builder, "score_dev",
+                        lambda *a, **k: dev_passes.append(1) or real(*a, **k))
+    assert cli.main(argv(setup, out)) == 0
+    row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
+    resumed = row["selection"]["dt"]["candidates"][0]
+    assert resumed["trace"][1]["dev_seconds"] == 4321.0
+    assert row["test_trace"][1]["test_seconds"] == 1234.0
+    # every dev pass of the uninterrupted row (iteration 1 once, then each candidate's
+    # later iterations) except the two reused ones
+    candidates = expected["selection"]["dt-search"]["candidates"]
+    assert len(dev_passes) == 1 + sum(c["iterations_run"] - 1 for c in candidates) - 2
+    for key in ("columns", "scores", "priors", "paired", "selection", "test_trace",
+                "test_trace_scores"):
+        assert strip_seconds(row[key]) == strip_seconds(expected[key]), key

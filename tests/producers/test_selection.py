@@ -160,7 +160,7 @@ def test_search_bookkeeping(monkeypatch, llama):
     ids = builder.tokenize_demos(tokenizer, DEMOS)
     seen = []
     runs, icl = builder.run_candidates(model, ids, grid, dev_set(), policy, progress=False,
-                                       on_iteration=lambda r, t, k, v, e: seen.append(
+                                       on_iteration=lambda r, t, k, v, e, d: seen.append(
                                            (r.candidate.name, t)))
     # iteration 1 is scored once for all candidates
     assert len(fake.calls) == len(script)

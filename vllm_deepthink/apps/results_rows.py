@@ -27,8 +27,14 @@ candidate plus the test trace of the published-default run.
 Checkpoints (`RowCheckpoints`, OUT/work/ROW/): zero-shot.json, icl.json +
 icl.safetensors (iteration 1, shared by every candidate), cand-NN.json +
 cand-NN.safetensors (each finished search candidate: its trace, dev result and best
-K/V), so an interrupted row resumes at its next candidate. Their names and content are
-a contract: a row started by an earlier version resumes with this one.
+K/V), so an interrupted row resumes at its next candidate; cand-NN.partial.json (the
+running candidate's dev result and, for the published-default run, test trace at every
+iteration scored so far), so a candidate interrupted mid-run (a run longer than a
+session: HellaSwag's published-default run with its test trace) resumes after its last
+scored iteration, its K/V recomputed by running the optimizer that far (bit-identical
+with the same --threads; with other thread counts, equal to float rounding). Their
+names and content are a contract: a row started by an earlier version resumes with
+this one.
 
 Measured (README, "Results"): scoring through HF in this process costs about what a
 vLLM engine costs per item on this CPU and needs no saved adapter per iteration for
@@ -195,6 +201,20 @@ class RowCheckpoints:
                            "stopped": run.stopped, "best_iteration": run.best_iteration,
                            "best": run.best.to_dict(), "seconds": run.seconds,
                            "test_trace": test_trace, "test_trace_scores": test_trace_scores})
+        (self.dir / f"cand-{index:02d}.partial.json").unlink(missing_ok=True)
+
+    def load_partial(self, index: int, candidate) -> dict[str, Any]:
+        """The scored iterations of an interrupted run of this candidate: {"dev": dev
+        results, "test_trace", "test_trace_scores", "seconds"} (empty lists if none)."""
+        path = self.dir / f"cand-{index:02d}.partial.json"
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is None or saved["candidate"] != candidate.to_dict():
+            return {"dev": [], "test_trace": [], "test_trace_scores": [], "seconds": 0.0}
+        return saved
+
+    def save_partial(self, index: int, candidate, partial: dict[str, Any]) -> None:
+        write_json_atomic(self.dir / f"cand-{index:02d}.partial.json",
+                          {"candidate": candidate.to_dict(), **partial})
 
 
 # ----------------------------------------------------------------- columns
@@ -372,35 +392,52 @@ class GridRuns:
 
 
 def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
-                  scorer: RowScorer, record_test: bool):
+                  scorer: RowScorer, record_test: bool,
+                  checkpoints: RowCheckpoints | None = None, index: int = 0):
     """One candidate's run; with `record_test`, the test accuracy at every iteration.
+    With `checkpoints`, every scored iteration is checkpointed (cand-NN.partial.json)
+    and a run interrupted earlier resumes after its last scored iteration.
     Returns (run, icl, test trace, test trace scores)."""
     import torch
 
     from vllm_deepthink.producers.deepthink import builder
     from vllm_deepthink.tasks import scoring
 
-    trace_rows: list[dict[str, Any]] = []
-    trace_scores: list[list[list[float]]] = []
+    partial = (checkpoints.load_partial(index, candidate) if checkpoints is not None else
+               {"dev": [], "test_trace": [], "test_trace_scores": [], "seconds": 0.0})
+    scored = [builder.DevResult.from_dict(d) for d in partial["dev"]]
+    if record_test and len(partial["test_trace"]) < len(scored):
+        scored = []  # a partial run without its test trace: score it again
+    trace_rows: list[dict[str, Any]] = list(partial["test_trace"][:len(scored)])
+    trace_scores: list[list[list[float]]] = list(partial["test_trace_scores"][:len(scored)])
+    partial["dev"] = partial["dev"][:len(scored)]
+    before, started = partial["seconds"], time.perf_counter()
 
-    def on_iteration(run, iteration, keys, values, entry):
-        if not record_test:
-            return
-        t = time.perf_counter()
-        scores = scorer.score(keys, values)
-        counts = [0] * max(len(s) for s in scores)
-        for p in scoring.predictions(scores):
-            counts[p] += 1
-        metrics = scoring.accuracy(scores, row.labels)
-        trace_rows.append({"iteration": iteration, "test_acc": metrics["acc"],
-                           "test_acc_norm": metrics["acc_norm"], "test_counts": counts,
-                           "test_seconds": time.perf_counter() - t})
-        trace_scores.append(_rounded(scores))
+    def on_iteration(run, iteration, keys, values, entry, result):
+        if iteration <= len(scored):
+            return  # scored before the interruption
+        if record_test:
+            t = time.perf_counter()
+            scores = scorer.score(keys, values)
+            counts = [0] * max(len(s) for s in scores)
+            for p in scoring.predictions(scores):
+                counts[p] += 1
+            metrics = scoring.accuracy(scores, row.labels)
+            trace_rows.append({"iteration": iteration, "test_acc": metrics["acc"],
+                               "test_acc_norm": metrics["acc_norm"], "test_counts": counts,
+                               "test_seconds": time.perf_counter() - t})
+            trace_scores.append(_rounded(scores))
+        if checkpoints is not None and result is not None:
+            partial["dev"].append(result.to_dict())
+            partial.update(test_trace=trace_rows, test_trace_scores=trace_scores,
+                           seconds=before + time.perf_counter() - started)
+            checkpoints.save_partial(index, candidate, partial)
 
     with torch.inference_mode():
         (run,), icl = builder.run_candidates(model, row.build.demo_ids, [candidate], row.dev,
                                              options.policy, progress=options.progress,
-                                             on_iteration=on_iteration, icl=icl)
+                                             on_iteration=on_iteration, icl=icl, scored=scored)
+    run.seconds += before  # the interrupted invocations' share
     return run, icl, trace_rows, trace_scores
 
 
@@ -419,7 +456,8 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
                                f"({candidate.name}); {index} of {len(row.grid)} are "
                                f"checkpointed")
             run, icl, trace, trace_scores = run_candidate(model, row, options, candidate, icl,
-                                                          scorer, record_test=index == 0)
+                                                          scorer, record_test=index == 0,
+                                                          checkpoints=checkpoints, index=index)
             checkpoints.save_icl_once(icl)
             checkpoints.save_candidate(index, run, trace if index == 0 else None,
                                        trace_scores if index == 0 else None)

@@ -372,16 +372,23 @@ def _check_finite(iteration: int, keys, values) -> None:
 
 def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidate],
                    dev: DevSet | None, policy: SelectionPolicy, *, progress: bool = True,
-                   on_iteration: Callable[[CandidateRun, int, list, list, dict], None] | None = None,
-                   icl: tuple[DevResult | None, list, list] | None = None
+                   on_iteration: Callable[[CandidateRun, int, list, list, dict,
+                                           DevResult | None], None] | None = None,
+                   icl: tuple[DevResult | None, list, list] | None = None,
+                   scored: Sequence[DevResult] = ()
                    ) -> tuple[list[CandidateRun], tuple[DevResult | None, list, list]]:
     """Run every candidate, each stopped by the policy's rules (StopRule) when there is
     a dev split, else run to max_iterations. Returns the runs and iteration 1's (dev
     result, keys, values): plain ICL, computed and scored once for all candidates
     (`icl`: that triple from an earlier call, e.g. when candidates run one at a time).
 
-    on_iteration(run, iteration, keys, values, trace_entry) is called after each
-    iteration is scored (keys/values: per layer [kv_heads, L, head_dim]).
+    `scored`: the dev results of the first iterations of the only candidate, from an
+    interrupted run of it. Those iterations are run again (the K/V, which cost one
+    forward over the demonstrations each) but not scored again, so the run resumes
+    where its dev scoring stopped with the same trace and stopping decisions.
+
+    on_iteration(run, iteration, keys, values, trace_entry, dev_result) is called after
+    each iteration is scored (keys/values: per layer [kv_heads, L, head_dim]).
     """
     from tqdm.auto import tqdm
 
@@ -389,6 +396,8 @@ def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidat
         raise BuildError("no candidates to run")
     if dev is None and len(candidates) > 1:
         raise BuildError("a search over several candidates needs a dev split to select on")
+    if scored and (dev is None or len(candidates) > 1):
+        raise BuildError("resuming from scored iterations needs a dev split and one candidate")
     for c in candidates:
         optimizer_params(c.optimizer, **c.params)  # raises on a bad optimizer
         check_build_supported(model.config, len(demo_ids), c.position_mode)
@@ -409,6 +418,8 @@ def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidat
                     result = None
                 elif iteration == 1 and icl is not None:
                     result = icl[0]  # the same plain forward for every candidate
+                elif iteration <= len(scored):
+                    result = scored[iteration - 1]
                 else:
                     result = score_dev(model, dev, keys, values)
                 if iteration == 1 and icl is None:
@@ -424,7 +435,7 @@ def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidat
                     run.best_iteration, run.best, run.keys, run.values = (iteration, result,
                                                                           keys, values)
                 if on_iteration is not None:
-                    on_iteration(run, iteration, keys, values, entry)
+                    on_iteration(run, iteration, keys, values, entry, result)
                 if result is None:
                     stop = "max_iterations" if iteration >= policy.max_iterations else None
                 else:
@@ -568,7 +579,7 @@ def build_adapter(model, tokenizer, demos_text: str, *, iterations: int = 15,
     dev = (DevSet.from_items(tokenizer, dev_items, content_free_items, score_batch_size)
            if dev_items else None)
 
-    def report(run, iteration, keys, values, entry):
+    def report(run, iteration, keys, values, entry, result):
         if on_iteration is not None:
             on_iteration({**entry, "candidate": run.candidate.name})
 
