@@ -94,8 +94,9 @@ def test_interrupted_row_resumes_and_a_done_row_is_never_recomputed(setup, unint
     out = setup[0] / "out-b"
     clock = iter(range(0, 10_000, 40))  # each reading of the clock is 40 s later
     monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
-    # budget 100 s: start 0, row check 40, candidate 0 at 80, candidate 1 at 120 -> stop
-    assert cli.main(argv(setup, out, "--time-budget", "100s")) == 0
+    # budget 220 s: start 0, row check 40, candidate 0 at 80, its 3 iterations at 120,
+    # 160 and 200, candidate 1 at 240 -> stop
+    assert cli.main(argv(setup, out, "--time-budget", "220s")) == 0
     work = out / "work" / "smollm2-sst2-s0"
     assert not (out / "json" / "smollm2-sst2-s0.json").exists()
     assert sorted(p.name for p in work.iterdir()) == [
@@ -314,4 +315,25 @@ def test_a_candidate_interrupted_mid_run_resumes_after_its_last_scored_iteration
     assert len(dev_passes) == 1 + sum(c["iterations_run"] - 1 for c in candidates) - 2
     for key in ("columns", "scores", "priors", "paired", "selection", "test_trace",
                 "test_trace_scores"):
+        assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
+
+
+def test_a_time_budget_stops_inside_a_candidate_after_a_scored_iteration(
+        setup, uninterrupted, monkeypatch, capsys):
+    out = setup[0] / "out-budget-mid-run"
+    clock = iter(range(0, 10_000, 40))
+    monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
+    # budget 150 s: start 0, row check 40, candidate 0 at 80, iteration 1 at 120,
+    # iteration 2 at 160 -> stop, with iterations 1 and 2 checkpointed
+    assert cli.main(argv(setup, out, "--time-budget", "150s")) == 0
+    printed = capsys.readouterr().err
+    assert "its 2 scored iterations are checkpointed" in printed, printed
+    work = out / "work" / "smollm2-sst2-s0"
+    assert sorted(p.name for p in work.iterdir()) == ["cand-00.partial.json", "zero-shot.json"]
+    assert len(json.loads((work / "cand-00.partial.json").read_text())["dev"]) == 2
+    monkeypatch.undo()
+    assert cli.main(argv(setup, out)) == 0
+    row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
+    _, expected = uninterrupted
+    for key in ("columns", "scores", "selection", "test_trace", "test_trace_scores"):
         assert strip_seconds(row[key]) == strip_seconds(expected[key]), key

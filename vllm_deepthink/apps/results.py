@@ -4,9 +4,10 @@ One row per (model, task, demo seed), computed with HF transformers in this proc
 (the builder's library functions, tasks.scoring.score_plan) and written atomically
 to OUT/json/MODEL-TASK-sSEED.json; a row whose JSON exists is never recomputed.
 Inside a row, every finished search candidate is checkpointed under OUT/work/ROW/
-(its trace, dev result and best K/V), so an interrupted row resumes at the next
-candidate. `--time-budget` / `--max-rows` stop cleanly between candidates; run again
-to continue. OUT/results.md and OUT/curves.png are regenerated from every row JSON
+(its trace, dev result and best K/V), and the running candidate after every scored
+iteration, so an interrupted row resumes where its scoring stopped. `--max-rows` stops
+cleanly between rows, `--time-budget` after the next checkpoint; run again to
+continue. OUT/results.md and OUT/curves.png are regenerated from every row JSON
 at the end of each invocation (`--report-only`: only that).
 
 The rows, their columns and checkpoints: apps/results_rows.py; the report (means over
@@ -116,8 +117,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--guard-k", type=float, default=defaults.guard_k)
     parser.add_argument("--time-budget", default=None,
-                        help="stop cleanly (between search candidates) after this long, e.g. "
-                             "2h; run again to continue")
+                        help="stop cleanly (at the next checkpoint: a finished search "
+                             "candidate or a scored iteration) after this long, e.g. 2h; run "
+                             "again to continue")
     parser.add_argument("--max-rows", type=int, default=None,
                         help="compute at most this many new rows, then stop")
     parser.add_argument("--skip-search", action="store_true",

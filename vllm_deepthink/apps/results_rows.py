@@ -393,10 +393,12 @@ class GridRuns:
 
 def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
                   scorer: RowScorer, record_test: bool,
-                  checkpoints: RowCheckpoints | None = None, index: int = 0):
+                  checkpoints: RowCheckpoints | None = None, index: int = 0,
+                  deadline: float | None = None, now: Callable[[], float] = time.time):
     """One candidate's run; with `record_test`, the test accuracy at every iteration.
-    With `checkpoints`, every scored iteration is checkpointed (cand-NN.partial.json)
-    and a run interrupted earlier resumes after its last scored iteration.
+    With `checkpoints`, every scored iteration is checkpointed (cand-NN.partial.json),
+    a run interrupted earlier resumes after its last scored iteration, and Deadline is
+    raised after a checkpointed iteration once `now()` is past `deadline`.
     Returns (run, icl, test trace, test trace scores)."""
     import torch
 
@@ -432,6 +434,10 @@ def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
             partial.update(test_trace=trace_rows, test_trace_scores=trace_scores,
                            seconds=before + time.perf_counter() - started)
             checkpoints.save_partial(index, candidate, partial)
+            if deadline is not None and now() > deadline:
+                raise Deadline(f"time budget reached after iteration {iteration} of "
+                               f"{candidate.name}; its {iteration} scored iterations are "
+                               f"checkpointed")
 
     with torch.inference_mode():
         (run,), icl = builder.run_candidates(model, row.build.demo_ids, [candidate], row.dev,
@@ -445,7 +451,8 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
              checkpoints: RowCheckpoints, scorer: RowScorer, deadline: float | None,
              now: Callable[[], float]) -> GridRuns:
     """Every candidate of the grid, from its checkpoint or run (then checkpointed);
-    raises Deadline before a candidate once `now()` is past `deadline`."""
+    raises Deadline before a candidate, or after an iteration of one, once `now()` is
+    past `deadline`."""
     icl = checkpoints.load_icl()
     runs, test_trace, test_trace_scores = [], [], []
     for index, candidate in enumerate(row.grid):
@@ -455,9 +462,12 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
                 raise Deadline(f"{spec.key}: time budget reached before candidate {index} "
                                f"({candidate.name}); {index} of {len(row.grid)} are "
                                f"checkpointed")
-            run, icl, trace, trace_scores = run_candidate(model, row, options, candidate, icl,
-                                                          scorer, record_test=index == 0,
-                                                          checkpoints=checkpoints, index=index)
+            try:
+                run, icl, trace, trace_scores = run_candidate(
+                    model, row, options, candidate, icl, scorer, record_test=index == 0,
+                    checkpoints=checkpoints, index=index, deadline=deadline, now=now)
+            except Deadline as exc:
+                raise Deadline(f"{spec.key}: {exc}") from None
             checkpoints.save_icl_once(icl)
             checkpoints.save_candidate(index, run, trace if index == 0 else None,
                                        trace_scores if index == 0 else None)
@@ -624,7 +634,7 @@ def compute_row(spec: RowSpec, ctx: ModelContext, options: RowOptions, out: Path
                 deadline: float | None = None, now: Callable[[], float] = time.time
                 ) -> dict[str, Any]:
     """Compute (or resume from OUT/work/ROW/) one row; raises Deadline between candidates
-    once `now()` is past `deadline`."""
+    or iterations once `now()` is past `deadline`."""
     started = time.perf_counter()
     checkpoints = RowCheckpoints(work_dir(out, spec))
     row = prepare_row(spec, ctx, options)
