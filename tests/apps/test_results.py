@@ -185,6 +185,36 @@ def test_label_balance_table_counts_each_columns_answers(uninterrupted):
     assert cells[5] == f"{100 * icl_share:.0f} {words[icl]}"
 
 
+def test_json_checkpoints_without_their_kv_files_resume_the_same_row(setup, uninterrupted,
+                                                                     monkeypatch):
+    """The JSON checkpoints carried to another machine (committed; the .safetensors
+    files are not): ICL's and candidate 0's K/V are recomputed by running the optimizer,
+    nothing already scored is scored again, and the row equals the uninterrupted one."""
+    from vllm_deepthink.producers.deepthink import builder
+
+    out = setup[0] / "out-json-only"
+    clock = iter(range(0, 10_000, 40))
+    monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
+    assert cli.main(argv(setup, out, "--time-budget", "220s")) == 0  # as above: candidate 0
+    monkeypatch.undo()
+    work = out / "work" / "smollm2-sst2-s0"
+    for path in work.glob("*.safetensors"):
+        path.unlink()
+    calls, replays = [], []
+    real, real_replay = builder.run_candidates, results_rows.replay_kv
+    monkeypatch.setattr(builder, "run_candidates",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(results_rows, "replay_kv",
+                        lambda *a: replays.append(list(a[3])) or real_replay(*a))
+    assert cli.main(argv(setup, out)) == 0
+    _, expected = uninterrupted
+    best = expected["selection"]["dt"]["candidates"][0]["best_iteration"]
+    assert replays == [[1], [best]] and len(calls) == 13
+    row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
+    for key in ("columns", "scores", "priors", "paired", "selection", "test_trace_scores"):
+        assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
+
+
 def test_search_column_of_a_committed_first_pass_row_skips_its_published_run(
         setup, uninterrupted, monkeypatch):
     """A --skip-search row whose checkpoints are gone (a later session with the row JSON

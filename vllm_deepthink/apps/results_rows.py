@@ -34,7 +34,9 @@ session: HellaSwag's published-default run with its test trace) resumes after it
 scored iteration, its K/V recomputed by running the optimizer that far (bit-identical
 with the same --threads; with other thread counts, equal to float rounding). Their
 names and content are a contract: a row started by an earlier version resumes with
-this one.
+this one. The JSON files are the checkpoint; the .safetensors files only save time:
+where one is missing (the JSON files copied or committed to continue a row on another
+machine), its K/V are recomputed the same way (replay_kv).
 
 Measured (README, "Results"): scoring through HF in this process costs about what a
 vLLM engine costs per item on this CPU and needs no saved adapter per iteration for
@@ -120,8 +122,11 @@ def _save_kv(path: Path, keys, values) -> None:
 
 
 def _load_kv(path: Path):
+    """(keys, values) saved by _save_kv, or (None, None) when the file is missing."""
     from safetensors.torch import load_file
 
+    if not path.is_file():
+        return None, None
     tensors = load_file(str(path))
     n = len(tensors) // 2
     return [tensors[f"k.{i}"] for i in range(n)], [tensors[f"v.{i}"] for i in range(n)]
@@ -165,7 +170,8 @@ class RowCheckpoints:
                           {"scores": [[s for s, _ in i] for i in scores], "seconds": seconds})
 
     def load_icl(self):
-        """Iteration 1 as builder.run_candidates takes it back: (dev result, K, V)."""
+        """Iteration 1 as builder.run_candidates takes it back: (dev result, K, V); K and
+        V are None when icl.safetensors is missing (run_grid recomputes them)."""
         from vllm_deepthink.producers.deepthink import builder
 
         if not (self.dir / "icl.json").is_file():
@@ -180,7 +186,9 @@ class RowCheckpoints:
             write_json_atomic(self.dir / "icl.json", {"dev": icl[0].to_dict()})
 
     def load_candidate(self, index: int, candidate):
-        """(the finished run, its test trace and trace scores) or None."""
+        """(the finished run, its test trace and trace scores) or None; the run's keys
+        and values are None when cand-NN.safetensors is missing (run_grid recomputes
+        them)."""
         from vllm_deepthink.producers.deepthink import builder
 
         path = self.dir / f"cand-{index:02d}.json"
@@ -407,12 +415,10 @@ def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
 
     partial = (checkpoints.load_partial(index, candidate) if checkpoints is not None else
                {"dev": [], "test_trace": [], "test_trace_scores": [], "seconds": 0.0})
+    # save_partial writes an iteration's dev result and test trace together
     scored = [builder.DevResult.from_dict(d) for d in partial["dev"]]
-    if record_test and len(partial["test_trace"]) < len(scored):
-        scored = []  # a partial run without its test trace: score it again
-    trace_rows: list[dict[str, Any]] = list(partial["test_trace"][:len(scored)])
-    trace_scores: list[list[list[float]]] = list(partial["test_trace_scores"][:len(scored)])
-    partial["dev"] = partial["dev"][:len(scored)]
+    trace_rows: list[dict[str, Any]] = list(partial["test_trace"])
+    trace_scores: list[list[list[float]]] = list(partial["test_trace_scores"])
     before, started = partial["seconds"], time.perf_counter()
 
     def on_iteration(run, iteration, keys, values, entry, result):
@@ -454,9 +460,14 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
     raises Deadline before a candidate, or after an iteration of one, once `now()` is
     past `deadline`."""
     icl = checkpoints.load_icl()
+    if icl is not None and icl[1] is None:  # iteration 1: the same for every candidate
+        icl = (icl[0], *replay_kv(model, row, row.grid[0], [1])[1])
     runs, test_trace, test_trace_scores = [], [], []
     for index, candidate in enumerate(row.grid):
         saved = checkpoints.load_candidate(index, candidate)
+        if saved is not None and saved[0].keys is None:
+            best = saved[0].best_iteration
+            saved[0].keys, saved[0].values = replay_kv(model, row, candidate, [best])[best]
         if saved is None:
             if deadline is not None and now() > deadline:
                 raise Deadline(f"{spec.key}: time budget reached before candidate {index} "
@@ -482,6 +493,26 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
     return GridRuns(runs, icl, test_trace, test_trace_scores)
 
 
+def replay_kv(model, row: RowInputs, candidate, iterations) -> dict[int, tuple[list, list]]:
+    """The K/V (per layer [kv_heads, L, head_dim]) of `candidate` at each of `iterations`,
+    by running its optimizer that far without scoring: one forward over the
+    demonstrations per iteration, bit-identical to the checkpointed run with the same
+    --threads."""
+    import torch
+
+    from vllm_deepthink.producers.deepthink import builder
+
+    wanted, kv = set(iterations), {}
+    with torch.inference_mode():
+        for iteration, keys, values in builder.deep_thinking_steps(
+                model, row.build.demo_ids, iterations=max(wanted),
+                optimizer=candidate.optimizer, position_mode=candidate.position_mode,
+                **candidate.params):
+            if iteration in wanted:
+                kv[iteration] = ([k.clone() for k in keys], [v.clone() for v in values])
+    return kv
+
+
 def restore_first_pass(checkpoints: RowCheckpoints, first_pass: dict[str, Any], model,
                        row: RowInputs, scorer: RowScorer) -> None:
     """Rebuild the checkpoints of zero-shot, ICL and the published-default candidate
@@ -502,13 +533,9 @@ def restore_first_pass(checkpoints: RowCheckpoints, first_pass: dict[str, Any], 
         checkpoints.save_zero_shot(scorer.with_lengths(first_pass["scores"]["zero-shot"]),
                                    0.0)
     best = published["best_iteration"]
+    kv = replay_kv(model, row, candidate, [1, best])
+    icl_kv, best_kv = kv[1], kv[best]
     with torch.inference_mode():
-        for iteration, keys, values in builder.deep_thinking_steps(
-                model, row.build.demo_ids, iterations=best, optimizer=candidate.optimizer,
-                position_mode=candidate.position_mode, **candidate.params):
-            if iteration == 1:
-                icl_kv = ([k.clone() for k in keys], [v.clone() for v in values])
-        best_kv = ([k.clone() for k in keys], [v.clone() for v in values])
         icl_dev = builder.score_dev(model, row.dev, *icl_kv)
         best_dev = icl_dev if best == 1 else builder.score_dev(model, row.dev, *best_kv)
     checkpoints.save_icl_once((icl_dev, *icl_kv))
