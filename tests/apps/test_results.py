@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps import cli
 from vllm_deepthink.apps import results as results_cmd
 from vllm_deepthink.apps import results_rows
+from vllm_deepthink.format import DeepThinkAdapter
 
 TEXTS = ["a charming film", "contains no wit , only labored gags", "the quick brown fox",
          "lazy dog", "the sun was rising", "the grass was cut", "a film", "only labored gags"]
@@ -200,19 +202,55 @@ def test_json_checkpoints_without_their_kv_files_resume_the_same_row(setup, unin
     work = out / "work" / "smollm2-sst2-s0"
     for path in work.glob("*.safetensors"):
         path.unlink()
-    calls, replays = [], []
-    real, real_replay = builder.run_candidates, results_rows.replay_kv
+    calls, replays, kv_saved = [], [], []
+    real, real_replay, real_save = (builder.run_candidates, results_rows.replay_kv,
+                                    results_rows._save_kv)
     monkeypatch.setattr(builder, "run_candidates",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     monkeypatch.setattr(results_rows, "replay_kv",
                         lambda *a: replays.append(list(a[3])) or real_replay(*a))
+    monkeypatch.setattr(results_rows, "_save_kv",
+                        lambda path, *a: kv_saved.append(path.name) or real_save(path, *a))
     assert cli.main(argv(setup, out)) == 0
-    _, expected = uninterrupted
+    expected_out, expected = uninterrupted
     best = expected["selection"]["dt"]["candidates"][0]["best_iteration"]
     assert replays == [[1], [best]] and len(calls) == 13
+    # the replayed K/V are saved again (a later invocation does not replay them)
+    assert kv_saved[:2] == ["icl.safetensors", "cand-00.safetensors"]
     row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())
     for key in ("columns", "scores", "priors", "paired", "selection", "test_trace_scores"):
         assert strip_seconds(row[key]) == strip_seconds(expected[key]), key
+    for name in ("dt", "dt-search"):  # the served adapters hold the same K/V
+        ours = DeepThinkAdapter.from_pretrained(out / "adapters" / f"smollm2-sst2-s0-{name}")
+        theirs = DeepThinkAdapter.from_pretrained(
+            expected_out / "adapters" / f"smollm2-sst2-s0-{name}")
+        for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values):
+            assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_candidate_is_not_taken(tmp_path):
+    """cand-NN.json of another grid (a changed candidate list) is not this candidate's."""
+    from vllm_deepthink.producers.deepthink.search import search_grid
+
+    grid = search_grid()
+    checkpoints = results_rows.RowCheckpoints(tmp_path)
+    (tmp_path / "cand-00.json").write_text(json.dumps({"candidate": grid[1].to_dict()}))
+    assert checkpoints.load_candidate(0, grid[0]) is None
+
+
+def test_a_partial_checkpoint_with_a_short_test_trace_is_refused(tmp_path):
+    """A cand-00.partial.json whose test trace does not match its dev results (e.g. edited
+    or merged by hand) is refused with what was found and how to fix it, instead of
+    misaligning the test trace."""
+    from vllm_deepthink.producers.deepthink.search import search_grid
+
+    candidate = search_grid()[0]
+    checkpoints = results_rows.RowCheckpoints(tmp_path)
+    checkpoints.save_partial(0, candidate, {"dev": [{}, {}], "test_trace": [{}],
+                                            "test_trace_scores": [[]], "seconds": 1.0})
+    with pytest.raises(ValueError, match="2 dev results, 1 test trace entries.*delete"):
+        results_rows.run_candidate(None, None, None, candidate, None, None,
+                                   record_test=True, checkpoints=checkpoints, index=0)
 
 
 def test_search_column_of_a_committed_first_pass_row_skips_its_published_run(
@@ -247,9 +285,6 @@ def test_restored_published_candidate_holds_its_best_iterations_kv(setup, monkey
     and the dev result of those K/V."""
     import shutil
 
-    import torch
-
-    from vllm_deepthink.format import DeepThinkAdapter
     from vllm_deepthink.producers.deepthink import builder
     from tests.helpers.tiny_models import load_tiny
 

@@ -32,11 +32,11 @@ running candidate's dev result and, for the published-default run, test trace at
 iteration scored so far), so a candidate interrupted mid-run (a run longer than a
 session: HellaSwag's published-default run with its test trace) resumes after its last
 scored iteration, its K/V recomputed by running the optimizer that far (bit-identical
-with the same --threads; with other thread counts, equal to float rounding). Their
+with the same --threads on the same machine; elsewhere, equal to float rounding). Their
 names and content are a contract: a row started by an earlier version resumes with
 this one. The JSON files are the checkpoint; the .safetensors files only save time:
 where one is missing (the JSON files copied or committed to continue a row on another
-machine), its K/V are recomputed the same way (replay_kv).
+machine), its K/V are recomputed the same way (replay_kv) and saved again.
 
 Measured (README, "Results"): scoring through HF in this process costs about what a
 vLLM engine costs per item on this CPU and needs no saved adapter per iteration for
@@ -182,7 +182,7 @@ class RowCheckpoints:
 
     def save_icl_once(self, icl) -> None:
         if not (self.dir / "icl.json").is_file():
-            _save_kv(self.dir / "icl.safetensors", icl[1], icl[2])
+            self.save_icl_kv(icl[1], icl[2])
             write_json_atomic(self.dir / "icl.json", {"dev": icl[0].to_dict()})
 
     def load_candidate(self, index: int, candidate):
@@ -195,6 +195,8 @@ class RowCheckpoints:
         if not path.is_file():
             return None
         saved = json.loads(path.read_text())
+        if saved["candidate"] != candidate.to_dict():
+            return None  # another grid's candidate at this index: run this one
         run = builder.CandidateRun(candidate, trace=saved["trace"], stopped=saved["stopped"],
                                    best_iteration=saved["best_iteration"],
                                    best=builder.DevResult.from_dict(saved["best"]),
@@ -202,8 +204,14 @@ class RowCheckpoints:
         run.keys, run.values = _load_kv(self.dir / f"cand-{index:02d}.safetensors")
         return run, saved["test_trace"], saved["test_trace_scores"]
 
-    def save_candidate(self, index: int, run, test_trace, test_trace_scores) -> None:
+    def save_icl_kv(self, keys, values) -> None:
+        _save_kv(self.dir / "icl.safetensors", keys, values)
+
+    def save_candidate_kv(self, index: int, run) -> None:
         _save_kv(self.dir / f"cand-{index:02d}.safetensors", run.keys, run.values)
+
+    def save_candidate(self, index: int, run, test_trace, test_trace_scores) -> None:
+        self.save_candidate_kv(index, run)
         write_json_atomic(self.dir / f"cand-{index:02d}.json",
                           {"candidate": run.candidate.to_dict(), "trace": run.trace,
                            "stopped": run.stopped, "best_iteration": run.best_iteration,
@@ -416,6 +424,14 @@ def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
     partial = (checkpoints.load_partial(index, candidate) if checkpoints is not None else
                {"dev": [], "test_trace": [], "test_trace_scores": [], "seconds": 0.0})
     # save_partial writes an iteration's dev result and test trace together
+    if record_test and not len(partial["dev"]) == len(partial["test_trace"]) == len(
+            partial["test_trace_scores"]):
+        raise ValueError(
+            f"{checkpoints.dir / f'cand-{index:02d}.partial.json'}: expected as many test "
+            f"trace entries as dev results, found {len(partial['dev'])} dev results, "
+            f"{len(partial['test_trace'])} test trace entries and "
+            f"{len(partial['test_trace_scores'])} test trace scores; delete the file to "
+            f"run this candidate again")
     scored = [builder.DevResult.from_dict(d) for d in partial["dev"]]
     trace_rows: list[dict[str, Any]] = list(partial["test_trace"])
     trace_scores: list[list[list[float]]] = list(partial["test_trace_scores"])
@@ -462,12 +478,14 @@ def run_grid(spec: RowSpec, model, row: RowInputs, options: RowOptions,
     icl = checkpoints.load_icl()
     if icl is not None and icl[1] is None:  # iteration 1: the same for every candidate
         icl = (icl[0], *replay_kv(model, row, row.grid[0], [1])[1])
+        checkpoints.save_icl_kv(icl[1], icl[2])
     runs, test_trace, test_trace_scores = [], [], []
     for index, candidate in enumerate(row.grid):
         saved = checkpoints.load_candidate(index, candidate)
         if saved is not None and saved[0].keys is None:
             best = saved[0].best_iteration
             saved[0].keys, saved[0].values = replay_kv(model, row, candidate, [best])[best]
+            checkpoints.save_candidate_kv(index, saved[0])
         if saved is None:
             if deadline is not None and now() > deadline:
                 raise Deadline(f"{spec.key}: time budget reached before candidate {index} "
