@@ -515,7 +515,7 @@ def replay_kv(model, row: RowInputs, candidate, iterations) -> dict[int, tuple[l
     """The K/V (per layer [kv_heads, L, head_dim]) of `candidate` at each of `iterations`,
     by running its optimizer that far without scoring: one forward over the
     demonstrations per iteration, bit-identical to the checkpointed run with the same
-    --threads."""
+    --threads on the same machine (elsewhere, equal to float rounding)."""
     import torch
 
     from vllm_deepthink.producers.deepthink import builder
