@@ -55,8 +55,9 @@ class Candidate:
 # included. Measured (README, "Building"; results/README.md): on SmolLM2-135M it left T=1
 # only where ICL had collapsed onto one label and gained +9.7 to +20.6 points there; on the
 # same demonstrations "aligned" at this strength gained 6.8-9.7 points less on three of
-# those four rows and as much on the fourth; aligned updates won only inside a search
-# (Gemma 3 SST-2), so they stay in the --search grid.
+# those four rows and as much on the fourth; aligned updates won only inside a search, at
+# other strengths (4 of the 5 searches where the guard passed; a published-position
+# candidate won the fifth), so both modes stay in the --search grid.
 PUBLISHED = Candidate("momentum", {"step_size": DEFAULT_STEP_SIZE, "beta": DEFAULT_BETA})
 
 
