@@ -56,8 +56,8 @@ class Candidate:
 # only where ICL had collapsed onto one label and gained +9.7 to +20.6 points there; on the
 # same demonstrations "aligned" at this strength gained 6.8-9.7 points less on three of
 # those four rows and as much on the fourth; aligned updates won only inside a search, at
-# other strengths (8 of the 12 searches where the guard passed; published-position
-# candidates won the other 4), so both modes stay in the --search grid.
+# other strengths, and published-position candidates won some searches too (counts in
+# results/README.md, "Position mode"), so both modes stay in the --search grid.
 PUBLISHED = Candidate("momentum", {"step_size": DEFAULT_STEP_SIZE, "beta": DEFAULT_BETA})
 
 
