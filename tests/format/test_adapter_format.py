@@ -205,7 +205,7 @@ def test_inconsistent_config_rejected(saved):
 
 
 def test_readme_transformers_usage(adapter, llama_dir, saved):
-    """The README's "Using an adapter in plain transformers": the query after
+    """docs/format.md, "In plain transformers" (README.md, "From Python"): the query after
     `as_cache` equals the query after the demonstrations' own K/V recomputed as the
     prefix (iteration 1 would be ICL; here the adapter's K/V, checked against
     tests.helpers' reference), and `generate` on placeholder ids + query continues

@@ -516,7 +516,7 @@ def test_item7_beam_search_with_an_adapter_matches_hf(server, art, name):
 
 
 def test_item9_repetition_penalty_counts_the_adapters_placeholder_tokens(server, art):
-    """Documented deviation (README, "Security"): repetition_penalty counts the adapter's
+    """Documented deviation (docs/serving.md, "Security"): repetition_penalty counts the adapter's
     placeholder (demonstration) token ids as prompt tokens, as ICL with the
     demonstrations in the prompt would; HF's generate(past_key_values=adapter) does not."""
     penalty, num_tokens = 2.0, 12

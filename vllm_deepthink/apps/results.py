@@ -1,4 +1,4 @@
-"""`vllm-deepthink results`: the accuracy table of the README, resumable.
+"""`vllm-deepthink results`: the accuracy table (results/results.md), resumable.
 
 One row per (model, task, demo seed), computed with HF transformers in this process
 (the builder's library functions, tasks.scoring.score_plan) and written atomically

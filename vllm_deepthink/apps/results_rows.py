@@ -1,5 +1,5 @@
-"""The rows of the README accuracy table (the library of `vllm-deepthink results`,
-apps/results.py; apps/results_report.py turns the rows into the report).
+"""The rows of the accuracy table, results/results.md (the library of `vllm-deepthink
+results`, apps/results.py; apps/results_report.py turns the rows into the report).
 
 One row per (model, task, demo seed), computed with HF transformers in this process
 (the builder's library functions, tasks.scoring.score_plan). Demonstrations: the paper's
@@ -38,10 +38,10 @@ this one. The JSON files are the checkpoint; the .safetensors files only save ti
 where one is missing (the JSON files copied or committed to continue a row on another
 machine), its K/V are recomputed the same way (replay_kv) and saved again.
 
-Measured (README, "Results"): scoring through HF in this process costs about what a
-vLLM engine costs per item on this CPU and needs no saved adapter per iteration for
-the test trace, so rows are scored with HF; the adapters of dt and dt-search are
-saved under the adapters directory for serving.
+Rows are scored with HF, not a vLLM engine: the test trace needs the K/V of every
+iteration, which HF scores in memory while vLLM would need one saved adapter per
+iteration (the cost comparison: results/README.md, "Accuracy", Scoring). The adapters of
+dt and dt-search are saved under the adapters directory for serving.
 """
 
 from __future__ import annotations

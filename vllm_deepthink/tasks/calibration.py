@@ -22,7 +22,7 @@ prior must be estimated from normalized scores too.
 For a classification task whose label words are one token each, subtracting
 log prior_j from label j's logit and taking the argmax over the label tokens gives
 the same answer: `logit_bias` is that bias as vLLM's per-request `logit_bias`
-(see the README, "Calibration").
+(docs/evaluation.md, "Served calibration").
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ def patch_cpu_core_reservation() -> None:
     DeepThink connector runs inside the forward pass on the worker's own threads, so
     that core would idle; on 2 cores the reservation exceeds the machine, vLLM then
     reserves none and the worker's OpenMP threads share a core with the scheduler
-    (measured: about 3x slower than the same engine without a connector). For our
+    (much slower; results/README.md, "Throughput"). For our
     connector the reservation is computed as without a connector;
     VLLM_CPU_NUM_OF_RESERVED_CPU still overrides it.
     """

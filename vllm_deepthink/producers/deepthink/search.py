@@ -25,11 +25,9 @@ from vllm_deepthink.producers.deepthink import rotary
 MOMENTUM_STEPS = (0.01, 0.03)
 MOMENTUM_BETAS = (0.9, 0.0)
 EMA_ETAS = (0.05, 0.1, 0.2)
-# The ema weight when none is given (see README, "Building"): the ACL'24 default 0.01
-# closes only 13% of the gap to a fixed target in 15 iterations (1 - 0.99**14); 0.1 was
-# measured to collapse SmolLM2 SST-2 and TREC within 4-5 iterations (dev 82.7 -> 54.0,
-# 40.3 -> 4.3), before selection can see anything; 0.05 closes 51%, about what the
-# published momentum 0.01 / 0.9 closes (60%).
+# The ema weight when none is given: the ACL'24 default 0.01 moves the K/V too little in
+# 15 iterations and 0.1 collapsed SmolLM2 before selection could see it; 0.05 closes about
+# as much of the gap as the published momentum 0.01 / 0.9 (results/README.md, "Building").
 DEFAULT_EMA_ETA = 0.05
 DEFAULT_STEP_SIZE = 0.01
 DEFAULT_BETA = 0.9
@@ -52,12 +50,10 @@ class Candidate:
 
 
 # The builder's default candidate, for every model: the published v1 code, position mode
-# included. Measured (README, "Building"; results/README.md): on SmolLM2-135M it left T=1
-# only where ICL had collapsed onto one label and gained +9.7 to +20.6 points there; on the
-# same demonstrations "aligned" at this strength gained 6.8-9.7 points less on three of
-# those four rows and as much on the fourth; aligned updates won only inside a search, at
-# other strengths, and published-position candidates won some searches too (counts in
-# results/README.md, "Position mode"), so both modes stay in the --search grid.
+# included, because "aligned" at this strength gained less on the results rows where the
+# published run moved; aligned and published-position candidates each won some searches
+# at other strengths, so both modes stay in the --search grid (results/README.md,
+# "Position mode"; results/position-mode/summary.md).
 PUBLISHED = Candidate("momentum", {"step_size": DEFAULT_STEP_SIZE, "beta": DEFAULT_BETA})
 
 

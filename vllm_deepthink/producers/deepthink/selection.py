@@ -4,8 +4,9 @@ Pure bookkeeping over per-iteration dev results (no model). The protocol
 (SelectionPolicy, the defaults are those of `vllm-deepthink build --select-on dev`):
 
 - every run goes to at least `min_iterations` (with momentum 0.01 / 0.9 the K/V have
-  closed only ~13% of the gap to the new values at iteration 5, so a patience that
-  starts at iteration 1 stops before the method acts); after that, it stops once
+  closed only a small part of the gap to the new values by iteration 5, so a patience
+  that starts at iteration 1 stops before the method acts; results/README.md,
+  "Building"); after that, it stops once
   `patience` iterations past both min_iterations and the best so far brought no
   strict improvement; never beyond `max_iterations`;
 - a run also stops early when it has collapsed: dev accuracy at least
