@@ -173,6 +173,42 @@ def test_a_hub_id_is_never_a_directory_under_the_working_directory(monkeypatch, 
         HubResolver("org", max_bytes=8).resolve("planted")  # cached files are sized too
 
 
+def test_the_load_endpoint_reads_org_name_from_the_hub_not_the_working_directory(
+        monkeypatch, tmp_path):
+    """/v1/load_deepthink_adapter with adapter_path ORG/NAME: the hub (sizes capped by
+    the resident budget), never ./ORG/NAME unless written so."""
+    from vllm_deepthink.format import AdapterFormatError
+    from vllm_deepthink.format.hub import HubFileTooLarge
+    from vllm_deepthink.plugin.serving import models as serving
+
+    def models(resident_gib=None):
+        extra = {} if resident_gib is None else {"resident_gib": resident_gib}
+        kv = SimpleNamespace(kv_connector_extra_config=extra)
+        return SimpleNamespace(engine_client=SimpleNamespace(
+            vllm_config=SimpleNamespace(kv_transfer_config=kv)))
+
+    cache = tmp_path / "cache"
+    local = tmp_path / "cwd" / "org" / "planted"
+    local.mkdir(parents=True)
+    (local / CONFIG_NAME).write_text("{}")
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(AdapterFormatError, match="write './org/planted'"):
+        serving._local_location(models(), "org/planted")
+    for explicit in ("./org/planted", str(local)):
+        assert serving._local_location(models(), explicit) == explicit
+    source = tmp_path / "published"
+    source.mkdir()
+    (source / CONFIG_NAME).write_text("{}")
+    (source / WEIGHTS_NAME).write_bytes(b"123456789")
+    commit = publish(source, cache, "org/planted")
+    assert serving._local_location(models(), "org/planted") == str(
+        cache / "models--org--planted" / "snapshots" / commit)
+    with pytest.raises(HubFileTooLarge, match="11 bytes, above the limit of 10 bytes"):
+        serving._local_location(models(resident_gib=10 / 2**30), "org/planted")
+
+
 # ------------------------------------------------------------------- the registry
 
 @pytest.fixture(scope="module")

@@ -155,16 +155,19 @@ class BoundedResolver:
                 future = self._inflight[name] = Future()
         if not owner:
             return future.result().value()
-        answer = self._run_lookup(name)
-        ttl = self.error_ttl if isinstance(answer.error, ResolverUnavailable) \
-            else self.missing_ttl
-        with self._lock:
-            self._cache[name] = (time.monotonic() + ttl, answer)
-            self._cache.move_to_end(name)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-            del self._inflight[name]
-        future.set_result(answer)
+        answer = _Answer(error=ResolverUnavailable(f"lookup of {name!r} was interrupted"))
+        try:
+            answer = self._run_lookup(name)
+        finally:  # waiters always get an answer, even if this thread is interrupted
+            ttl = self.error_ttl if isinstance(answer.error, ResolverUnavailable) \
+                else self.missing_ttl
+            with self._lock:
+                self._cache[name] = (time.monotonic() + ttl, answer)
+                self._cache.move_to_end(name)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+                del self._inflight[name]
+            future.set_result(answer)
         return answer.value()
 
     def _run_lookup(self, name: str) -> _Answer:

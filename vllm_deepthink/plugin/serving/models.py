@@ -116,7 +116,8 @@ async def resolve_adapter_model(models: Any, model_name: str | None):
         return None
     future, owner = registry.claim_lookup(model_name)
     if owner:
-        await asyncio.to_thread(registry.run_lookup, model_name, future)
+        await asyncio.get_running_loop().run_in_executor(
+            _lookup_pool(), registry.run_lookup, model_name, future)
     try:
         info = await asyncio.wrap_future(future)
     except frontend.AdapterLookupUnavailable as exc:
@@ -125,6 +126,23 @@ async def resolve_adapter_model(models: Any, model_name: str | None):
     except AdapterRequestError as exc:
         return _error(str(exc), HTTPStatus.BAD_REQUEST, "BadRequestError", "model")
     return True if info is not None else None
+
+
+_lookup_executor = None
+
+
+def _lookup_pool():
+    """The threads that resolve unknown model names: their own few, so a flood of
+    unknown names queues here instead of taking the event loop's default executor."""
+    global _lookup_executor
+    if _lookup_executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from vllm_deepthink.plugin.resolvers import DEFAULT_MAX_LOOKUPS
+
+        _lookup_executor = ThreadPoolExecutor(DEFAULT_MAX_LOOKUPS,
+                                              thread_name_prefix="deepthink-lookup")
+    return _lookup_executor
 
 
 def lora_name_error(models: Any, request: Any):
