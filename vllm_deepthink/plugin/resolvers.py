@@ -5,7 +5,10 @@ model name to an adapter location at request time; the registry then validates t
 adapter as any other and serves it from then on (cached: resolved once).
 
 Built in: DirectoryResolver (`--deepthink-adapter-dir DIR`: NAME -> DIR/NAME) and
-HubResolver (NAME -> ORG/NAME on the Hugging Face Hub or its local cache). Another source
+HubResolver (NAME -> ORG/NAME on the Hugging Face Hub or its local cache), a
+BoundedResolver: every client can send any model name, so a source that costs a round
+trip remembers its answers (size-capped), looks each name up once at a time and runs
+few lookups at once. Another source
 implements the same one-method interface and is added with `register_resolver`, from a
 `vllm.general_plugins` entry point of its own (as vLLM's LoRA resolver plugins register
 with LoRAResolverRegistry); every adapter engine started after that consults it after
@@ -198,8 +201,8 @@ class HubResolver(BoundedResolver):
     connection errors) for `error_retry_after`. Returns the snapshot directory (the
     revision stays pinned)."""
 
-    def __init__(self, org: str, revision: str | None = None, retry_after: float = DEFAULT_MISSING_TTL,
-                 *, error_retry_after: float = DEFAULT_ERROR_TTL, max_bytes: int | None = None,
+    def __init__(self, org: str, revision: str | None = None,
+                 retry_after: float = DEFAULT_MISSING_TTL, *, error_retry_after: float = DEFAULT_ERROR_TTL, max_bytes: int | None = None,
                  timeout: float = 10.0, cache_size: int = DEFAULT_CACHE_SIZE,
                  max_lookups: int = DEFAULT_MAX_LOOKUPS):
         if not _is_plain_name(org):
@@ -216,8 +219,9 @@ class HubResolver(BoundedResolver):
     def _lookup(self, name: str) -> str | None:
         repo_id = f"{self.org}/{name}"
         try:
-            found = fetch_hub_files(repo_id, (CONFIG_NAME, WEIGHTS_NAME), max_bytes=self.max_bytes,
-                                    revision=self.revision, timeout=self.timeout)
+            found = fetch_hub_files(repo_id, (CONFIG_NAME, WEIGHTS_NAME),
+                                    max_bytes=self.max_bytes, revision=self.revision,
+                                    timeout=self.timeout)
         except HubUnavailable as exc:
             logger.warning("HubResolver: %s", exc)
             raise ResolverUnavailable(f"the hub did not answer for {repo_id!r}; try again "
