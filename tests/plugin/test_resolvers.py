@@ -267,6 +267,7 @@ def test_unloading_a_directory_adapter_sticks_until_it_is_loaded_again(llama, st
     assert registry.get("a").prefix_len == 12 and registry.holds("a")
     registry.unregister("a")
     assert registry.lookup("a") is None  # the directory still holds it
+    assert not registry.holds("a")  # a LoRA may take the name now
     with pytest.raises(frontend.UnknownAdapterError, match="unknown adapter 'a'"):
         registry.get("a")
     registry.register("a", store / "a")

@@ -255,14 +255,18 @@ class AdapterRegistry:
             if location is None:
                 continue
             key = (location, _mtime(location))
-            if key in self._refused:
-                raise AdapterRequestError(self._refused[key], param="model")
+            refused = self._refused.get(key)
+            if refused is not None:
+                raise AdapterRequestError(refused, param="model")
             try:
                 return self.register(name, location)
             except (AdapterFormatError, AdapterRequestError, OSError) as exc:
                 reason = (f"adapter {name!r} found at {label} cannot be served: "
                           f"{without_path(str(exc), location, label)}")
-                self._refused[key] = reason
+                with self._lock:
+                    self._refused[key] = reason
+                    while len(self._refused) > _MAX_REFUSED:  # the oldest go first
+                        del self._refused[next(iter(self._refused))]
                 raise AdapterRequestError(reason, param="model") from None
         if unavailable is not None:
             raise AdapterLookupUnavailable(
@@ -275,6 +279,8 @@ class AdapterRegistry:
         with self._lock:
             if name in self._adapters:
                 return True
+            if name in self._unloaded:  # unloaded: requests no longer resolve it
+                return False
         return any(isinstance(r, DirectoryResolver) and r.resolve(name) is not None
                    for r in self._resolvers)
 
@@ -299,6 +305,11 @@ class AdapterRegistry:
     def failed(self) -> dict[str, str]:
         with self._lock:
             return dict(self._failed)
+
+
+# Refused adapter locations remembered (each a reason string): bounded, since anyone who
+# can write to an adapter directory or a hub organisation can add more.
+_MAX_REFUSED = 1024
 
 
 def _label(resolver: Any, name: str) -> str:
