@@ -202,7 +202,8 @@ class HubResolver(BoundedResolver):
     revision stays pinned)."""
 
     def __init__(self, org: str, revision: str | None = None,
-                 retry_after: float = DEFAULT_MISSING_TTL, *, error_retry_after: float = DEFAULT_ERROR_TTL, max_bytes: int | None = None,
+                 retry_after: float = DEFAULT_MISSING_TTL, *,
+                 error_retry_after: float = DEFAULT_ERROR_TTL, max_bytes: int | None = None,
                  timeout: float = 10.0, cache_size: int = DEFAULT_CACHE_SIZE,
                  max_lookups: int = DEFAULT_MAX_LOOKUPS):
         if not _is_plain_name(org):
