@@ -259,7 +259,6 @@ async def load_adapter(models: Any, name: str, path: str, replace: bool = False)
     registry = registry_of(models)
     if registry is None:
         return _error(_NOT_DEEPTHINK, HTTPStatus.BAD_REQUEST, "InvalidUserInput")
-    location = None
     if models.is_base_model(name) or name in models.lora_requests:
         return _error(f"The Deep-Thinking adapter name '{name}' is already the name of a "
                       f"served model or LoRA adapter; choose another name.",
@@ -269,6 +268,7 @@ async def load_adapter(models: Any, name: str, path: str, replace: bool = False)
             return _error(f"The Deep-Thinking adapter '{name}' is already loaded. Unload it "
                           f"first, or set 'load_inplace' to true to replace it.",
                           HTTPStatus.BAD_REQUEST, "InvalidUserInput", "adapter_name")
+        location = None
         try:
             # Reading and hashing the weights must not block the event loop.
             location = await asyncio.to_thread(_local_location, models, path)
