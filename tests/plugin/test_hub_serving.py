@@ -58,7 +58,8 @@ def served(tmp_path_factory):
     publish(root / "tiny", cache, "org/tiny-llama", refs=("v1",))
     commit = publish(root / "adapter", cache, "org/sst2-adapter")
     built = build_from_hub_model_and_dataset(root, home)
-    publish(built, cache, "org/reviews-adapter")
+    reviews = cache / "models--org--reviews-adapter" / "snapshots" / publish(
+        built, cache, "org/reviews-adapter")
     server = VllmServer("org/tiny-llama", ["--revision", "v1",
                                            "--deepthink-adapter", "sst2=org/sst2-adapter",
                                            "reviews=org/reviews-adapter"],
@@ -66,17 +67,17 @@ def served(tmp_path_factory):
     try:
         server.start()
         server.wait_until_healthy()
-        yield server, openai_client(server), model, tokenizer, adapter, commit
+        yield server, openai_client(server), model, tokenizer, adapter, reviews
     finally:
         server.stop()
 
 
 def test_adapter_named_by_hub_id_is_served_with_hf_parity(served):
-    server, client, model, tokenizer, adapter, commit = served
+    server, client, model, tokenizer, adapter, _ = served
     cards = {card.id: card for card in client.models.list().data}
     assert set(cards) == {"org/tiny-llama", "sst2", "reviews"}
     assert cards["sst2"].parent == "org/tiny-llama"
-    assert Path(cards["sst2"].root).parts[-2:] == ("snapshots", commit)
+    assert cards["sst2"].root == f"sst2@sha256:{adapter.digest}"  # no server path
     ids = tokenizer(QUERY, add_special_tokens=False)["input_ids"]
     reference = hf_reference(model, adapter, ids, num_greedy=4)
     response = client.completions.create(model="sst2", prompt=QUERY, max_tokens=4,
@@ -92,9 +93,10 @@ def test_adapter_built_from_a_hub_model_and_a_dataset_is_served_by_hub_id(served
     dataset: bound to that model's fingerprint, named by its hub id, served with parity."""
     from vllm_deepthink.format import DeepThinkAdapter
 
-    server, client, model, tokenizer, _, _ = served
+    server, client, model, tokenizer, _, reviews = served
     card = {c.id: c for c in client.models.list().data}["reviews"]
-    adapter = DeepThinkAdapter.from_pretrained(card.root)
+    adapter = DeepThinkAdapter.from_pretrained(reviews)
+    assert card.root == f"reviews@sha256:{adapter.digest}"
     assert adapter.config.base_model_name_or_path == "org/tiny-llama"
     assert adapter.config.task["name"] == "reviews"
     assert "Review: review number" in adapter.config.demos_text

@@ -433,6 +433,9 @@ def test_openai_serving_contract():
                       "the response's model is the stand-in's name")
     assert_source_has(AsyncLLM.generate, "await self.add_request(",
                       "patch_async_llm_add_request sees every generate call")
+    assert_source_has(OpenAIServingModels.load_lora_adapter,
+                      "await self._check_load_lora_adapter_request(request)",
+                      "a LoRA named like a Deep-Thinking adapter is refused in that check")
 
 
 def test_engine_flags_reach_vllm_serve_parser():

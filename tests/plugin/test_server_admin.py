@@ -299,7 +299,7 @@ def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(tiny, server):
     first = build_adapter(tiny.model, tiny.tokenizer, path, PREFIX_LEN, seed=11)
     assert load(server, "rt", path).status_code == 200
     card = served_models(server)["rt"]
-    assert card["parent"] == server.base and card["root"] == str(path.resolve())
+    assert card["parent"] == server.base and card["root"] == f"rt@sha256:{first.digest}"
     response = complete(server, "rt", echo=True, logprobs=0)
     assert response.json()["model"] == "rt"
     assert_matches_hf(tiny, response, first)
@@ -325,7 +325,7 @@ def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(tiny, server):
     third = build_adapter(tiny.model, tiny.tokenizer, third_path, 60, seed=13)
     assert_openai_error(load(server, "rt", third_path), 400, "already loaded")
     assert load(server, "rt", third_path, load_inplace=True).status_code == 200
-    assert served_models(server)["rt"]["root"] == str(third_path.resolve())
+    assert served_models(server)["rt"]["root"] == f"rt@sha256:{third.digest}"
     assert_matches_hf(tiny, complete(server, "rt", echo=True, logprobs=0), third)
     assert unload(server, "rt").status_code == 200
 

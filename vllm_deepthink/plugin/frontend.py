@@ -27,6 +27,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from typing import Any
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter, ModelFingerprint
 from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.resolvers import (AdapterResolver, DirectoryResolver,
+from vllm_deepthink.plugin.resolvers import (AdapterRefused, AdapterResolver,
+                                             DirectoryResolver, ResolverUnavailable,
                                              registered_resolvers)
 from vllm_deepthink.plugin.protocol import (
     ADAPTER_ARG,
@@ -74,6 +76,11 @@ class AdapterRequestError(ValueError):
 
 class UnknownAdapterError(AdapterRequestError):
     """A request names an adapter nobody serves (HTTP 404)."""
+
+
+class AdapterLookupUnavailable(AdapterRequestError):
+    """A resolver could not answer now (its hub is rate-limited or down): HTTP 503 over
+    the OpenAI server; the name is asked again after the resolver's short error ttl."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,11 @@ class AdapterRegistry:
         self._failed: dict[str, str] = {}
         # Resolved locations that failed validation: (location, mtime) -> reason.
         self._refused: dict[tuple[str, float], str] = {}
+        # One resolution per name at a time: concurrent first requests share its future.
+        self._resolving: dict[str, Future] = {}
+        # Names unloaded by `unregister`: not offered to the resolvers again until
+        # `register` serves the name anew (an unload sticks).
+        self._unloaded: set[str] = set()
         self._lock = threading.Lock()
         self._fingerprint_lock = threading.Lock()
 
@@ -158,6 +170,7 @@ class AdapterRegistry:
         with self._lock:
             self._adapters[name] = info
             self._failed.pop(name, None)
+            self._unloaded.discard(name)
         logger.info("vllm-deepthink: serving adapter %r from %s (L=%d, digest %s)",
                     name, path, info.prefix_len, info.digest[:12])
         return info
@@ -171,13 +184,17 @@ class AdapterRegistry:
                 self.register(name, path, (parents or {}).get(name))
             except (AdapterFormatError, AdapterRequestError, OSError) as exc:
                 with self._lock:
-                    self._failed[name] = str(exc)
+                    self._failed[name] = without_path(str(exc), path, f"<path of {name!r}>")
                 logger.error("vllm-deepthink: adapter %r cannot be served: %s", name, exc)
 
     def unregister(self, name: str) -> AdapterInfo:
+        """Stop serving `name`; the resolvers are not asked for it again until it is
+        registered anew (an adapter directory still holding NAME does not undo it)."""
         with self._lock:
             info = self._adapters.pop(name, None)
             self._failed.pop(name, None)
+            if info is not None:
+                self._unloaded.add(name)
         if info is None:
             raise AdapterRequestError(
                 f"no adapter named {name!r} is registered; registered: {self.names()}")
@@ -188,25 +205,84 @@ class AdapterRegistry:
         resolvers (e.g. DIR/NAME of --deepthink-adapter-dir), whose adapter is validated
         and registered. None when nobody has it. A resolved adapter that fails
         validation raises AdapterRequestError with the reason (remembered until its
-        files change)."""
+        files change). Concurrent lookups of one new name validate it once."""
+        future, owner = self.claim_lookup(name)
+        if owner:
+            self.run_lookup(name, future)
+        return future.result()
+
+    def claim_lookup(self, name: str) -> tuple[Future, bool]:
+        """(future of `name`'s lookup, whether the caller must run it with run_lookup).
+        One future per name: the first caller runs the resolution, the others wait on
+        it (an async caller awaits it without holding a thread)."""
+        future: Future = Future()
         with self._lock:
             info = self._adapters.get(name)
-        if info is not None or not self._resolvers:
-            return info
+            if info is not None or not self._resolvers or name in self._unloaded:
+                future.set_result(info)
+                return future, False
+            running = self._resolving.get(name)
+            if running is not None:
+                return running, False
+            self._resolving[name] = future
+        return future, True
+
+    def run_lookup(self, name: str, future: Future) -> None:
+        """Resolve `name` (claimed with claim_lookup) and settle its future."""
+        try:
+            result = self._resolve(name)
+        except BaseException as exc:  # noqa: BLE001  handed to every waiter
+            with self._lock:
+                self._resolving.pop(name, None)
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                self._resolving.pop(name, None)
+            future.set_result(result)
+
+    def _resolve(self, name: str) -> AdapterInfo | None:
+        unavailable = None
         for resolver in self._resolvers:
-            location = resolver.resolve(name)
+            label = _label(resolver, name)
+            try:
+                location = resolver.resolve(name)
+            except ResolverUnavailable as exc:
+                unavailable = exc
+                continue
+            except AdapterRefused as exc:
+                raise AdapterRequestError(f"adapter {name!r} found at {label} cannot be "
+                                          f"served: {exc}", param="model") from None
             if location is None:
                 continue
             key = (location, _mtime(location))
-            if key in self._refused:
-                raise AdapterRequestError(self._refused[key])
+            refused = self._refused.get(key)
+            if refused is not None:
+                raise AdapterRequestError(refused, param="model")
             try:
                 return self.register(name, location)
             except (AdapterFormatError, AdapterRequestError, OSError) as exc:
-                reason = f"adapter {name!r} found at {location} cannot be served: {exc}"
-                self._refused[key] = reason
-                raise AdapterRequestError(reason) from None
+                reason = (f"adapter {name!r} found at {label} cannot be served: "
+                          f"{without_path(str(exc), location, label)}")
+                with self._lock:
+                    self._refused[key] = reason
+                    while len(self._refused) > _MAX_REFUSED:  # the oldest go first
+                        del self._refused[next(iter(self._refused))]
+                raise AdapterRequestError(reason, param="model") from None
+        if unavailable is not None:
+            raise AdapterLookupUnavailable(
+                f"adapter {name!r} could not be looked up now: {unavailable}", param="model")
         return None
+
+    def holds(self, name: str) -> bool:
+        """Whether `name` is an adapter's: registered, or in an adapter directory (the
+        resolvers that answer without a network round trip)."""
+        with self._lock:
+            if name in self._adapters:
+                return True
+            if name in self._unloaded:  # unloaded: requests no longer resolve it
+                return False
+        return any(isinstance(r, DirectoryResolver) and r.resolve(name) is not None
+                   for r in self._resolvers)
 
     def get(self, name: str) -> AdapterInfo:
         with self._lock:
@@ -229,6 +305,25 @@ class AdapterRegistry:
     def failed(self) -> dict[str, str]:
         with self._lock:
             return dict(self._failed)
+
+
+# Refused adapter locations remembered (each a reason string): bounded, since anyone who
+# can write to an adapter directory or a hub organisation can add more.
+_MAX_REFUSED = 1024
+
+
+def _label(resolver: Any, name: str) -> str:
+    """How errors name where a resolver found `name` (never a server path)."""
+    label = getattr(resolver, "label", None)
+    return label(name) if callable(label) else f"{type(resolver).__name__}:{name}"
+
+
+def without_path(message: str, location: str | Path, label: str) -> str:
+    """`message` with the server-side path of an adapter replaced by `label`: clients see
+    names and digests, never the server's directories."""
+    for path in {str(location), str(Path(location).expanduser().resolve())}:
+        message = message.replace(path, label)
+    return message
 
 
 def _mtime(location: str) -> float:

@@ -32,6 +32,8 @@ def patch_specs() -> tuple[PatchSpec, ...]:
                   "vllm/entrypoints/openai/models/serving.py", ("self",)),
         PatchSpec(OpenAIServingModels, "init_static_loras",
                   "vllm/entrypoints/openai/models/serving.py", ("self",)),
+        PatchSpec(OpenAIServingModels, "_check_load_lora_adapter_request",
+                  "vllm/entrypoints/openai/models/serving.py", ("self", "request")),
         PatchSpec(AsyncLLM, "add_request", "vllm/v1/engine/async_llm.py",
                   ("self", "request_id", "prompt", "params", "arrival_time", "lora_request",
                    "tokenization_kwargs", "trace_headers", "priority", "data_parallel_rank",
@@ -223,6 +225,31 @@ def patch_serving_models_init() -> None:
     replace(OpenAIServingModels, "init_static_loras", init_static_loras)
 
 
+def patch_serving_models_check_lora_load() -> None:
+    """vllm/entrypoints/openai/models/serving.py:
+    OpenAIServingModels._check_load_lora_adapter_request.
+
+    The check /v1/load_lora_adapter runs before loading: a LoRA may not take the name
+    of a Deep-Thinking adapter (served or in an adapter directory), which would shadow
+    it silently (serving.lora_name_error, a 400). The other direction (an adapter named
+    like a LoRA) is refused by serving.load_adapter. Without our connector: vLLM's check.
+    """
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    if is_patched(OpenAIServingModels, "_check_load_lora_adapter_request"):
+        return
+    vllm_check = OpenAIServingModels._check_load_lora_adapter_request
+
+    async def _check_load_lora_adapter_request(self, request):
+        from vllm_deepthink.plugin.serving import models as serving
+
+        error = await vllm_check(self, request)
+        return error if error is not None else serving.lora_name_error(self, request)
+
+    replace(OpenAIServingModels, "_check_load_lora_adapter_request",
+            _check_load_lora_adapter_request)
+
+
 def patch_api_routers() -> None:
     """vllm/entrypoints/launchers/app.py: register_api_routers, the name build_app calls.
 
@@ -256,5 +283,6 @@ def apply() -> None:
     patch_async_llm_add_request()
     patch_serving_models_list()
     patch_serving_models_init()
+    patch_serving_models_check_lora_load()
     patch_api_routers()
 

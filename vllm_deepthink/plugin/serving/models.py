@@ -24,7 +24,8 @@ from typing import Any
 
 from vllm.lora.request import LoRARequest
 
-from vllm_deepthink.format import AdapterFormatError
+from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError
+from vllm_deepthink.format.hub import HubUnavailable, fetch_hub_files, is_hub_id_shape
 from vllm_deepthink.plugin import frontend, protocol
 from vllm_deepthink.plugin.frontend import AdapterRequestError
 from vllm_deepthink.plugin.protocol import ADAPTER_ARG, AdapterNameError, check_adapter_name
@@ -104,19 +105,57 @@ def is_adapter_model(models: Any, model_name: str | None) -> bool:
 
 async def resolve_adapter_model(models: Any, model_name: str | None):
     """For a `model` that is neither served nor registered: an ErrorResponse (400) when a
-    resolver (--deepthink-adapter-dir) finds an adapter that cannot be served, else None
-    (True when it found and registered one). Validation reads and hashes the adapter off
-    the event loop."""
+    resolver (--deepthink-adapter-dir) finds an adapter that cannot be served (503 when
+    it cannot answer now), else None (True when it found and registered one).
+    Validation reads and hashes the adapter off the event loop, once per name: the
+    other requests for that name await its future without holding a thread."""
     import asyncio
 
     registry = registry_of(models)
     if registry is None or not model_name:
         return None
+    future, owner = registry.claim_lookup(model_name)
+    if owner:
+        await asyncio.get_running_loop().run_in_executor(
+            _lookup_pool(), registry.run_lookup, model_name, future)
     try:
-        info = await asyncio.to_thread(registry.lookup, model_name)
+        info = await asyncio.wrap_future(future)
+    except frontend.AdapterLookupUnavailable as exc:
+        return _error(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError",
+                      "model")
     except AdapterRequestError as exc:
         return _error(str(exc), HTTPStatus.BAD_REQUEST, "BadRequestError", "model")
     return True if info is not None else None
+
+
+_lookup_executor = None
+
+
+def _lookup_pool():
+    """The threads that resolve unknown model names: their own few, so a flood of
+    unknown names queues here instead of taking the event loop's default executor."""
+    global _lookup_executor
+    if _lookup_executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from vllm_deepthink.plugin.resolvers import DEFAULT_MAX_LOOKUPS
+
+        _lookup_executor = ThreadPoolExecutor(DEFAULT_MAX_LOOKUPS,
+                                              thread_name_prefix="deepthink-lookup")
+    return _lookup_executor
+
+
+def lora_name_error(models: Any, request: Any):
+    """An ErrorResponse (400) for /v1/load_lora_adapter naming a Deep-Thinking adapter
+    (served, or in an adapter directory): the LoRA would be shadowed by the adapter (the
+    OpenAI `model` names one thing). None otherwise."""
+    registry = registry_of(models)
+    name = getattr(request, "lora_name", None)
+    if registry is None or not name or not registry.holds(name):
+        return None
+    return _error(f"The LoRA adapter name '{name}' is the name of a Deep-Thinking adapter "
+                  f"served by this server; choose another name (or unload the Deep-Thinking "
+                  f"adapter first).", HTTPStatus.BAD_REQUEST, "InvalidUserInput", "lora_name")
 
 
 class AdapterModelRequest(LoRARequest):
@@ -154,8 +193,9 @@ def to_engine_request(params: Any, lora_request: Any) -> tuple[Any, Any]:
 
 def model_cards(models: Any) -> list[Any]:
     """/v1/models entries of the registered adapters, shaped like LoRA modules' cards:
-    id = adapter name, parent = base model, root = adapter path; max_model_len is what
-    is left for the query and the completion after the adapter's prefix."""
+    id = adapter name, parent = base model, root = NAME@sha256:DIGEST (its weights, never
+    a server path); max_model_len is what is left for the query and the completion after
+    the adapter's prefix."""
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
 
     registry = registry_of(models)
@@ -167,10 +207,15 @@ def model_cards(models: Any) -> list[Any]:
         info = _served(registry, name)
         if info is not None:
             cards.append(ModelCard(
-                id=name, root=info.path, parent=info.parent or base_model_name,
+                id=name, root=public_root(info), parent=info.parent or base_model_name,
                 max_model_len=models.model_config.max_model_len - info.prefix_len,
                 permission=[ModelPermission()]))
     return cards
+
+
+def public_root(info: Any) -> str:
+    """What clients see of where an adapter comes from: its name and weights digest."""
+    return f"{info.name}@sha256:{info.digest}"
 
 
 def _error(message: str, status: HTTPStatus, err_type: str, param: str | None = None):
@@ -223,11 +268,18 @@ async def load_adapter(models: Any, name: str, path: str, replace: bool = False)
             return _error(f"The Deep-Thinking adapter '{name}' is already loaded. Unload it "
                           f"first, or set 'load_inplace' to true to replace it.",
                           HTTPStatus.BAD_REQUEST, "InvalidUserInput", "adapter_name")
+        location = None
         try:
             # Reading and hashing the weights must not block the event loop.
-            await asyncio.to_thread(registry.register, name, path)
-        except (AdapterFormatError, AdapterRequestError, OSError) as exc:
-            return _error(f"Deep-Thinking adapter '{name}' was refused: {exc}",
+            location = await asyncio.to_thread(_local_location, models, path)
+            await asyncio.to_thread(registry.register, name, location)
+        except HubUnavailable as exc:
+            return _error(f"Deep-Thinking adapter '{name}': {exc}; try again later.",
+                          HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError",
+                          "adapter_path")
+        except (AdapterFormatError, AdapterRequestError, OSError, ValueError) as exc:
+            message = frontend.without_path(str(exc), location if location else path, path)
+            return _error(f"Deep-Thinking adapter '{name}' was refused: {message}",
                           HTTPStatus.BAD_REQUEST, "BadRequestError", "adapter_path")
     return f"Success: Deep-Thinking adapter '{name}' added successfully."
 
@@ -245,6 +297,26 @@ async def unload_adapter(models: Any, name: str):
                           HTTPStatus.NOT_FOUND, "NotFoundError", "adapter_name")
         registry.unregister(name)
     return f"Success: Deep-Thinking adapter '{name}' removed successfully."
+
+
+def _local_location(models: Any, path: str) -> str:
+    """The directory a load request's `adapter_path` names. A hub id ORG/NAME is looked
+    up on the hub (sizes checked against the workers' resident budget before download),
+    never as a directory under the server's working directory: write ./ORG/NAME or an
+    absolute path for a directory."""
+    if not is_hub_id_shape(path):
+        return path
+    extra = models.engine_client.vllm_config.kv_transfer_config.kv_connector_extra_config
+    found = fetch_hub_files(path, (CONFIG_NAME, WEIGHTS_NAME),
+                            max_bytes=protocol.resident_budget_bytes(
+                                extra.get(protocol.EXTRA_CONFIG_RESIDENT_GIB)))
+    if found is None:
+        raise AdapterFormatError(
+            f"{path!r} is a hub id (ORG/NAME) and no adapter was found on the hub under that "
+            f"name (with HF_HUB_OFFLINE=1: in the server's hub cache); for a directory "
+            f"under the server's working directory write './{path}', or give an absolute "
+            f"path.")
+    return str(found)
 
 
 _NOT_DEEPTHINK = ("This server was not started for Deep-Thinking adapters; start it with "
