@@ -25,7 +25,7 @@ from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps.bench.report import targets, task_scaling
 from vllm_deepthink.apps.bench.run import (BenchError, BenchOptions, auto_kv_cache_gib,
                                            kv_bytes_per_token, run_benchmark)
-from vllm_deepthink.apps.bench.server import AdminCallError, Server, engine_env, free_port
+from vllm_deepthink.apps.processes import AdminCallError, Server, engine_env, free_port
 from vllm_deepthink.apps.bench.server_bench import prompts, round_robin_order
 from vllm_deepthink.apps.bench.workload import Workload, clip_prefix_len, make_request_set
 

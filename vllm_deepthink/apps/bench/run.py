@@ -26,7 +26,7 @@ from typing import Any
 
 from vllm_deepthink.apps.bench import report as rep
 from vllm_deepthink.apps.bench.processes import hf_threads, run_system
-from vllm_deepthink.apps.bench.server import engine_env
+from vllm_deepthink.apps.processes import engine_env
 from vllm_deepthink.apps.bench.systems import SYSTEMS
 from vllm_deepthink.apps.bench.workload import (Workload, clip_prefix_len, make_request_set,
                                                  max_model_len)
