@@ -354,12 +354,12 @@ def _task_from_json(directory: Path, path: Path) -> Task:
         raise TaskError(f"{source}: expected a JSON object, found {type(spec).__name__}")
     if spec.get("dataset") is not None:
         raise TaskError(f"{source} names a dataset ({spec['dataset']!r}); load it with "
-                        f"tasks.datasets.open_task (the CLIs' --task-dir / --dataset do), "
+                        f"tasks.datasets.open_task (`task_dir` and `dataset`), "
                         f"not as a directory of jsonl files.")
     unknown = sorted(set(spec) - TASK_JSON_KEYS)
     if unknown:
         raise TaskError(f"{source}: unknown keys {unknown}; allowed keys are "
-                        f"{sorted(TASK_JSON_KEYS)} (and, for --dataset, the column keys of "
+                        f"{sorted(TASK_JSON_KEYS)} (and, for a `dataset`, the column keys of "
                         f"tasks/datasets.py).")
     return task_from_spec(spec, directory, source)
 

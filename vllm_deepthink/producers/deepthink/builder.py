@@ -367,7 +367,7 @@ def _check_finite(iteration: int, keys, values) -> None:
         if not all(torch.isfinite(t).all() for t in tensors):
             raise BuildError(
                 f"iteration {iteration}: {name} contain NaN/Inf; the build diverged. Use a "
-                f"smaller step size / eta, fewer iterations, or --dtype float32.")
+                f"smaller step size / eta, fewer iterations, or `dtype` float32.")
 
 
 def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidate],
