@@ -1,6 +1,6 @@
 """`vllm-deepthink eval`: accuracy of zero-shot, ICL and Deep-Thinking on a task.
 
-    vllm-deepthink eval --model models/smollm2-135m --task-dir examples/data/sst2 \
+    vllm-deepthink eval --model models/smollm2-135m --task-dir examples/data/sst2 \\
         --adapter adapters_store/sst2-smollm2-135m --output-json eval.json
 
 This module parses the flags; `run.evaluate_task` evaluates (modes.py: the modes;
