@@ -25,7 +25,7 @@ from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps.bench.report import targets, task_scaling
 from vllm_deepthink.apps.bench.run import (BenchError, BenchOptions, auto_kv_cache_gib,
                                            kv_bytes_per_token, run_benchmark)
-from vllm_deepthink.apps.bench.server import AdminCallError, Server, engine_env, free_port
+from vllm_deepthink.apps.processes import AdminCallError, Server, engine_env, free_port
 from vllm_deepthink.apps.bench.server_bench import prompts, round_robin_order
 from vllm_deepthink.apps.bench.workload import Workload, clip_prefix_len, make_request_set
 
@@ -140,12 +140,13 @@ def test_clip_prefix_len():
 def test_bad_options_say_what_to_change(tmp_path, tiny_llama):
     with pytest.raises(BenchError, match="expected a local HF model directory"):
         run_benchmark(BenchOptions(model=str(tmp_path / "nowhere")))
-    with pytest.raises(BenchError, match="--request-rate must be > 0"):
+    with pytest.raises(BenchError, match="`request_rate` must be > 0"):
         run_benchmark(BenchOptions(model=str(tiny_llama), request_rate=0))
     proc = subprocess.run([sys.executable, "-m", "vllm_deepthink.apps.cli", "bench", "--model",
                            str(tmp_path / "nowhere")], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1 and "expected a local HF model directory" in proc.stderr
+    assert "vllm-deepthink bench: error: --model " in proc.stderr  # the flag, not `model`
 
 
 def test_engine_env_is_the_one_engine_environment(monkeypatch):

@@ -6,8 +6,11 @@ import pytest
 
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.producers.deepthink.builder import build_adapter
-from vllm_deepthink.apps import eval as eval_cmd
-from vllm_deepthink.apps import evaluation
+from vllm_deepthink.apps.errors import UsageError
+from vllm_deepthink.apps.eval import cli as eval_cmd
+from vllm_deepthink.apps.eval.evaluate import evaluate
+from vllm_deepthink.apps.eval.modes import MODES
+from vllm_deepthink.apps.eval.scorers import load_adapter_for, make_scorer
 from vllm_deepthink.tasks.scoring import EncodedItem, HFScorer, encode_items, items_from_rows
 from vllm_deepthink.tasks import load_task, sample_demos
 
@@ -45,7 +48,7 @@ def setup(tmp_path_factory):
                                 task=task.to_dict(), base_model_name_or_path=str(model_dir),
                                 progress=False)
         adapter.save_pretrained(base / name)
-        adapters[name] = evaluation.load_adapter_for(model_dir, base / name)
+        adapters[name] = load_adapter_for(model_dir, base / name)
     items = items_from_rows(task, task.rows("test"))
     encoded = encode_items(tok, items)
     return dict(base=base, model_dir=model_dir, model=model, tok=tok, task=task,
@@ -54,7 +57,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_scorer(setup):
-    scorer = evaluation.make_scorer(
+    scorer = make_scorer(
         "vllm", setup["model_dir"], {}, {n: setup["base"] / n for n in setup["adapters"]},
         max_len=200, progress=False, block_size=32, disable_log_stats=False)
     yield scorer
@@ -135,10 +138,10 @@ def test_multi_token_choices_read_cached_demos_and_stay_exact(setup, vllm_scorer
 
 def test_evaluate_with_both_engines_gives_same_predictions(setup, vllm_scorer):
     task, rows = setup["task"], setup["task"].rows("test")
-    kwargs = dict(task=task, rows=rows, modes=list(evaluation.MODES),
+    kwargs = dict(task=task, rows=rows, modes=list(MODES),
                   adapter=setup["adapters"]["t3"], adapter_name="t3", progress=False)
-    with_vllm = evaluation.evaluate(vllm_scorer, setup["tok"], **kwargs)
-    with_hf = evaluation.evaluate(HFScorer(setup["model"], setup["adapters"]), setup["tok"],
+    with_vllm = evaluate(vllm_scorer, setup["tok"], **kwargs)
+    with_hf = evaluate(HFScorer(setup["model"], setup["adapters"]), setup["tok"],
                                   **kwargs)
     assert with_vllm["predictions"] == with_hf["predictions"]
     assert with_vllm["metrics"] == with_hf["metrics"]
@@ -176,7 +179,7 @@ def test_cli_custom_task_end_to_end(setup, tmp_path):
     assert result["settings"]["task"]["template"] == spec["template"]
     assert result["settings"]["split"] == "test"
     assert result["labels"] == [r["label"] for r in rows[6:]]
-    for mode in evaluation.MODES:
+    for mode in MODES:
         preds, metrics = result["predictions"][mode], result["metrics"][mode]
         assert metrics["n"] == len(preds) == 4
         assert metrics["acc"] == sum(p == y for p, y in zip(preds, result["labels"])) / 4
@@ -208,11 +211,14 @@ def test_cli_bad_task_dir_is_a_clear_error(setup, tmp_path):
 
 
 def test_modes_need_an_adapter():
-    with pytest.raises(SystemExit, match="need --adapter"):
+    with pytest.raises(UsageError, match="need `adapter`"):
         eval_cmd.parse_modes("zero-shot,icl", has_adapter=False)
-    with pytest.raises(SystemExit, match="unknown mode"):
+    with pytest.raises(UsageError, match="unknown mode"):
         eval_cmd.parse_modes("fewshot", has_adapter=True)
-    assert eval_cmd.parse_modes(None, has_adapter=True) == list(evaluation.MODES)
+    # the command line names its flags (the modes are checked before the model is read)
+    with pytest.raises(SystemExit, match="^vllm-deepthink eval: error: --modes icl need --adapter"):
+        run_cli(["eval", "--model", "unread", "--modes", "zero-shot,icl", "--engine", "hf"])
+    assert eval_cmd.parse_modes(None, has_adapter=True) == list(MODES)
 
 
 def test_served_calibration_through_logit_bias(setup, vllm_scorer):

@@ -112,7 +112,8 @@ def test_dev_prior_of_an_adapter_selected_on_the_evaluated_split_is_refused(tmp_
     is not estimated for an eval of that same split."""
     from types import SimpleNamespace
 
-    from vllm_deepthink.apps.evaluation import EvalError, calibration_items
+    from vllm_deepthink.apps.eval.calibrate import calibration_items
+    from vllm_deepthink.apps.eval.modes import EvalError
     from vllm_deepthink.tasks import load_task
 
     d = tmp_path / "sent"

@@ -10,8 +10,8 @@ import torch
 
 from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps import cli
-from vllm_deepthink.apps import results as results_cmd
-from vllm_deepthink.apps import results_rows
+from vllm_deepthink.apps.results import checkpoints as row_files
+from vllm_deepthink.apps.results import runs, specs, table
 from vllm_deepthink.format import DeepThinkAdapter
 
 TEXTS = ["a charming film", "contains no wit , only labored gags", "the quick brown fox",
@@ -59,7 +59,7 @@ def uninterrupted(setup):
 
 def test_row_json_holds_every_column(uninterrupted):
     out, row = uninterrupted
-    assert row["schema"] == results_rows.ROW_SCHEMA and row["settings"]["n_test"] == 10
+    assert row["schema"] == specs.ROW_SCHEMA and row["settings"]["n_test"] == 10
     assert {"zero-shot", "icl", "icl+cf", "icl+dev", "dt", "dt+cf", "dt+dev", "dt-search",
             "dt-oracle"} <= set(row["columns"])
     assert len(row["scores"]["icl"]) == 10 and len(row["scores"]["icl"][0]) == 2
@@ -95,7 +95,7 @@ def test_interrupted_row_resumes_and_a_done_row_is_never_recomputed(setup, unint
 
     out = setup[0] / "out-b"
     clock = iter(range(0, 10_000, 40))  # each reading of the clock is 40 s later
-    monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
+    monkeypatch.setattr(table, "_now", lambda: next(clock))
     # budget 220 s: start 0, row check 40, candidate 0 at 80, its 3 iterations at 120,
     # 160 and 200, candidate 1 at 240 -> stop
     assert cli.main(argv(setup, out, "--time-budget", "220s")) == 0
@@ -118,7 +118,7 @@ def test_interrupted_row_resumes_and_a_done_row_is_never_recomputed(setup, unint
 
     path = out / "json" / "smollm2-sst2-s0.json"
     before = path.stat().st_mtime_ns
-    monkeypatch.setattr(results_cmd, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(table, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
     assert cli.main(argv(setup, out)) == 0
     assert path.stat().st_mtime_ns == before
 
@@ -127,17 +127,17 @@ def test_list_and_row_patterns(setup, uninterrupted, capsys):
     out, _ = uninterrupted
     assert cli.main(argv(setup, out, "--list")) == 0
     assert "smollm2-sst2-s0" in capsys.readouterr().out
-    keys = [r.key for r in results_rows.default_rows()]
+    keys = [r.key for r in specs.default_rows()]
     assert keys[:5] == ["smollm2-sst2-s0", "smollm2-mr-s0", "smollm2-trec-s0",
                         "smollm2-sst5-s0", "smollm2-agnews-s0"]
     assert len(keys) == 15 + 12 + 5
-    assert [r.key for r in results_cmd.select_rows("gemma3-270m-*-s2")] == [
+    assert [r.key for r in specs.select_rows("gemma3-270m-*-s2")] == [
         "gemma3-270m-sst2-s2", "gemma3-270m-mr-s2", "gemma3-270m-trec-s2", "gemma3-270m-sst5-s2"]
-    with pytest.raises(SystemExit, match="neither a pattern"):
-        results_cmd.select_rows("nomodel-sst2-s0")
-    assert results_cmd.parse_duration("1h30m") == 5400
-    with pytest.raises(SystemExit, match="duration"):
-        results_cmd.parse_duration("soon")
+    with pytest.raises(ValueError, match="neither a pattern"):
+        specs.select_rows("nomodel-sst2-s0")
+    assert table.parse_duration("1h30m") == 5400
+    with pytest.raises(ValueError, match="duration"):
+        table.parse_duration("soon")
 
 
 def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, monkeypatch):
@@ -149,11 +149,11 @@ def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, mon
     first = json.loads(path.read_text())
     assert first["search"] == "skipped" and "dt-search" not in first["columns"]
     assert "DT search" in (out / "results.md").read_text()  # the column, not yet filled
-    spec = results_cmd.select_rows("smollm2-sst2-s0")[0]
-    assert results_rows.row_state(out, spec) == "partial (no search)"
-    assert results_rows.row_state(out, spec, with_search=False) == "done without search"
+    spec = specs.select_rows("smollm2-sst2-s0")[0]
+    assert row_files.row_state(out, spec) == "partial (no search)"
+    assert row_files.row_state(out, spec, with_search=False) == "done without search"
     # A second first pass computes nothing; the full run adds candidates 1..13 only.
-    monkeypatch.setattr(results_cmd, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(table, "compute_row", lambda *a, **k: pytest.fail("recomputed"))
     assert cli.main(argv(setup, out, "--skip-search")) == 0
     monkeypatch.undo()
     calls = []
@@ -171,7 +171,7 @@ def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, mon
 
 
 def test_label_balance_table_counts_each_columns_answers(uninterrupted):
-    from vllm_deepthink.apps import results_report
+    from vllm_deepthink.apps.results import report as results_report
 
     out, row = uninterrupted
     assert results_report.majority_share([1, 1, 0, 2]) == (0.5, 1)
@@ -196,20 +196,20 @@ def test_json_checkpoints_without_their_kv_files_resume_the_same_row(setup, unin
 
     out = setup[0] / "out-json-only"
     clock = iter(range(0, 10_000, 40))
-    monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
+    monkeypatch.setattr(table, "_now", lambda: next(clock))
     assert cli.main(argv(setup, out, "--time-budget", "220s")) == 0  # as above: candidate 0
     monkeypatch.undo()
     work = out / "work" / "smollm2-sst2-s0"
     for path in work.glob("*.safetensors"):
         path.unlink()
     calls, replays, kv_saved = [], [], []
-    real, real_replay, real_save = (builder.run_candidates, results_rows.replay_kv,
-                                    results_rows._save_kv)
+    real, real_replay, real_save = (builder.run_candidates, runs.replay_kv,
+                                    row_files._save_kv)
     monkeypatch.setattr(builder, "run_candidates",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))
-    monkeypatch.setattr(results_rows, "replay_kv",
+    monkeypatch.setattr(runs, "replay_kv",
                         lambda *a: replays.append(list(a[3])) or real_replay(*a))
-    monkeypatch.setattr(results_rows, "_save_kv",
+    monkeypatch.setattr(row_files, "_save_kv",
                         lambda path, *a: kv_saved.append(path.name) or real_save(path, *a))
     assert cli.main(argv(setup, out)) == 0
     expected_out, expected = uninterrupted
@@ -233,7 +233,7 @@ def test_a_checkpoint_of_another_candidate_is_not_taken(tmp_path):
     from vllm_deepthink.producers.deepthink.search import search_grid
 
     grid = search_grid()
-    checkpoints = results_rows.RowCheckpoints(tmp_path)
+    checkpoints = row_files.RowCheckpoints(tmp_path)
     (tmp_path / "cand-00.json").write_text(json.dumps({"candidate": grid[1].to_dict()}))
     assert checkpoints.load_candidate(0, grid[0]) is None
 
@@ -245,12 +245,12 @@ def test_a_partial_checkpoint_with_a_short_test_trace_is_refused(tmp_path):
     from vllm_deepthink.producers.deepthink.search import search_grid
 
     candidate = search_grid()[0]
-    checkpoints = results_rows.RowCheckpoints(tmp_path)
+    checkpoints = row_files.RowCheckpoints(tmp_path)
     checkpoints.save_partial(0, candidate, {"dev": [{}, {}], "test_trace": [{}],
                                             "test_trace_scores": [[]], "seconds": 1.0})
     with pytest.raises(ValueError, match="2 dev results, 1 test trace entries.*delete"):
-        results_rows.run_candidate(None, None, None, candidate, None, None,
-                                   record_test=True, checkpoints=checkpoints, index=0)
+        runs.run_candidate(None, None, None, candidate, None, None,
+                           record_test=True, checkpoints=checkpoints, index=0)
 
 
 def test_search_column_of_a_committed_first_pass_row_skips_its_published_run(
@@ -296,13 +296,13 @@ def test_restored_published_candidate_holds_its_best_iterations_kv(setup, monkey
     path.write_text(json.dumps(row))
     shutil.rmtree(out / "work")
     saved = {}
-    real = results_rows.RowCheckpoints.save_candidate
+    real = row_files.RowCheckpoints.save_candidate
 
     def capture(self, index, run, *rest):
         saved.setdefault(index, run)
         return real(self, index, run, *rest)
 
-    monkeypatch.setattr(results_rows.RowCheckpoints, "save_candidate", capture)
+    monkeypatch.setattr(row_files.RowCheckpoints, "save_candidate", capture)
     assert cli.main(argv(setup, out)) == 0
     restored = saved[0]
     assert restored.best_iteration == 3
@@ -387,7 +387,7 @@ def test_a_time_budget_stops_inside_a_candidate_after_a_scored_iteration(
         setup, uninterrupted, monkeypatch, capsys):
     out = setup[0] / "out-budget-mid-run"
     clock = iter(range(0, 10_000, 40))
-    monkeypatch.setattr(results_cmd, "_now", lambda: next(clock))
+    monkeypatch.setattr(table, "_now", lambda: next(clock))
     # budget 150 s: start 0, row check 40, candidate 0 at 80, iteration 1 at 120,
     # iteration 2 at 160 -> stop, with iterations 1 and 2 checkpointed
     assert cli.main(argv(setup, out, "--time-budget", "150s")) == 0

@@ -143,7 +143,7 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 def engine_env() -> None:
     """This process becomes a test engine's environment (set before the engine starts):
     the product's `engine_env`, the one every engine we start gets."""
-    from vllm_deepthink.apps.bench.server import engine_env as product_engine_env
+    from vllm_deepthink.apps.processes import engine_env as product_engine_env
 
     os.environ.update(product_engine_env())
 

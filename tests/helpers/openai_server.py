@@ -1,7 +1,7 @@
 """A real `vllm serve` for the server tests (one per test module), and an OpenAI client.
 
 `VllmServer(model_dir, extra_args, log_path, env)` is the product's
-`vllm_deepthink.apps.bench.server.Server` with the test settings: the environment's
+`vllm_deepthink.apps.processes.Server` with the test settings: the environment's
 `bin/vllm` console script (what users run), float32, eager, a small max_model_len,
 and `engine_env` plus `env`.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vllm_deepthink.apps.bench.server import AdminCallError, Server, engine_env  # noqa: F401
+from vllm_deepthink.apps.processes import AdminCallError, Server, engine_env  # noqa: F401
 
 VLLM_SCRIPT = Path(sys.executable).parent / "vllm"
 

@@ -229,14 +229,14 @@ def test_adapter_for_another_base_model_is_refused(bases, adapters, tmp_path):
     # Same architecture and geometry, other weights: only the base model says so.
     other = make_tiny_model("llama", tmp_path / "other-llama", seed=1)
     with pytest.raises(ImportRefusedError,
-                       match=r"trained on '.*llama', whose fingerprint differs from --model "
-                             r"'.*other-llama' \(embedding_sha256.*--allow-base-mismatch"):
+                       match=r"trained on '.*llama', whose fingerprint differs from the base model "
+                             r"'.*other-llama' \(embedding_sha256.*`allow_base_mismatch`"):
         import_peft_adapter(adapters["llama", "prefix"], other)
     # A hub name that does not name --model.
     renamed = variant(adapters["llama", "prefix"], tmp_path / "renamed",
                       config_patch=lambda d: d.update(base_model_name_or_path="org/other-model"))
     with pytest.raises(ImportRefusedError, match="base_model_name_or_path='org/other-model'; "
-                                                 "found --model .*another model name"):
+                                                 "found the base model .*another model name"):
         import_peft_adapter(renamed, bases["llama"][0])
     # The user vouches for it: imported, bound to --model's fingerprint.
     adapter = import_peft_adapter(adapters["llama", "prefix"], other, allow_base_mismatch=True)
@@ -284,9 +284,9 @@ def test_missing_config_is_refused_without_asking_the_hub(bases, tmp_path):
 def test_task_id_rules(bases, adapters):
     model_dir = bases["llama"][0]
     for task_id in (None, 3, -1):
-        with pytest.raises(ImportRefusedError, match=r"expected --task-id in 0\.\.2, found"):
+        with pytest.raises(ImportRefusedError, match=r"`task_id` must be in 0\.\.2, found"):
             import_peft_adapter(adapters["llama", "multitask"], model_dir, task_id=task_id)
-    with pytest.raises(ImportRefusedError, match="--task-id is for MULTITASK_PROMPT_TUNING "
+    with pytest.raises(ImportRefusedError, match="`task_id` is for MULTITASK_PROMPT_TUNING "
                                                  "adapters; this one is PREFIX_TUNING"):
         import_peft_adapter(adapters["llama", "prefix"], model_dir, task_id=0)
 

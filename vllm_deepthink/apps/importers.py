@@ -37,6 +37,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     peft.add_argument("adapter_dir", help="PEFT adapter directory (adapter_config.json, "
                                           "adapter_model.safetensors)")
     _common(peft)
+    peft.set_defaults(_parser=peft)  # apps/cli.py: the flags of this parser name errors
     peft.add_argument("--task-id", type=int, default=None,
                       help="MULTITASK_PROMPT_TUNING: the task whose soft prompt to import "
                            "(one adapter per task)")
@@ -63,6 +64,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                     "special tokens, so put BOS's K/V in the prefix if the model needs it.")
     past_kv.add_argument("file", help="safetensors file of layers.{i}.key / layers.{i}.value")
     _common(past_kv)
+    past_kv.set_defaults(_parser=past_kv)
     past_kv.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                          help="dtype of the stored K/V; auto (default) keeps the file's")
 
@@ -88,6 +90,7 @@ def _summary(adapter, out: Path, seconds: float) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from vllm_deepthink.apps.errors import UsageError
     from vllm_deepthink.format import AdapterFormatError
     from vllm_deepthink.producers.kv_import import ImportRefusedError
 
@@ -111,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out)
         adapter.save_pretrained(out)
     except (ImportRefusedError, AdapterFormatError) as exc:
-        raise SystemExit(f"vllm-deepthink import {args.source}: error: {exc}") from None
+        raise UsageError(str(exc)) from None
     summary = _summary(adapter, out, time.perf_counter() - start)
     c = adapter.config
     specials = f" + special ids {c.prefix_special_ids}" if c.prefix_special_ids else ""

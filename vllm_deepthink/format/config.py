@@ -293,7 +293,8 @@ class DeepThinkConfig:
             raise AdapterFormatError(
                 f"{source}: a multitask prompt-tuning adapter serves one task: "
                 f"provenance.task_id must be an integer, found "
-                f"{self.provenance.get('task_id')!r}. Import it with --task-id.")
+                f"{self.provenance.get('task_id')!r}. Import it again with a task id "
+                f"(`vllm-deepthink import peft --task-id N`).")
 
 
 def config_data_digest(data: dict[str, Any]) -> str:

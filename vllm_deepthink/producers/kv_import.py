@@ -86,18 +86,6 @@ def check_prefix_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
     return length
 
 
-def resolve_model(model: str | Path) -> tuple[Path, str]:
-    """(local directory, name to record as base_model_name_or_path) of `--model`: a local
-    directory, or a hub id resolved through the Hugging Face cache (format.hub)."""
-    from vllm_deepthink.format.hub import MODEL_FILES, HubResolutionError, resolve_dir
-
-    try:
-        directory = resolve_dir(model, allow_patterns=MODEL_FILES)
-    except HubResolutionError as exc:
-        raise ImportRefusedError(f"--model: {exc}") from None
-    return directory, str(directory) if Path(model).expanduser().is_dir() else str(model)
-
-
 def make_adapter(model_name: str, fingerprint: ModelFingerprint, method: str,
                  keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                  prefix_special_ids: Sequence[int], provenance: dict[str, Any],

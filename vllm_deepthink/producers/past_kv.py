@@ -38,16 +38,16 @@ import torch
 
 from vllm_deepthink.format import DeepThinkAdapter, ModelFingerprint, dtype_name
 from vllm_deepthink.format.hf_config import kv_geometry
+from vllm_deepthink.producers.base_model import resolve_model
 from vllm_deepthink.producers.kv_import import (ImportRefusedError, check_model_supported,
-                                               check_prefix_kv, file_sha256, make_adapter,
-                                               resolve_model)
+                                               check_prefix_kv, file_sha256, make_adapter)
 
 METHOD = "past-kv"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 _NAME = re.compile(r"layers\.(\d+)\.(key|value)")
 _FIX = ("Write one safetensors file with layers.{i}.key / layers.{i}.value of shape "
         "[num_kv_heads, L, head_dim] (or [1, num_kv_heads, L, head_dim]) for every layer "
-        "of --model (see `vllm-deepthink import past-kv --help`).")
+        "of the base model (see `vllm-deepthink import past-kv --help`).")
 _CONVERT = ("Convert it once, in an environment you trust: load it with torch and save "
             "the per-layer tensors with safetensors.torch.save_file({'layers.0.key': ..., "
             "'layers.0.value': ..., ...}, 'cache.safetensors').")
@@ -116,7 +116,7 @@ def import_past_kv(path: str | Path, model_dir: str | Path, *, dtype: str | None
     from transformers import AutoConfig
 
     path = Path(path)
-    model_dir, model_name = resolve_model(model_dir)
+    model_dir, model_name = resolve_model(model_dir, error=ImportRefusedError)
     model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_model_supported(model_config, str(model_dir))
     tensors, metadata = read_past_kv(path)
@@ -128,13 +128,13 @@ def import_past_kv(path: str | Path, model_dir: str | Path, *, dtype: str | None
         if len(dtypes) != 1:
             raise ImportRefusedError(
                 f"{path}: tensors of dtypes {sorted(map(str, dtypes))}; expected one dtype. "
-                f"Pass --dtype float32 (or bfloat16 / float16) to store them in one.")
+                f"Pass `dtype` float32 (or bfloat16 / float16) to store them in one.")
         try:
             dtype_name(keys[0].dtype)
         except ValueError:
             raise ImportRefusedError(
                 f"{path}: dtype {keys[0].dtype}; adapters store float32, float16 or "
-                f"bfloat16. Pass --dtype float32 to convert.") from None
+                f"bfloat16. Pass `dtype` float32 to convert.") from None
     fingerprint = ModelFingerprint.from_checkpoint(model_dir, model_config)
     provenance = {
         "source": METHOD,

@@ -37,13 +37,13 @@ import torch
 from vllm_deepthink.format import DeepThinkAdapter, ModelFingerprint
 from vllm_deepthink.format.errors import read_json
 from vllm_deepthink.format.hf_config import kv_geometry, text_config
+from vllm_deepthink.producers.base_model import resolve_model
 from vllm_deepthink.producers.kv_import import (
     ImportRefusedError,
     check_model_supported,
     check_prefix_kv,
     file_sha256,
     make_adapter,
-    resolve_model,
 )
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -186,13 +186,13 @@ def _same_model_by_name(adapter_base: str, model_name: str) -> bool:
 
 def check_peft_base(cfg: dict[str, Any], model_name: str, fingerprint: ModelFingerprint,
                     source: str) -> None:
-    """The adapter's base_model_name_or_path names the model of `--model` (`model_name`:
+    """The adapter's base_model_name_or_path names the base model (`model_name`:
     its resolved directory, or its hub id): the same fingerprint when that path is a
     local checkpoint, else the same model name."""
     adapter_base = cfg.get("base_model_name_or_path")
     if not adapter_base:
         return  # nothing recorded: the geometry checks are all there is
-    fix = (f"Import it with that model, or pass --allow-base-mismatch if {model_name!r} "
+    fix = (f"Import it with that model, or pass `allow_base_mismatch` if {model_name!r} "
            f"holds the same weights under another name.")
     local = Path(adapter_base)
     if local.is_dir() and (local / "config.json").is_file():
@@ -205,13 +205,13 @@ def check_peft_base(cfg: dict[str, Any], model_name: str, fingerprint: ModelFing
             if diffs:
                 raise _refuse(
                     f"{source}: the adapter was trained on {adapter_base!r}, whose "
-                    f"fingerprint differs from --model {model_name!r} ("
+                    f"fingerprint differs from the base model {model_name!r} ("
                     + "; ".join(diffs[:3]) + f"). {fix}")
             return
     if not _same_model_by_name(adapter_base, model_name):
         raise _refuse(
             f"{source}: the adapter was trained on base_model_name_or_path="
-            f"{adapter_base!r}; found --model {model_name!r}, another model name. {fix}")
+            f"{adapter_base!r}; found the base model {model_name!r}, another model name. {fix}")
 
 
 def special_prefix_ids(tokenizer) -> list[int]:
@@ -225,12 +225,12 @@ def special_prefix_ids(tokenizer) -> list[int]:
             raise _refuse(
                 f"the tokenizer adds special tokens that are not a leading prefix "
                 f"({with_special} vs {plain} for {text!r}); expected leading ones only (such "
-                f"as BOS). Pass --query-special-tokens none if the adapter was used on ids "
+                f"as BOS). Pass `query_special_tokens` none if the adapter was used on ids "
                 f"without special tokens.")
         ids = with_special[:extra]
         if found is not None and ids != found:
             raise _refuse(f"the tokenizer's leading special tokens depend on the text "
-                          f"({found} vs {ids}); pass --query-special-tokens none.")
+                          f"({found} vs {ids}); pass `query_special_tokens` none.")
         found = ids
     return found
 
@@ -338,12 +338,12 @@ def import_peft_adapter(adapter_dir: str | Path, model_dir: str | Path, *,
         if type(task_id) is not int or not 0 <= task_id < (num_tasks or 0):
             raise _refuse(
                 f"{config_source}: a multitask prompt-tuning adapter holds one soft prompt "
-                f"per task; expected --task-id in 0..{(num_tasks or 1) - 1}, found "
+                f"per task; `task_id` must be in 0..{(num_tasks or 1) - 1}, found "
                 f"{task_id!r}. Import one adapter per task id.")
     elif task_id is not None:
-        raise _refuse(f"--task-id is for MULTITASK_PROMPT_TUNING adapters; this one is "
+        raise _refuse(f"`task_id` is for MULTITASK_PROMPT_TUNING adapters; this one is "
                       f"{peft_type}.")
-    model_dir, model_name = resolve_model(model_dir)
+    model_dir, model_name = resolve_model(model_dir, error=ImportRefusedError)
     model_config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     check_model_supported(model_config, str(model_dir))
     check_peft_geometry(cfg, model_config, config_source)

@@ -62,6 +62,17 @@ def log_prior(scores: Sequence[Sequence[Score]], normalize: bool = False) -> lis
     return [math.log(m) if m > 0 else -math.inf for m in mean]
 
 
+def label_priors(dev_scores: Sequence[Sequence[Score]],
+                 content_free_scores: Sequence[Sequence[Score]] | None = None,
+                 normalize: bool = False) -> dict[str, list[float]]:
+    """The label prior of each method a prefix's scores allow: {"dev-prior": from the dev
+    items' scores, "content-free": from the content-free queries' scores (when given)}."""
+    priors = {"dev-prior": log_prior(dev_scores, normalize)}
+    if content_free_scores is not None:
+        priors["content-free"] = log_prior(content_free_scores, normalize)
+    return priors
+
+
 def calibrated(scores: Sequence[Sequence[Score]], prior: Sequence[float],
                normalize: bool = False) -> list[list[float]]:
     """[item][choice] -> log p_ij - log prior_j (higher is better)."""

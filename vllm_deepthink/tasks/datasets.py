@@ -74,7 +74,7 @@ class DatasetSpec:
             return cls(builders.pop(), data_files=files)
         path, _, name = spec.partition(":")
         if not path:
-            raise TaskError(f"--dataset {spec!r}: expected NAME[:CONFIG] (a hub dataset such as "
+            raise TaskError(f"`dataset` {spec!r}: expected NAME[:CONFIG] (a hub dataset such as "
                             f"glue:sst2) or a local json/csv/parquet file or directory")
         return cls(path, name or None)
 
@@ -114,7 +114,7 @@ def load_dataset_task(spec: str | None, task_config: str | Path,
     else:
         spec = config.get("dataset")
         if not spec:
-            raise TaskError(f"{config_path}: no dataset: pass --dataset SPEC or set "
+            raise TaskError(f"{config_path}: no dataset: pass `dataset` or set "
                             f"\"dataset\"")
         beside = config_path.parent / spec  # a local path in a task.json: relative to it
         if beside.exists():
@@ -139,10 +139,10 @@ def load_dataset_task(spec: str | None, task_config: str | Path,
             for split, split_rows in splits.items() if split != "__label_names__"}
     task.set_rows(rows)
     if "train" not in rows:
-        raise TaskError(f"--dataset {spec}: no train split; demonstrations are sampled from it "
+        raise TaskError(f"`dataset` {spec}: no train split; demonstrations are sampled from it "
                         f"(map one with \"splits\": {{\"train\": NAME}} in {TASK_FILE}).")
     if task.eval_split not in rows:
-        raise TaskError(f"--dataset {spec}: no {task.eval_split!r} split (the evaluation split); "
+        raise TaskError(f"`dataset` {spec}: no {task.eval_split!r} split (the evaluation split); "
                         f"found {sorted(rows)}. Map one with \"splits\" in {TASK_FILE}.")
     return task
 
@@ -151,7 +151,7 @@ def _load_splits(spec: DatasetSpec, config: dict, revision: str | None) -> dict[
     try:
         import datasets
     except ImportError:
-        raise TaskError("rows from a dataset (--dataset, or a task.json naming one) need the "
+        raise TaskError("rows from a dataset (`dataset`, or a task.json naming one) need the "
                         "`datasets` library: pip install 'vllm-deepthink[datasets]'") from None
     explicit = config.get("splits") or {}
     # A dataset split feeds at most one held-out split of ours: with {"test": "validation"},
@@ -163,7 +163,7 @@ def _load_splits(spec: DatasetSpec, config: dict, revision: str | None) -> dict[
         loaded = datasets.load_dataset(spec.path, spec.name, data_files=spec.data_files,
                                        revision=revision)
     except Exception as exc:  # the library raises many types (network, format, missing)
-        raise TaskError(f"--dataset: load_dataset({spec.path!r}, {spec.name!r}) failed: "
+        raise TaskError(f"`dataset`: load_dataset({spec.path!r}, {spec.name!r}) failed: "
                         f"{type(exc).__name__}: {exc}") from None
     out: dict[str, Any] = {}
     for ours, theirs in mapping.items():
@@ -218,7 +218,7 @@ def open_task(task_dir: str | Path | None, dataset: str | None = None,
 
     if dataset is None:
         if task_dir is None:
-            raise TaskError("give --task-dir DIR (train.jsonl, ...) or --dataset SPEC")
+            raise TaskError("give `task_dir` (a directory: train.jsonl, ...) or `dataset`")
         if _names_a_dataset(Path(task_dir).expanduser() / TASK_FILE):
             return load_dataset_task(None, task_dir, revision=revision)
         return load_task(task_dir)
@@ -226,8 +226,8 @@ def open_task(task_dir: str | Path | None, dataset: str | None = None,
     if config is None:
         local = Path(dataset).expanduser()
         if not (local.is_dir() and (local / TASK_FILE).is_file()):
-            raise TaskError(f"--dataset {dataset}: needs a {TASK_FILE} (template, label words, "
-                            f"columns): pass --task-dir DIR holding it")
+            raise TaskError(f"`dataset` {dataset}: needs a {TASK_FILE} (template, label words, "
+                            f"columns): pass `task_dir`, the directory holding it")
         config = local
     return load_dataset_task(dataset, config, revision=revision)
 

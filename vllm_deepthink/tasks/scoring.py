@@ -273,9 +273,14 @@ def accuracy(scores: Sequence[Sequence[Score]], labels: Sequence[int]) -> dict:
     n = len(labels)
     if n == 0:
         return {"acc": float("nan"), "acc_norm": float("nan"), "n": 0}
-    acc = sum(p == y for p, y in zip(predictions(scores), labels)) / n
-    acc_norm = sum(p == y for p, y in zip(predictions(scores, normalize=True), labels)) / n
-    return {"acc": acc, "acc_norm": acc_norm, "n": n}
+    return {"acc": prediction_accuracy(predictions(scores), labels),
+            "acc_norm": prediction_accuracy(predictions(scores, normalize=True), labels),
+            "n": n}
+
+
+def prediction_accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
+    """Share of the predicted choice indices that equal the labels."""
+    return sum(p == y for p, y in zip(preds, labels)) / len(labels)
 
 
 class Scorer(Protocol):

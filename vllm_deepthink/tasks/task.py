@@ -1,4 +1,6 @@
-"""Tasks: prompt templates, label words, demonstration sampling and dev splits.
+"""Tasks: their directories and task.json, prompt templates, label words, the built-in
+tasks of the Deep-Thinking paper and their shot counts (demonstrations.py samples the
+demonstrations, splits.py draws dev and evaluation rows).
 
 A task directory holds `train.jsonl` and an evaluation split (`test.jsonl` and/or
 `validation.jsonl`), one JSON object per line:
@@ -36,7 +38,6 @@ continuation `" positive"`.
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,20 +111,6 @@ ROW_TRANSFORMS: dict[str, Callable[[dict], dict]] = {
     "copa": _prepare_copa,
     "winogrande": _prepare_winogrande,
 }
-
-
-@dataclass
-class DemoSample:
-    """Demonstrations drawn from train: `text` is the demos joined by the task
-    separator (ending with it); `indices` are their train row indices, in order.
-    `fit` records what sample_demos did to respect a token budget (None: no budget
-    given): {"max_tokens", "tokens_first_draw", "tokens", "replaced": [[old, new]...]}."""
-
-    text: str
-    indices: list[int]
-    rows: list[dict] = field(repr=False)
-    fit: dict[str, Any] | None = None
-
 
 @dataclass
 class Task:
@@ -354,12 +341,12 @@ def _task_from_json(directory: Path, path: Path) -> Task:
         raise TaskError(f"{source}: expected a JSON object, found {type(spec).__name__}")
     if spec.get("dataset") is not None:
         raise TaskError(f"{source} names a dataset ({spec['dataset']!r}); load it with "
-                        f"tasks.datasets.open_task (the CLIs' --task-dir / --dataset do), "
+                        f"tasks.datasets.open_task (`task_dir` and `dataset`), "
                         f"not as a directory of jsonl files.")
     unknown = sorted(set(spec) - TASK_JSON_KEYS)
     if unknown:
         raise TaskError(f"{source}: unknown keys {unknown}; allowed keys are "
-                        f"{sorted(TASK_JSON_KEYS)} (and, for --dataset, the column keys of "
+                        f"{sorted(TASK_JSON_KEYS)} (and, for a `dataset`, the column keys of "
                         f"tasks/datasets.py).")
     return task_from_spec(spec, directory, source)
 
@@ -404,8 +391,8 @@ def task_from_spec(spec: dict, directory: Path, source: str) -> Task:
                 template=spec["template"], directory=directory, eval_split=eval_split,
                 shots=shots)
 
-
-def _labels(task: Task, rows: list[dict], indices: list[int]) -> dict[int, list[int]]:
+def rows_by_label(task: Task, rows: list[dict], indices: list[int]) -> dict[int, list[int]]:
+    """The indices of `rows` among `indices`, grouped by label."""
     by_label: dict[int, list[int]] = {}
     for i in indices:
         by_label.setdefault(task.label(rows[i]), []).append(i)
@@ -423,192 +410,3 @@ def default_shots(task: Task) -> int | None:
 def template_fields(task: Task) -> list[str]:
     """The row fields the query template fills (e.g. ["text"])."""
     return list(dict.fromkeys(_PLACEHOLDER.findall(task._query_template)))
-
-
-def _demo_text(task: Task, rows: list[dict], indices: list[int]) -> str:
-    return "".join(task.format_demo(rows[i]) + task.separator for i in indices)
-
-
-def sample_demos(task: Task, shots_per_class: int, seed: int, *,
-                 max_tokens: int | None = None,
-                 count_tokens: Callable[[str], int] | None = None) -> DemoSample:
-    """Demonstrations from train: `shots_per_class` per label for classification
-    (stratified, then shuffled), `shots_per_class` demos in all for multiple choice.
-
-    With `max_tokens` (and `count_tokens`, text -> its token count as the builder
-    tokenizes demos), a draw longer than the budget is repaired, never truncated:
-    the longest demonstration is replaced by a row of the same label (any row for
-    multiple choice) drawn at random among the unused rows that are shorter than it,
-    until the text fits; the order of the demonstrations is kept. Per-class counts
-    stay the same; the repair biases the sample toward shorter rows, and `fit`
-    records every replacement. TaskError when no such row is left.
-    """
-    if shots_per_class < 1:
-        raise TaskError(f"shots_per_class must be >= 1, found {shots_per_class}")
-    if (max_tokens is None) != (count_tokens is None):
-        raise TaskError("give max_tokens and count_tokens together")
-    rows = task.rows("train")
-    rng = random.Random(seed)
-    if task.kind == CLASSIFICATION:
-        by_label = _labels(task, rows, list(range(len(rows))))
-        indices = []
-        for label in range(len(task.label_words)):
-            pool = by_label.get(label, [])
-            if len(pool) < shots_per_class:
-                raise TaskError(
-                    f"task {task.name!r}: train.jsonl has {len(pool)} rows of label {label} "
-                    f"({task.label_words[label]!r}), fewer than shots_per_class="
-                    f"{shots_per_class}; lower it or add rows.")
-            indices.extend(rng.sample(pool, shots_per_class))
-        rng.shuffle(indices)
-    else:
-        if len(rows) < shots_per_class:
-            raise TaskError(f"task {task.name!r}: train.jsonl has {len(rows)} rows, fewer than "
-                            f"the {shots_per_class} demonstrations asked for.")
-        indices = rng.sample(range(len(rows)), shots_per_class)
-    fit = None
-    if max_tokens is not None:
-        indices, fit = _fit_demos(task, rows, indices, max_tokens, count_tokens, rng)
-    demo_rows = [rows[i] for i in indices]
-    return DemoSample(text=_demo_text(task, rows, indices), indices=indices, rows=demo_rows,
-                      fit=fit)
-
-
-def _fit_demos(task: Task, rows: list[dict], indices: list[int], max_tokens: int,
-               count_tokens: Callable[[str], int], rng: random.Random
-               ) -> tuple[list[int], dict[str, Any]]:
-    """See sample_demos: replace the longest demo until the text fits max_tokens."""
-    indices = list(indices)
-    first = count_tokens(_demo_text(task, rows, indices))
-    tokens, replaced = first, []
-    lengths: dict[int, int] = {}
-
-    def length(i: int) -> int:
-        if i not in lengths:
-            lengths[i] = count_tokens(task.format_demo(rows[i]) + task.separator)
-        return lengths[i]
-
-    tried = set(indices)
-    while tokens > max_tokens:
-        slot = max(range(len(indices)), key=lambda k: (length(indices[k]), -k))
-        old = indices[slot]
-        same = [i for i in range(len(rows)) if i not in tried
-                and (task.kind != CLASSIFICATION or task.label(rows[i]) == task.label(rows[old]))]
-        # Random candidates of that label, the first one shorter than the old demo wins.
-        rng.shuffle(same)
-        new = next((i for i in same if length(i) < length(old)), None)
-        if new is None:
-            raise TaskError(
-                f"task {task.name!r}: the demonstrations are {tokens} tokens, more than the "
-                f"{max_tokens} the model allows (Deep-Thinking runs them at positions L..2L-1), "
-                f"and no shorter train row of the same label is left to replace the longest "
-                f"one. Use fewer shots per class.")
-        tried.add(new)
-        indices[slot] = new
-        replaced.append([old, new])
-        tokens = count_tokens(_demo_text(task, rows, indices))
-    return indices, {"max_tokens": max_tokens, "tokens_first_draw": first, "tokens": tokens,
-                     "replaced": replaced}
-
-
-def dev_split(task: Task, size: int, seed: int, exclude: set[int], *,
-              stratify: bool = False, split: str = "train",
-              evaluated: str | None = None) -> list[dict]:
-    """Up to `size` rows of `split` (default train) not in `exclude` (the demos' train
-    indices), drawn at random with `seed` (so the label mix follows the split's); with
-    `stratify` (classification), an equal number per label as far as the split allows.
-    Shuffled. `evaluated`: the split being evaluated (default the task's evaluation
-    split), which the dev split may not be."""
-    return [task.rows(split)[i] for i in dev_indices(task, size, seed, exclude,
-                                                     stratify=stratify, split=split,
-                                                     evaluated=evaluated)]
-
-
-def dev_indices(task: Task, size: int, seed: int, exclude: set[int], *,
-                stratify: bool = False, split: str = "train",
-                evaluated: str | None = None) -> list[int]:
-    """The row indices (in `split`) of dev_split, in dev order. `exclude` holds train
-    indices, so it applies to the train split only. The evaluated split is refused, and a
-    held-out split's rows that also occur in it are left out of the draw (the train split
-    keeps its historical draw: its overlap with test is the dataset's own)."""
-    evaluated = evaluated or task.eval_split
-    _check_dev_split(task, split, evaluated)
-    rows = task.rows(split)
-    if split == "train":
-        skip = exclude
-    else:
-        seen = {_row_key(task, row) for row in task.rows(evaluated)}
-        skip = {i for i, row in enumerate(rows) if _row_key(task, row) in seen}
-    pool = [i for i in range(len(rows)) if i not in skip]
-    if not pool:
-        why = (f"after excluding the {len(exclude)} demonstrations" if split == "train" else
-               f"that are not also in the evaluated split {evaluated!r} (does the task map "
-               f"both to the same data?)")
-        raise TaskError(f"task {task.name!r}: no {split} rows {why} are left for a dev split.")
-    if size < 1:
-        raise TaskError(f"the dev split needs size >= 1, found {size}")
-    rng = random.Random(seed)
-    size = min(size, len(pool))
-    if stratify and task.kind == CLASSIFICATION:
-        by_label = _labels(task, rows, pool)
-        per_label = size // len(by_label)
-        chosen = []
-        for label in sorted(by_label):
-            chosen.extend(rng.sample(by_label[label], min(per_label, len(by_label[label]))))
-        rest = sorted(set(pool) - set(chosen))
-        chosen.extend(rng.sample(rest, size - len(chosen)))
-        rng.shuffle(chosen)
-    else:
-        chosen = rng.sample(pool, size)
-    return chosen
-
-
-def _check_dev_split(task: Task, split: str, evaluated: str) -> None:
-    """Raise TaskError unless `split` can hold a dev split of `task` evaluated on
-    `evaluated`: train (drawn disjoint from the demos) or another held-out split."""
-    if split == evaluated:
-        raise TaskError(
-            f"task {task.name!r}: {split!r} is the split being evaluated; a dev split drawn "
-            f"from it would choose on the evaluated items. Draw it from "
-            f"{_other_splits(task, evaluated)}.")
-    if not task.has_split(split):  # an unknown split name raises in split_path
-        raise TaskError(f"task {task.name!r} has no {split!r} split ({split}.jsonl in "
-                        f"{task.directory}, or a dataset split mapped to it); the dev split "
-                        f"can come from {_other_splits(task, evaluated)}.")
-
-
-def _other_splits(task: Task, evaluated: str) -> str:
-    found = [s for s in SPLITS if s != evaluated and task.has_split(s)]
-    return " or ".join(repr(s) for s in found) or "no other split"
-
-
-def _row_key(task: Task, row: dict) -> tuple[str, tuple[str, ...]]:
-    """What a row puts before the model: its query and its choices (not bookkeeping
-    fields such as an id, which differ between copies of the same item)."""
-    return task.format_query(row), tuple(task.choices(row))
-
-
-def dev_split_of(task: Task, record: dict[str, Any]) -> list[dict]:
-    """The dev split a build drew, from its record (DeepThinkConfig.task: dev_size,
-    seed or dev_seed, demo_indices, dev_stratified, dev_split)."""
-    missing = [k for k in ("dev_size", "seed", "demo_indices") if k not in record]
-    if missing:
-        raise TaskError(f"the build record lacks {missing}: the adapter was not selected on "
-                        f"a dev split of a task directory")
-    return dev_split(task, int(record["dev_size"]), int(record.get("dev_seed", record["seed"])),
-                     exclude=set(record["demo_indices"]),
-                     stratify=bool(record.get("dev_stratified", False)),
-                     split=str(record.get("dev_split", "train")))
-
-
-def eval_rows(task: Task, split: str | None = None, limit: int | None = None,
-              seed: int = 0) -> list[dict]:
-    """Rows to evaluate on: the task's eval split (or `split`); with `limit`, a random
-    subset of that size drawn with `seed`, kept in file order."""
-    rows = task.rows(split or task.eval_split)
-    if limit is None or limit >= len(rows):
-        return rows
-    if limit < 1:
-        raise TaskError(f"limit must be >= 1, found {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in keep]

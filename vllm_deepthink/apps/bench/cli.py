@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vllm_deepthink.apps.bench.run import BenchError, BenchOptions, failed_systems, run_benchmark
 from vllm_deepthink.apps.bench.systems import SYSTEMS
+from vllm_deepthink.apps.errors import UsageError
 
 _DEFAULTS = BenchOptions(model="")
 
@@ -130,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         report = run_benchmark(options)
     except BenchError as exc:
-        raise SystemExit(f"vllm-deepthink bench: {exc}") from None
+        raise UsageError(str(exc)) from None
     for line in summary_lines(report):
         print(line)
     if args.output_json:

@@ -1,7 +1,7 @@
 """Each benchmarked offline system runs in its own process, with the same environment.
 
 `run_system` runs one system (`python -m vllm_deepthink.apps.bench.systems SPEC OUT`)
-with the environment it is given (`server.engine_env`, the same for every system).
+with the environment it is given (`apps.processes.engine_env`, the same for every system).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from typing import Any
 
 from vllm_deepthink.apps.bench import report as rep
 from vllm_deepthink.apps.bench.processes import hf_threads, run_system
-from vllm_deepthink.apps.bench.server import engine_env
+from vllm_deepthink.apps.processes import engine_env
 from vllm_deepthink.apps.bench.systems import SYSTEMS
 from vllm_deepthink.apps.bench.workload import (Workload, clip_prefix_len, make_request_set,
                                                  max_model_len)
@@ -73,21 +73,21 @@ class BenchOptions:
         model_dir = Path(self.model)
         if not (model_dir / "config.json").is_file():
             raise BenchError(
-                f"--model {model_dir}: expected a local HF model directory with config.json. "
+                f"`model` {model_dir}: expected a local HF model directory with config.json. "
                 f"Create SmolLM2 with `vllm-deepthink model smollm2 --out models/smollm2-135m`.")
         for name in ("requests", "query_len", "repetitions", "warmup_requests",
                      "server_requests"):
             if getattr(self, name) < 1:
-                raise BenchError(f"--{name.replace('_', '-')} must be >= 1, "
+                raise BenchError(f"`{name}` must be >= 1, "
                                  f"found {getattr(self, name)}")
         unknown = sorted(set(self.systems) - set(SYSTEMS))
         if unknown or not self.systems:
-            raise BenchError(f"systems: expected a non-empty subset of {list(SYSTEMS)}, "
+            raise BenchError(f"`systems`: expected a non-empty subset of {list(SYSTEMS)}, "
                              f"found {self.systems}")
         if not self.request_rate > 0:
-            raise BenchError(f"--request-rate must be > 0 (or inf), found {self.request_rate}")
+            raise BenchError(f"`request_rate` must be > 0 (or inf), found {self.request_rate}")
         if self.server and importlib.util.find_spec("pandas") is None:
-            raise BenchError("--server: vllm bench serve reads its custom JSONL dataset with "
+            raise BenchError("`server`: vllm bench serve reads its custom JSONL dataset with "
                              "pandas, which is not installed; pip install pandas (or "
                              "vllm-deepthink[bench])")
         return model_dir

@@ -38,7 +38,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from vllm_deepthink.apps.bench.server import Server
+from vllm_deepthink.apps.processes import Server
 from vllm_deepthink.apps.bench.systems import VLLM_SYSTEMS, adapter_name, prompt_ids
 from vllm_deepthink.apps.bench.workload import max_model_len
 

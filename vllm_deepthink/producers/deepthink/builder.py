@@ -367,7 +367,7 @@ def _check_finite(iteration: int, keys, values) -> None:
         if not all(torch.isfinite(t).all() for t in tensors):
             raise BuildError(
                 f"iteration {iteration}: {name} contain NaN/Inf; the build diverged. Use a "
-                f"smaller step size / eta, fewer iterations, or --dtype float32.")
+                f"smaller step size / eta, fewer iterations, or `dtype` float32.")
 
 
 def run_candidates(model, demo_ids: Sequence[int], candidates: Sequence[Candidate],
@@ -490,13 +490,13 @@ def label_calibration(dev: DevSet | None, result: DevResult | None,
     widths = {len(item) for item in result.scores}
     if len(widths) != 1 or (result.cf_scores is None and label_words is None):
         return None
+    priors = calibration.label_priors(result.scores, result.cf_scores)
     out: dict[str, Any] = {"label_words": list(label_words) if label_words else None,
                            "label_token_ids": dev.label_token_ids,
-                           "dev-prior": {"log_prior": calibration.log_prior(result.scores),
+                           "dev-prior": {"log_prior": priors["dev-prior"],
                                          "n": len(result.scores)}}
-    if result.cf_scores is not None:
-        out["content-free"] = {"log_prior": calibration.log_prior(result.cf_scores),
-                               "inputs": dev.cf_inputs}
+    if "content-free" in priors:
+        out["content-free"] = {"log_prior": priors["content-free"], "inputs": dev.cf_inputs}
     return out
 
 

@@ -50,15 +50,15 @@ def check_invertible(config) -> None:
     model_type = text.model_type
     if model_type not in ROTATE_HALF_MODEL_TYPES:
         raise RotaryError(
-            f"--position-mode aligned needs a rotary-position (RoPE) model of a known layout "
+            f"`position_mode` aligned needs a rotary-position (RoPE) model of a known layout "
             f"({sorted(ROTATE_HALF_MODEL_TYPES)}); found model_type {model_type!r}"
             + (" which uses learned absolute positions" if model_type in ("gpt2", "opt") else "")
-            + ". Use --position-mode published for this model.")
+            + ". Use `position_mode` published for this model.")
     length_dependent = _rope_types(text) & _LENGTH_DEPENDENT_ROPE_TYPES
     if length_dependent:
         raise RotaryError(
-            f"--position-mode aligned cannot invert rope type {sorted(length_dependent)}: its "
-            f"frequencies change with the sequence length. Use --position-mode published.")
+            f"`position_mode` aligned cannot invert rope type {sorted(length_dependent)}: its "
+            f"frequencies change with the sequence length. Use `position_mode` published.")
 
 
 def rotary_module(model):
@@ -67,7 +67,7 @@ def rotary_module(model):
     if rotary is None:
         raise RotaryError(
             f"{type(model).__name__} has no rotary embedding module (model.model.rotary_emb); "
-            f"--position-mode aligned needs a RoPE model. Use --position-mode published.")
+            f"`position_mode` aligned needs a RoPE model. Use `position_mode` published.")
     return rotary
 
 

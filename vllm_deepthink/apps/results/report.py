@@ -1,6 +1,6 @@
 """results.md and curves.png from the row JSONs of `vllm-deepthink results`.
 
-Everything here is recomputed from OUT/json/*.json (apps/results.py writes them), so
+Everything here is recomputed from OUT/json/*.json (row.py computes them), so
 the report can be regenerated at any time (`vllm-deepthink results --report-only`).
 """
 

@@ -1,4 +1,5 @@
-"""A `vllm serve` subprocess, and the environment of every vLLM engine we start.
+"""A `vllm serve` subprocess, and the environment of every vLLM engine we start (the
+benchmark and the tests share them).
 
 `engine_env()` is the one environment of an engine process: the benchmark's system
 processes and servers, and the tests' engines and servers. `Server` runs

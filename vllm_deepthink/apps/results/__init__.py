@@ -1,0 +1,1 @@
+"""`vllm-deepthink results`: the accuracy table (cli.py over table.update_table)."""
