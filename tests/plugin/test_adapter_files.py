@@ -139,3 +139,31 @@ def test_the_request_state_patch_is_inert_without_our_connector(served, monkeypa
     assert not frontend.connector_configured()
     plain = state()
     assert type(plain) is RequestState and list(plain.prompt_token_ids) == placeholders + [5, 6, 7]
+
+
+def test_vllm_serve_with_hostile_start_adapters_exits_naming_each_field(tiny):
+    """`vllm serve --deepthink-adapter` / `--deepthink-adapter-dir` with hostile adapters:
+    exit status 1 before the engine starts, one line per adapter naming the field, no
+    traceback (before: a traceback, and for several cases a TypeError / RecursionError
+    instead of the reason, or a server that started and hung on the first request)."""
+    import subprocess
+
+    from tests.helpers.openai_server import VLLM_SCRIPT, engine_env
+
+    if not VLLM_SCRIPT.exists():
+        pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
+    result = subprocess.run(
+        [str(VLLM_SCRIPT), "serve", str(tiny.model_dir), "--max-model-len", "512",
+         "--port", "0", "--deepthink-adapter", f"good={tiny.good}",
+         "--deepthink-adapter", f"start-float={tiny.hostile['float-demo-id']}",
+         "--deepthink-adapter-dir", str(tiny.store)],
+        capture_output=True, text=True, timeout=300, env=engine_env())
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "vllm serve: error: cannot serve" in result.stderr
+    lines = result.stderr.splitlines()
+    for name, fragment in [("start-float", CASES["float-demo-id"][1]),
+                           *((case, fragment) for case, (_, fragment) in CASES.items())]:
+        line = next((line for line in lines if line.startswith(f"  - {name} (")), "")
+        assert fragment in line, f"{name}: {line or 'not named'}"
+    assert not any(line.startswith("  - good (") for line in lines)
