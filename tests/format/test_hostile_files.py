@@ -184,3 +184,18 @@ def test_fingerprint_fields_keep_their_python_values(tiny):
         ModelFingerprint.from_dict({**fp.to_dict(), "num_kv_heads": True})
     with pytest.raises(AdapterFormatError, match="fingerprint.embedding_sha256 must be 64"):
         ModelFingerprint.from_dict({**fp.to_dict(), "embedding_sha256": "x" * 64})
+
+
+
+def test_json_parsed_near_the_recursion_limit_is_refused_when_hashed(good, monkeypatch):
+    """JSON the parser could nest (just under the limit) can still be too deep for the
+    digest, which runs deeper in the stack: an AdapterFormatError, not a RecursionError
+    (simulated: where exactly the limit falls depends on the caller's stack)."""
+    from vllm_deepthink.format import config as config_module
+
+    def too_deep(data):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(config_module, "config_data_digest", too_deep)
+    with pytest.raises(AdapterFormatError, match="nested too deeply to read"):
+        DeepThinkAdapter.from_pretrained(good)

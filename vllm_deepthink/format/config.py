@@ -403,10 +403,14 @@ def load_config_and_digest(directory: str | Path) -> tuple[DeepThinkConfig, str]
             f"{directory}: {CONFIG_NAME} is missing; expected a vllm-deepthink adapter "
             f"directory.{hint} Build one with `vllm-deepthink build`.")
     data = read_json(path, ". Rebuild the adapter.")
-    config = DeepThinkConfig.from_dict(data, str(path))
-    # Unknown keys are ignored (with a warning) by the digest as by the config.
-    known = {f.name for f in dataclasses.fields(DeepThinkConfig)}
-    return config, config_data_digest({k: v for k, v in data.items() if k in known})
+    try:
+        config = DeepThinkConfig.from_dict(data, str(path))
+        # Unknown keys are ignored (with a warning) by the digest as by the config.
+        known = {f.name for f in dataclasses.fields(DeepThinkConfig)}
+        return config, config_data_digest({k: v for k, v in data.items() if k in known})
+    except RecursionError:  # parsed near the interpreter's limit, too deep to hash
+        raise AdapterFormatError(f"{path}: nested too deeply to read. Rebuild the "
+                                 f"adapter.") from None
 
 
 def check_fingerprint(config: DeepThinkConfig, expected: ModelFingerprint, source: str) -> None:
