@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 
 from vllm_deepthink.format.errors import AdapterFormatError, describe, read_json
-from vllm_deepthink.format.fingerprint import ModelFingerprint
+from vllm_deepthink.format.fingerprint import SHA256_HEX, ModelFingerprint
 
 FORMAT_VERSION = 2
 # Versions this reader understands; older ones are upgraded on read (`upgrade_config_data`).
@@ -63,7 +62,6 @@ DEEPTHINK_FIELDS = ("demos_text", "demo_token_ids", "optimizer", "optimizer_para
 # plain prompt that uses the same ids. 0 is a valid id of every vocabulary.
 PLACEHOLDER_TOKEN_ID = 0
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Prefix positions an adapter may occupy: far above any model's context, low enough that
 # the placeholder ids and the weights size computed from it stay cheap.
 MAX_PREFIX_LEN = 1 << 24
@@ -326,7 +324,7 @@ class DeepThinkConfig:
                 f"adapter again.")
         files = self.provenance.get("files") if isinstance(self.provenance, dict) else None
         if (not isinstance(files, dict) or not files
-                or not all(isinstance(d, str) and _SHA256.fullmatch(d) for d in files.values())):
+                or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in files.values())):
             raise AdapterFormatError(
                 f"{source}: method {method!r} needs provenance.files, {{source file: sha256}} "
                 f"of what it was imported from; found {files!r}. Import the adapter again.")

@@ -33,7 +33,8 @@ INT_FIELD_BOUNDS = {
     "hidden_size": (1, 1 << 20),
     "vocab_size": (1, 1 << 31),   # token ids are int32 in vLLM
 }
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A sha256 as the format writes it (hashlib hexdigest).
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # Checkpoint tensor names of the input embedding, by common architecture.
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight",
@@ -150,7 +151,7 @@ def check_fields(data: dict[str, Any], source: str) -> None:
             f"{source}: fingerprint.rope must be an object of rotary settings, found "
             f"{describe(data['rope'])}. Rebuild the adapter.")
     digest = data["embedding_sha256"]
-    if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+    if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
         raise AdapterFormatError(
             f"{source}: fingerprint.embedding_sha256 must be 64 lowercase hex digits, found "
             f"{describe(digest)}. Rebuild the adapter.")
