@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import save as safetensors_save
 
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 from vllm_deepthink.producers.deepthink import builder
@@ -44,11 +45,15 @@ def _edit_config(directory, edit):
     path.write_text(json.dumps(data))
 
 
-def _write_weights(directory, adapter, keys=None, values=None):
-    """Weights file carrying the config's digest but the given tensors."""
-    bad = DeepThinkAdapter(config=adapter.config, keys=keys or adapter.keys,
-                           values=values or adapter.values)
-    (directory / WEIGHTS_NAME).write_bytes(bad.to_safetensors_bytes())
+def _write_weights(directory, adapter, keys=None, values=None, names=None):
+    """Weights file carrying the config's digest but the given tensors (and layer
+    numbers `names`, default 0..n-1)."""
+    keys, values = keys or adapter.keys, values or adapter.values
+    names = names or range(len(keys))
+    tensors = {f"layers.{i}.{kind}": t for i, k, v in zip(names, keys, values)
+               for kind, t in (("key", k), ("value", v))}
+    (directory / WEIGHTS_NAME).write_bytes(safetensors_save(
+        tensors, metadata={"deepthink_config_sha256": adapter.config.digest()}))
 
 
 def test_round_trip_is_exact(adapter, saved):
@@ -91,7 +96,7 @@ def test_truncated_safetensors(saved):
     path = saved / WEIGHTS_NAME
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(AdapterFormatError, match="not a readable safetensors file.*truncated"):
+    with pytest.raises(AdapterFormatError, match="bytes, but the config implies .*truncated"):
         DeepThinkAdapter.from_pretrained(saved)
 
 
@@ -102,23 +107,25 @@ def test_invalid_json(saved):
 
 
 def test_wrong_shapes(adapter, saved):
-    short = [k[:, :-1] for k in adapter.keys]
-    _write_weights(saved, adapter, keys=short)
+    # As many bytes as the config implies (so the size check passes), the wrong shape.
+    transposed = [k.transpose(1, 2).contiguous() for k in adapter.keys]
+    _write_weights(saved, adapter, keys=transposed)
     L = adapter.prefix_len
     with pytest.raises(AdapterFormatError,
-                       match=rf"layers.0.key has shape \(2, {L - 1}, 64\), expected .*\[2, {L}, 64\]"):
+                       match=rf"layers.0.key has shape \(2, 64, {L}\), expected .*\[2, {L}, 64\]"):
         DeepThinkAdapter.from_pretrained(saved)
 
 
 def test_missing_layer_tensor(adapter, saved):
-    _write_weights(saved, adapter, keys=adapter.keys[:2], values=adapter.values[:2])
-    with pytest.raises(AdapterFormatError, match=r"missing \['layers.2.key', 'layers.2.value'\]"):
+    _write_weights(saved, adapter, names=[0, 1, 7])
+    with pytest.raises(AdapterFormatError, match=r"missing \['layers.2.key', 'layers.2.value'\]"
+                                                 r", unexpected \['layers.7.key'"):
         DeepThinkAdapter.from_pretrained(saved)
 
 
 def test_wrong_dtype(adapter, saved):
-    _write_weights(saved, adapter, values=[v.half() for v in adapter.values])
-    with pytest.raises(AdapterFormatError, match="layers.0.value has dtype torch.float16, the "
+    _write_weights(saved, adapter, values=[v.view(torch.int32) for v in adapter.values])
+    with pytest.raises(AdapterFormatError, match="layers.0.value has dtype torch.int32, the "
                                                  "config says float32"):
         DeepThinkAdapter.from_pretrained(saved)
 

@@ -132,7 +132,7 @@ def test_imported_method_round_trip_and_placeholders(llama, tmp_path):
     (lambda d: d.update(num_virtual_tokens=None), "needs num_virtual_tokens"),
     (lambda d: d.update(num_virtual_tokens=4), r"num_virtual_tokens \(4\) \+ len\(prefix_special_ids\) "
                                                r"\(1\) must equal prefix_len \(6\)"),
-    (lambda d: d.update(prefix_special_ids=["x"]), "prefix_special_ids must be a list of token ids"),
+    (lambda d: d.update(prefix_special_ids=["x"]), r"prefix_special_ids\[0\] must be a token id"),
     (lambda d: d["provenance"].pop("files"), "needs provenance.files"),
     (lambda d: d["provenance"].update(files={"a": "not-a-digest"}), "needs provenance.files"),
     (lambda d: d["provenance"].pop("peft_version"), r"records \['peft_version'\]"),

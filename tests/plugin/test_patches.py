@@ -86,6 +86,23 @@ def test_version_check():
         plugin.check_vllm_version("0.31.9")
 
 
+def test_register_on_an_untested_vllm_logs_and_stays_inert(monkeypatch, caplog):
+    """Issue 32 item 7: register() runs in every vLLM process of the environment (plain
+    servers included); on an untested vLLM it must not raise (before: RuntimeError)."""
+    applied = []
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    monkeypatch.setattr(patches, "apply_all", lambda: applied.append("patches"))
+    monkeypatch.setattr(KVConnectorFactory, "register_connector",
+                        lambda *args: applied.append("connector"))
+    monkeypatch.delitem(KVConnectorFactory._registry, protocol.CONNECTOR_NAME)
+    with caplog.at_level("ERROR", logger="vllm_deepthink.plugin"):
+        plugin.register()
+    assert applied == []
+    assert protocol.CONNECTOR_NAME not in KVConnectorFactory._registry
+    assert any("inactive" in r.message and "found vllm 0.33.0" in r.message
+               and r.levelname == "ERROR" for r in caplog.records), caplog.text
+
+
 def test_connector_implements_every_abstract_method():
     assert not DeepThinkConnector.__abstractmethods__
     signature = inspect.signature(KVConnectorBase_V1.__init__)

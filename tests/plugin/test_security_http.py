@@ -19,6 +19,7 @@ end, beam search with adapters against HF, and the repetition-penalty deviation.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ from tests.helpers.http_probe import (
     greedy,
     send,
 )
+from tests.helpers.hostile_adapters import CASES as HOSTILE_CASES
+from tests.helpers.hostile_adapters import make_hostile
 from tests.helpers.openai_server import CHAT_TEMPLATE, VLLM_SCRIPT
 from tests.helpers.tiny_models import load_tiny, make_tiny_lora
 
@@ -65,8 +68,11 @@ def art(tmp_path_factory):
         paths[name] = root / "adapters" / name
         adapters[name] = build_adapter(model, tokenizer, paths[name], length, seed=n + 1,
                                        offset=n % 6)
+    store = root / "store"   # --deepthink-adapter-dir, empty at start (issue 32)
+    store.mkdir()
     return dict(root=root, model_dir=root / "tiny-llama", model=model, tokenizer=tokenizer,
-                adapters=adapters, paths=paths,
+                adapters=adapters, paths=paths, store=store,
+                hostile=make_hostile(paths["a1"], root / "hostile"),
                 lora_dir=make_tiny_lora(root / "tiny-llama", root / "lora1"))
 
 
@@ -78,7 +84,8 @@ def server(art):
     template.write_text(CHAT_TEMPLATE)
     args = ["--deepthink-adapter", *(f"{n}={art['paths'][n]}" for n in PREFIX_LENS),
             "--enable-lora", "--lora-modules", f"lora1={art['lora_dir']}",
-            "--max-lora-rank", "8", "--max-loras", "2", "--chat-template", str(template)]
+            "--max-lora-rank", "8", "--max-loras", "2", "--chat-template", str(template),
+            "--deepthink-adapter-dir", str(art["store"])]
     live = LiveServer(art["model_dir"], args, log_dir=art["root"], env={RUNTIME_ENV: "True"},
                       max_model_len=MAX_MODEL_LEN)
     live.base = str(art["model_dir"])
@@ -370,6 +377,20 @@ def admin_vectors(art) -> list[Vector]:
     ]
 
 
+def hostile_file_vectors(art) -> list[Vector]:
+    """Issue 32: each hostile adapter (tests/helpers/hostile_adapters.py) loaded through
+    the runtime endpoint, and named as a model of --deepthink-adapter-dir (twice: the
+    refusal is remembered): a 400 whose message names the field."""
+    vectors = []
+    for case, (_, fragment) in HOSTILE_CASES.items():
+        vectors.append(Vector(f"load {case}", {"adapter_name": f"h-{case}",
+                                               "adapter_path": str(art["hostile"][case])},
+                              "/v1/load_deepthink_adapter", status=400, fragments=(fragment,)))
+        vectors += [Vector(f"adapter dir {case} ({attempt})", cmpl(case), status=400,
+                           fragments=(fragment,)) for attempt in ("first", "again")]
+    return vectors
+
+
 # ------------------------------------------------------------------------- the contract
 
 def tenant_problems(server) -> list[str]:
@@ -445,6 +466,45 @@ def test_model_names_and_malformed_bodies(server):
 
 def test_admin_endpoints(server, art):
     assert_contract(server, admin_vectors(art))
+
+
+def test_item32_hostile_adapter_files_are_400_naming_the_field(server, art):
+    """Before the fix: float / bool ids loaded (200) and the first request naming the
+    adapter hung the engine core; num_layers 10**9 exhausted the API server's memory;
+    100k-deep JSON was a 500; "x" and a 5000-digit integer a 400 with a raw Python
+    message. Now each is a 400 naming the field, and the server answers the next
+    request (the contract checks health after each probe, a request and the tenants'
+    logprobs after the batch). The adapters are dropped into --deepthink-adapter-dir
+    once the server runs: at start they would stop it (test_startup_refuses_...)."""
+    for case, path in art["hostile"].items():
+        if not (art["store"] / case).exists():
+            shutil.copytree(path, art["store"] / case)
+    assert_contract(server, hostile_file_vectors(art))
+    listed = send(server.http, "GET", "/v1/models").body["data"]
+    assert not [m["id"] for m in listed if m["id"] in HOSTILE_CASES or
+                m["id"].startswith("h-")]
+
+
+def test_item32_usage_counts_the_query_whatever_the_cache_salt(server, art):
+    """Documented decision (README, Security): usage.prompt_tokens counts the prompt the
+    client sent, the query, as prompt_token_ids, echo and prompt logprobs show it; the
+    adapter's L positions belong to the model, whose /v1/models card offers
+    max_model_len - L. A client cache_salt only keeps the adapter's prefix-cache blocks
+    apart (each new salt loads the L positions again): same answer, same usage."""
+    ids = art["tokenizer"](QUERY, add_special_tokens=False)["input_ids"]
+    bodies = []
+    for salt in (None, "tenant-1", "9f3c2a-random"):
+        probe = greedy(server.http, "a1", **({"cache_salt": salt} if salt else {}))
+        assert probe.status == 200, probe.text
+        bodies.append(probe.body)
+    for body in bodies:
+        choice = body["choices"][0]
+        assert body["usage"]["prompt_tokens"] == len(ids) == len(choice["prompt_token_ids"])
+        assert body["usage"]["total_tokens"] == len(ids) + body["usage"]["completion_tokens"]
+        assert choice["token_ids"] == bodies[0]["choices"][0]["token_ids"]
+    card = next(m for m in send(server.http, "GET", "/v1/models").body["data"]
+                if m["id"] == "a1")
+    assert card["max_model_len"] == MAX_MODEL_LEN - PREFIX_LENS["a1"]
 
 
 def test_item4_adapter_is_chosen_by_model_only(server):

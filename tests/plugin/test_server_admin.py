@@ -148,7 +148,9 @@ def make_bad_adapter(tiny, kind: str) -> Path:
     elif kind == "nan":
         rewrite_weights(out, lambda a: a.keys[1].view(-1).__setitem__(5, float("nan")))
     elif kind == "wrong-shape":
-        rewrite_weights(out, lambda a: a.values.__setitem__(0, a.values[0][:, :-1].contiguous()))
+        # As many bytes as the config implies (the size check passes), the wrong shape.
+        rewrite_weights(out, lambda a: a.values.__setitem__(
+            0, a.values[0].transpose(1, 2).contiguous()))
     elif kind == "lora":
         shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -157,7 +159,7 @@ def make_bad_adapter(tiny, kind: str) -> Path:
 
 
 BAD_ADAPTERS = {
-    "truncated": "truncated or corrupt",
+    "truncated": "the file is truncated",
     "nan": "contains NaN or Inf",
     "wrong-shape": "tensor layers.0.value has shape",
     "wrong-base": "embedding_sha256",

@@ -102,3 +102,20 @@ def test_a_dataset_split_mapped_to_test_is_not_also_validation(tmp_path):
     assert len(task.rows("test")) == 4 and not task.has_split("validation")
     with pytest.raises(TaskError, match="has no 'validation' split.*from 'train'"):
         dev_split(task, 2, seed=0, exclude=set(), split="validation")
+
+
+def test_every_datasets_requirement_excludes_loading_scripts():
+    """Issue 32 item 7: datasets < 4 runs a hub repository's loading script (code) when
+    asked; every extra that installs datasets pins >= 4."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    found = [Requirement(r) for extra in project["project"]["optional-dependencies"].values()
+             for r in extra if Requirement(r).name == "datasets"]
+    assert found, "no extra installs datasets"
+    for requirement in found:
+        assert not requirement.specifier.contains("3.6.0"), str(requirement)
+        assert requirement.specifier.contains("4.0.0"), str(requirement)

@@ -11,11 +11,12 @@ serving side salts the prefix cache with it).
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -153,44 +154,99 @@ class DeepThinkAdapter:
 
         If expected_fingerprint is given (the model the adapter will be used with),
         a mismatch is an AdapterFormatError naming the fields that differ.
+
+        The checks run cheapest first, so a hostile directory costs no more than its
+        config until it proves consistent: the config (size-capped, every field typed
+        and bounded, token ids within the vocabulary), the fingerprint against the model,
+        the weights file's size against the size the config implies, its header (the
+        config's digest, the tensor names), and only then the tensors. Every refusal is
+        an AdapterFormatError.
         """
         directory = resolve_adapter_dir(directory, revision)
         config, written_digest = load_config_and_digest(directory)
+        if expected_fingerprint is not None:
+            check_fingerprint(config, expected_fingerprint, str(directory))
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():
             raise AdapterFormatError(
                 f"{directory}: {WEIGHTS_NAME} is missing; expected it next to {CONFIG_NAME}. "
                 f"Rebuild the adapter with `vllm-deepthink build`.")
-        data = weights_path.read_bytes()
         source = str(weights_path)
-        try:
-            tensors = safetensors_load(data)
-            with safe_open(str(weights_path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise AdapterFormatError(
-                f"{source}: not a readable safetensors file ({exc}); it is truncated or "
-                f"corrupt. Rebuild the adapter.") from None
-        found_digest = metadata.get(CONFIG_DIGEST_KEY)
+        data, header = _read_weights(weights_path, config)
+        metadata = header.get("__metadata__")
+        found_digest = metadata.get(CONFIG_DIGEST_KEY) if isinstance(metadata, dict) else None
         # The digest of the config as written (before a format upgrade on read).
         if found_digest != written_digest:
             raise AdapterFormatError(
-                f"{source}: header {CONFIG_DIGEST_KEY} is {found_digest!r} but "
+                f"{source}: header {CONFIG_DIGEST_KEY} is {found_digest!r:.80} but "
                 f"{CONFIG_NAME} hashes to {written_digest!r}: the config was edited or "
                 f"belongs to other weights. Rebuild the adapter or restore the config.")
         n = config.fingerprint.num_layers
         expected_names = {f"layers.{i}.{kind}" for i in range(n) for kind in ("key", "value")}
-        if set(tensors) != expected_names:
-            missing = sorted(expected_names - set(tensors))[:4]
-            extra = sorted(set(tensors) - expected_names)[:4]
+        names = set(header) - {"__metadata__"}
+        if names != expected_names:
+            missing = sorted(expected_names - names)[:4]
+            extra = sorted(str(name)[:40] for name in names - expected_names)[:4]
             raise AdapterFormatError(
                 f"{source}: expected tensors layers.0..{n - 1}.key/value; missing {missing}, "
                 f"unexpected {extra}. Rebuild the adapter.")
+        try:
+            tensors = safetensors_load(data)
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise AdapterFormatError(
+                f"{source}: not a readable safetensors file ({exc}); it is truncated or "
+                f"corrupt. Rebuild the adapter.") from None
         adapter = cls(config=config,
                       keys=[tensors[f"layers.{i}.key"] for i in range(n)],
                       values=[tensors[f"layers.{i}.value"] for i in range(n)],
                       digest=_weights_digest(data))
         adapter._validate_tensors(source)
-        if expected_fingerprint is not None:
-            check_fingerprint(config, expected_fingerprint, str(directory))
         return adapter
+
+
+def _read_weights(path: Path, config: DeepThinkConfig) -> tuple[bytes, dict]:
+    """(the bytes of an adapter's weights file, its parsed safetensors header), read
+    through one open file. Before the tensor data is read, the file's size must be the
+    size the config implies: 8 bytes (the header's length, little-endian) + the header
+    (JSON, at most `_max_header_bytes`) + `config.kv_bytes()`. The header is then parsed
+    from the bytes read, the same bytes the tensors are loaded from."""
+    source = str(path)
+    payload = config.kv_bytes()
+    max_header = _max_header_bytes(config)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header_len = int.from_bytes(handle.read(8), "little")
+            expected = 8 + header_len + payload
+            if size < 8 or header_len > max_header or size != expected:
+                raise AdapterFormatError(
+                    f"{source}: {size} bytes, but the config implies 8 + {header_len} (the "
+                    f"safetensors header, at most {max_header}) + {payload} (num_layers * 2 "
+                    f"tensors of [num_kv_heads, prefix_len, head_dim] {config.dtype}) = "
+                    f"{expected if header_len <= max_header else 'more'} bytes: the file is "
+                    f"truncated, padded or belongs to another config. Rebuild the adapter.")
+            handle.seek(0)
+            data = handle.read(size + 1)
+    except OSError as exc:
+        raise AdapterFormatError(
+            f"{source}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if len(data) != size or int.from_bytes(data[:8], "little") != header_len:
+        raise AdapterFormatError(f"{source}: the file changed while it was read; load the "
+                                 f"adapter again once it is written.")
+    try:
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFormatError(
+            f"{source}: not a readable safetensors file (its header is not JSON: "
+            f"{str(exc)[:80]}); it is truncated or corrupt. Rebuild the adapter.") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(
+            f"{source}: not a readable safetensors file (its header is not a JSON object); "
+            f"it is corrupt. Rebuild the adapter.")
+    return data, header
+
+
+def _max_header_bytes(config: DeepThinkConfig) -> int:
+    """A bound on the safetensors header of an adapter: the metadata plus, per tensor,
+    its name, dtype, shape and two offsets (about 130 bytes at the largest sizes)."""
+    return 4096 + 256 * 2 * config.fingerprint.num_layers

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,8 @@ from typing import Any
 
 import torch
 
-from vllm_deepthink.format.errors import AdapterFormatError, read_json
-from vllm_deepthink.format.fingerprint import ModelFingerprint
+from vllm_deepthink.format.errors import AdapterFormatError, describe, read_json
+from vllm_deepthink.format.fingerprint import SHA256_HEX, ModelFingerprint
 
 FORMAT_VERSION = 2
 # Versions this reader understands; older ones are upgraded on read (`upgrade_config_data`).
@@ -63,7 +62,21 @@ DEEPTHINK_FIELDS = ("demos_text", "demo_token_ids", "optimizer", "optimizer_para
 # plain prompt that uses the same ids. 0 is a valid id of every vocabulary.
 PLACEHOLDER_TOKEN_ID = 0
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Prefix positions an adapter may occupy: far above any model's context, low enough that
+# the placeholder ids and the weights size computed from it stay cheap.
+MAX_PREFIX_LEN = 1 << 24
+
+# The JSON type of each field read from a file (None allowed where the field may be null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "base_model_name_or_path": (str,), "dtype": (str,), "method": (str,),
+    "num_virtual_tokens": (int, type(None)), "prefix_special_ids": (list,),
+    "provenance": (dict,), "demos_text": (str, type(None)),
+    "demo_token_ids": (list, type(None)), "optimizer": (str, type(None)),
+    "optimizer_params": (dict, type(None)), "position_mode": (str, type(None)),
+    "iterations_run": (int, type(None)), "selected_iteration": (int, type(None)),
+    "selection_trace": (list,), "selection": (dict,), "label_calibration": (dict, type(None)),
+    "task": (dict, type(None)), "build_args": (dict,), "builder_version": (str,),
+}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -176,6 +189,13 @@ class DeepThinkConfig:
             return list(self.demo_token_ids)
         return [PLACEHOLDER_TOKEN_ID] * self.num_virtual_tokens + list(self.prefix_special_ids)
 
+    def kv_bytes(self) -> int:
+        """Bytes of the adapter's K/V as stored: num_layers * 2 tensors (key, value) of
+        [num_kv_heads, prefix_len, head_dim] in `dtype`."""
+        fp = self.fingerprint
+        return (fp.num_layers * 2 * fp.num_kv_heads * self.prefix_len * fp.head_dim
+                * torch_dtype(self.dtype).itemsize)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["fingerprint"] = self.fingerprint.to_dict()
@@ -215,9 +235,18 @@ class DeepThinkConfig:
         self._check(source)
 
     def _check(self, source: str) -> None:
-        if type(self.prefix_len) is not int or self.prefix_len < 1:
+        if type(self.prefix_len) is not int or not 1 <= self.prefix_len <= MAX_PREFIX_LEN:
             raise AdapterFormatError(
-                f"{source}: prefix_len must be a positive integer, found {self.prefix_len!r}")
+                f"{source}: prefix_len must be an integer in [1, {MAX_PREFIX_LEN}], found "
+                f"{describe(self.prefix_len)}")
+        for name, types in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, types) or isinstance(value, bool):
+                expected = " or ".join("null" if t is type(None) else _JSON_NAMES[t]
+                                       for t in types)
+                raise AdapterFormatError(
+                    f"{source}: {name} must be {expected}, found {describe(value)}. The file "
+                    f"was edited or is not an adapter: rebuild or import it again.")
         torch_dtype(self.dtype)
         if self.method not in METHODS:
             raise AdapterFormatError(
@@ -244,6 +273,10 @@ class DeepThinkConfig:
             raise AdapterFormatError(
                 f"{source}: demo_token_ids has {len(self.demo_token_ids)} ids but prefix_len "
                 f"is {self.prefix_len}; they must be equal. Rebuild the adapter.")
+        self._check_token_ids("demo_token_ids", self.demo_token_ids, source)
+        label_ids = (self.label_calibration or {}).get("label_token_ids")
+        if label_ids is not None:
+            self._check_token_ids("label_calibration.label_token_ids", label_ids, source)
         if self.optimizer not in ("momentum", "ema"):
             raise AdapterFormatError(
                 f"{source}: optimizer must be 'momentum' or 'ema', found {self.optimizer!r}")
@@ -251,6 +284,22 @@ class DeepThinkConfig:
             raise AdapterFormatError(
                 f"{source}: position_mode must be 'published' or 'aligned', "
                 f"found {self.position_mode!r}")
+
+    def _check_token_ids(self, name: str, ids: Any, source: str) -> None:
+        """Every token id of a config enters prompts (vLLM decodes them as list[int] in
+        the engine core, where a float or bool kills the input thread): each must be an
+        int, not bool, in [0, fingerprint.vocab_size)."""
+        vocab = self.fingerprint.vocab_size
+        if not isinstance(ids, list):
+            raise AdapterFormatError(
+                f"{source}: {name} must be a list of token ids, found {describe(ids)}. "
+                f"Rebuild or import the adapter again.")
+        for i, token in enumerate(ids):
+            if type(token) is not int or not 0 <= token < vocab:
+                raise AdapterFormatError(
+                    f"{source}: {name}[{i}] must be a token id, an integer in [0, "
+                    f"vocab_size={vocab}), found {describe(token)}. Rebuild or import the "
+                    f"adapter again.")
 
     def _check_imported(self, source: str) -> None:
         method = self.method
@@ -266,11 +315,8 @@ class DeepThinkConfig:
         if type(virtual) is not int or virtual < 0:
             raise AdapterFormatError(
                 f"{source}: method {method!r} needs num_virtual_tokens, a non-negative "
-                f"integer; found {virtual!r}. Import the adapter again.")
-        if not isinstance(specials, list) or any(type(i) is not int or i < 0 for i in specials):
-            raise AdapterFormatError(
-                f"{source}: prefix_special_ids must be a list of token ids, found "
-                f"{specials!r}. Import the adapter again.")
+                f"integer; found {describe(virtual)}. Import the adapter again.")
+        self._check_token_ids("prefix_special_ids", specials, source)
         if virtual + len(specials) != self.prefix_len:
             raise AdapterFormatError(
                 f"{source}: num_virtual_tokens ({virtual}) + len(prefix_special_ids) "
@@ -278,7 +324,7 @@ class DeepThinkConfig:
                 f"adapter again.")
         files = self.provenance.get("files") if isinstance(self.provenance, dict) else None
         if (not isinstance(files, dict) or not files
-                or not all(isinstance(d, str) and _SHA256.fullmatch(d) for d in files.values())):
+                or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in files.values())):
             raise AdapterFormatError(
                 f"{source}: method {method!r} needs provenance.files, {{source file: sha256}} "
                 f"of what it was imported from; found {files!r}. Import the adapter again.")
@@ -295,6 +341,9 @@ class DeepThinkConfig:
                 f"provenance.task_id must be an integer, found "
                 f"{self.provenance.get('task_id')!r}. Import it again with a task id "
                 f"(`vllm-deepthink import peft --task-id N`).")
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
 
 
 def config_data_digest(data: dict[str, Any]) -> str:
@@ -353,10 +402,14 @@ def load_config_and_digest(directory: str | Path) -> tuple[DeepThinkConfig, str]
             f"{directory}: {CONFIG_NAME} is missing; expected a vllm-deepthink adapter "
             f"directory.{hint} Build one with `vllm-deepthink build`.")
     data = read_json(path, ". Rebuild the adapter.")
-    config = DeepThinkConfig.from_dict(data, str(path))
-    # Unknown keys are ignored (with a warning) by the digest as by the config.
-    known = {f.name for f in dataclasses.fields(DeepThinkConfig)}
-    return config, config_data_digest({k: v for k, v in data.items() if k in known})
+    try:
+        config = DeepThinkConfig.from_dict(data, str(path))
+        # Unknown keys are ignored (with a warning) by the digest as by the config.
+        known = {f.name for f in dataclasses.fields(DeepThinkConfig)}
+        return config, config_data_digest({k: v for k, v in data.items() if k in known})
+    except RecursionError:  # parsed near the interpreter's limit, too deep to hash
+        raise AdapterFormatError(f"{path}: nested too deeply to read. Rebuild the "
+                                 f"adapter.") from None
 
 
 def check_fingerprint(config: DeepThinkConfig, expected: ModelFingerprint, source: str) -> None:

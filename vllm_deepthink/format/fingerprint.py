@@ -10,18 +10,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vllm_deepthink.format.errors import AdapterFormatError
+from vllm_deepthink.format.errors import AdapterFormatError, describe
 from vllm_deepthink.format.hf_config import kv_geometry, text_config
 
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rope_local_base_freq",
               "partial_rotary_factor", "sliding_window", "layer_types",
               "max_position_embeddings", "n_positions", "query_pre_attn_scalar")
+
+# Bounds of the integer fields a fingerprint read from a file may hold: far above any
+# real model, low enough that sizes computed from them stay cheap to check.
+INT_FIELD_BOUNDS = {
+    "num_layers": (1, 1 << 12),
+    "num_kv_heads": (1, 1 << 12),
+    "head_dim": (1, 1 << 16),
+    "hidden_size": (1, 1 << 20),
+    "vocab_size": (1, 1 << 31),   # token ids are int32 in vLLM
+}
+# A sha256 as the format writes it (hashlib hexdigest).
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # Checkpoint tensor names of the input embedding, by common architecture.
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight",
@@ -65,6 +78,7 @@ class ModelFingerprint:
             found = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise AdapterFormatError(
                 f"{source}: fingerprint must hold {names}, found {found}. Rebuild the adapter.")
+        check_fields(data, source)
         return cls(**{n: data[n] for n in names})
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
@@ -115,6 +129,32 @@ class ModelFingerprint:
 
             hf_config = AutoConfig.from_pretrained(model_dir)
         return cls.from_hf_config(hf_config, _read_embedding(model_dir))
+
+
+def check_fields(data: dict[str, Any], source: str) -> None:
+    """Raise AdapterFormatError naming the first fingerprint field of `data` (read from a
+    file) whose type or range is wrong: the integers are ints (not bool) within
+    INT_FIELD_BOUNDS, the names strings, rope an object, the digest 64 hex digits."""
+    for name, (low, high) in INT_FIELD_BOUNDS.items():
+        value = data[name]
+        if type(value) is not int or not low <= value <= high:
+            raise AdapterFormatError(
+                f"{source}: fingerprint.{name} must be an integer in [{low}, {high}], found "
+                f"{describe(value)}. The file was edited or is not an adapter: rebuild it.")
+    for name in ("architecture", "model_type"):
+        if not isinstance(data[name], str) or len(data[name]) > 256:
+            raise AdapterFormatError(
+                f"{source}: fingerprint.{name} must be a string (a Hugging Face "
+                f"{name.replace('_', ' ')}), found {describe(data[name])}. Rebuild the adapter.")
+    if not isinstance(data["rope"], dict):
+        raise AdapterFormatError(
+            f"{source}: fingerprint.rope must be an object of rotary settings, found "
+            f"{describe(data['rope'])}. Rebuild the adapter.")
+    digest = data["embedding_sha256"]
+    if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+        raise AdapterFormatError(
+            f"{source}: fingerprint.embedding_sha256 must be 64 lowercase hex digits, found "
+            f"{describe(digest)}. Rebuild the adapter.")
 
 
 def embedding_digest(embedding: torch.Tensor) -> str:

@@ -18,7 +18,10 @@ Importing this package does not import vLLM; register() does.
 
 from __future__ import annotations
 
+import logging
 import threading
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = (">=0.32", "<0.33")
 
@@ -38,10 +41,18 @@ def check_vllm_version(version: str) -> None:
 
 
 def register() -> None:
-    """Register the DeepThink KV connector and apply the compat patches."""
+    """Register the DeepThink KV connector and apply the compat patches.
+
+    On a vLLM outside SUPPORTED_VLLM it logs an error and registers nothing: vLLM loads
+    the plugin in every process of the environment, and a plain server must keep working
+    when vllm-deepthink does not support its vLLM (raising here would stop it)."""
     import vllm
 
-    check_vllm_version(vllm.__version__)
+    try:
+        check_vllm_version(vllm.__version__)
+    except RuntimeError as exc:
+        logger.error("vllm-deepthink is inactive: %s", exc)
+        return
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     from vllm_deepthink.plugin import patches, protocol

@@ -24,6 +24,7 @@ Nothing here imports vLLM at module level.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
@@ -62,6 +63,7 @@ logger = logging.getLogger(__name__)
 # Marks the kv_transfer_params entries this process's frontend wrote (random per
 # process, never sent to a client): the output-side patch acts on those only.
 FRONTEND_TOKEN = secrets.token_hex(16)
+_FRONTEND_TOKEN_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 class AdapterRequestError(ValueError):
@@ -466,8 +468,21 @@ def _reserved_salt_error(salt: str) -> AdapterRequestError:
 
 
 def wrote(entry: TransferEntry | None) -> bool:
-    """Whether this process's frontend wrote `entry` (so the engine runs our connector)."""
-    return entry is not None and secrets.compare_digest(entry.frontend, FRONTEND_TOKEN)
+    """Whether this process's frontend wrote `entry` (so the engine runs our connector).
+    The one reader of the entry's `frontend` token: anything but 32 lowercase hex digits
+    is not ours (compare_digest raises TypeError on a non-ASCII str)."""
+    if entry is None or not isinstance(entry.frontend, str):
+        return False
+    return bool(_FRONTEND_TOKEN_PATTERN.fullmatch(entry.frontend)) and secrets.compare_digest(
+        entry.frontend, FRONTEND_TOKEN)
+
+
+def connector_configured() -> bool:
+    """Whether an engine of this process runs our connector and has an adapter registry
+    (built before the frontend writes any entry): output-side patches are inert
+    otherwise."""
+    with _registries_lock:
+        return bool(_registries)
 
 
 # ----------------------------------------------------------------- the rewrite
@@ -554,7 +569,8 @@ def rewrite_request(info: AdapterInfo, prompt: Any, params: Any, tokenizer: Any,
             param="prompt")
     engine_input: dict[str, Any] = {
         "type": "token",
-        "prompt_token_ids": list(info.placeholder_ids) + query_ids,
+        # int(): the engine core decodes list[int] (a float or bool kills its input thread).
+        "prompt_token_ids": [int(i) for i in info.placeholder_ids] + query_ids,
         "cache_salt": info.cache_salt(user_salt),
     }
     if text is not None:

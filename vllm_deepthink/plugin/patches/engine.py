@@ -118,9 +118,11 @@ def patch_request_state() -> None:
     Outputs never show the placeholders: for an adapter request the state is
     built from the query ids alone (prompt_token_ids, detokenizer context,
     prompt_len), prompt logprobs drop the placeholder rows and num_cached_tokens
-    counts the query only. The request sent to the engine core is not touched. Only
-    entries this process's frontend wrote count (frontend.wrote): a kv_transfer_params
-    entry a client sends to an engine without our connector changes nothing.
+    counts the query only. The request sent to the engine core is not touched. Inert
+    unless an engine of this process runs our connector (the output processor has no
+    VllmConfig: frontend.connector_configured), and then only entries this process's
+    frontend wrote count (frontend.wrote): a kv_transfer_params entry a client sends to
+    an engine without our connector changes nothing.
     """
     if is_patched(RequestState, "from_new_request"):
         return
@@ -129,7 +131,8 @@ def patch_request_state() -> None:
     def from_new_request(cls, tokenizer, request, prompt, parent_req, request_index,
                          queue, log_stats, stream_interval):
         entry = (protocol.params_transfer_entry(request.sampling_params)
-                 if request.sampling_params is not None else None)
+                 if request.sampling_params is not None and frontend.connector_configured()
+                 else None)
         if not frontend.wrote(entry):
             return vllm_from_new_request(
                 cls, tokenizer=tokenizer, request=request, prompt=prompt,

@@ -71,7 +71,8 @@ def patch_engine_args_from_cli_args() -> None:
 
     Every `vllm serve` path (one API server, several, headless) builds its engine
     arguments here: the adapter flags become the connector's kv_transfer_config,
-    as api.engine_args(adapters=...) does (serving.flags.apply_adapter_args).
+    as api.engine_args(adapters=...) does (serving.flags.apply_adapter_args). An adapter
+    that cannot be served stops the command with its reason (exit status 1, no traceback).
     """
     from vllm.engine.arg_utils import EngineArgs
 
@@ -80,9 +81,17 @@ def patch_engine_args_from_cli_args() -> None:
     vllm_from_cli_args = original(EngineArgs, "from_cli_args")
 
     def from_cli_args(cls, args):
+        from vllm_deepthink.format import AdapterFormatError
+        from vllm_deepthink.plugin.protocol import AdapterNameError
         from vllm_deepthink.plugin.serving import flags
 
-        return flags.apply_adapter_args(vllm_from_cli_args(cls, args), args)
+        engine_args = vllm_from_cli_args(cls, args)
+        try:
+            return flags.apply_adapter_args(engine_args, args)
+        except (AdapterFormatError, AdapterNameError) as exc:
+            # A bad adapter or name on the command line: the message says which and why;
+            # exit as argparse does, without a traceback through vLLM's launcher.
+            raise SystemExit(f"vllm serve: error: {exc}") from None
 
     replace(EngineArgs, "from_cli_args", from_cli_args, classmethod)
 
