@@ -1,12 +1,15 @@
-"""Worker-side adapter residency: token-major tensors, LRU under a byte budget (no engine)."""
+"""Worker-side adapter store: token-major tensors, budget refusal, failure memory (no engine)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.tiny_models import load_tiny
+from vllm_deepthink.plugin.connector.residency import load_footprint
 from vllm_deepthink.plugin.connector.resident import AdapterLoadError, ResidentAdapters
 from vllm_deepthink.plugin.protocol import resident_budget_bytes
 
@@ -33,30 +36,70 @@ def test_resident_tensors_are_token_major_rank_heads(adapters):
     assert resident.keys[0][5:9].is_contiguous()
 
 
-def test_least_recently_used_adapter_is_dropped_and_reloaded(adapters):
-    one = store().load("a", str(adapters["a"][0])).nbytes
-    resident = store(max_bytes=2 * one)
+def test_the_store_holds_what_it_is_given_until_evicted(adapters):
+    resident = store()
     digests = {name: adapters[name][1].digest for name in "abc"}
-    for name in "ab":
-        resident.load(name, str(adapters[name][0]))
-    resident.get("a", str(adapters["a"][0]), digests["a"])  # a is now the most recent
-    resident.load("c", str(adapters["c"][0]))
-    assert set(resident.digests()) == {digests["a"], digests["c"]}
-    again = resident.get("b", str(adapters["b"][0]), digests["b"])  # read from disk again
-    assert torch.equal(again.keys[0][:, 0], adapters["b"][1].keys[0][0])
-    assert set(resident.digests()) == {digests["c"], digests["b"]}
+    read = resident.read("a", str(adapters["a"][0]), digests["a"])
+    assert resident.digests() == [] and resident.get(digests["a"]) is None  # read only
+    resident.add(read)
+    resident.load("b", str(adapters["b"][0]), digests["b"])
+    assert resident.digests() == [digests["a"], digests["b"]]
+    assert resident.nbytes() == 2 * read.nbytes
+    resident.evict(digests["a"])
+    resident.evict(digests["c"])  # not resident: nothing to do
+    assert resident.digests() == [digests["b"]]
+    assert torch.equal(resident.get(digests["b"]).keys[0][:, 0], adapters["b"][1].keys[0][0])
 
 
-def test_a_single_adapter_larger_than_the_budget_stays(adapters):
-    resident = store(max_bytes=1)
-    resident.load("a", str(adapters["a"][0]))
-    assert len(resident.digests()) == 1
+def test_an_adapter_whose_read_cannot_fit_the_budget_is_refused(adapters):
+    path, adapter = adapters["a"]
+    one = store().read("a", str(path)).nbytes
+    # The resident copy alone fits, its read's transient peak does not.
+    with pytest.raises(AdapterLoadError, match="resident-adapter budget.*--deepthink-resident-gib"):
+        store(max_bytes=2 * one).read("a", str(path), adapter.digest)
+    footprint = load_footprint(40, adapter.num_layers, 2, 64, 2, 4)
+    assert footprint.resident == one
+    assert store(max_bytes=footprint.total).read("a", str(path), adapter.digest).nbytes == one
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_failed_read_is_remembered_until_it_expires_or_the_files_change(adapters, tmp_path,
+                                                                          monkeypatch):
+    path, adapter = adapters["c"]
+    clock = Clock()
+    resident = ResidentAdapters(torch.float32, 1, 0, failure_ttl=30.0, clock=clock)
+    reads = []
+    real = resident._read
+    monkeypatch.setattr(resident, "_read", lambda *a: reads.append(a) or real(*a))
+    wrong = "0" * 64
+    for _ in range(3):  # read once, then refused from memory
+        with pytest.raises(AdapterLoadError, match="files changed after registration"):
+            resident.read("c", str(path), wrong)
+    assert len(reads) == 1
+    assert resident.read("c", str(path), adapter.digest).digest == adapter.digest  # other key
+    clock.now = 31.0  # expired: read again
+    with pytest.raises(AdapterLoadError):
+        resident.read("c", str(path), wrong)
+    assert len(reads) == 3
+    # Files changed (a newer mtime): read again at once.
+    weights = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))
+    with pytest.raises(AdapterLoadError):
+        resident.read("c", str(path), wrong)
+    assert len(reads) == 4
 
 
 def test_reload_refuses_changed_files(adapters):
     path, _ = adapters["a"]
     with pytest.raises(AdapterLoadError, match="files changed after registration"):
-        store().get("a", str(path), "0" * 64)
+        store().read("a", str(path), "0" * 64)
 
 
 def test_budget_in_gib():

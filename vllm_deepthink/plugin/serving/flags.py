@@ -101,8 +101,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         RESIDENT_GIB_FLAG, dest="deepthink_resident_gib", type=float, default=None,
         metavar="GIB",
-        help=f"Worker memory for resident adapters (default {DEFAULT_RESIDENT_GIB:g} GiB); "
-             f"the least recently used beyond it are read from disk again when needed.")
+        help=f"Worker memory for resident adapters (default {DEFAULT_RESIDENT_GIB:g} GiB), "
+             f"counting the transient peak of a read; the least recently used beyond it "
+             f"are read from disk again, in the background, when needed. An adapter "
+             f"whose read cannot fit it is refused at start.")
     return parser
 
 
