@@ -108,3 +108,20 @@ def test_budget_in_gib():
     for bad in (0, -1, "lots", [1]):
         with pytest.raises(ValueError, match="--deepthink-resident-gib"):
             resident_budget_bytes(bad)
+
+
+def test_an_adapter_larger_than_the_budget_is_refused_at_registration(adapters):
+    pytest.importorskip("vllm")
+    import vllm_deepthink
+
+    path, adapter = adapters["a"]
+    fp = adapter.config.fingerprint
+    need = load_footprint(40, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.num_kv_heads, 4)
+    with pytest.raises(ValueError, match="adapter 'a' .*more than the resident-adapter budget"):
+        vllm_deepthink.engine_args(adapters={"a": path}, resident_gib=(need.total - 1) / 2**30)
+    kwargs = vllm_deepthink.engine_args(adapters={"a": path}, resident_gib=need.total / 2**30)
+    assert kwargs["kv_transfer_config"].kv_connector_extra_config["resident_gib"] > 0
+    # With tensor parallel 2 each rank keeps one of the two KV heads: less to hold.
+    half = load_footprint(40, fp.num_layers, fp.num_kv_heads, fp.head_dim, 1, 4)
+    vllm_deepthink.engine_args(adapters={"a": path}, resident_gib=half.total / 2**30,
+                               tensor_parallel_size=2)
