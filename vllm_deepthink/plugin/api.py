@@ -128,18 +128,24 @@ def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
 
 def check_resident_budget(adapters: Mapping[str, str | Path], budget: int,
                           tp_size: int = 1) -> None:
-    """Refuse (ValueError) an adapter whose read on a worker can never fit `budget` bytes
-    (residency.load_footprint; the model dtype counted as float32, its widest)."""
+    """Refuse (ValueError) an adapter whose read on a worker can never fit `budget` bytes."""
     for name, path in adapters.items():
-        config = load_config(path)
-        fp = config.fingerprint
-        first, last = kv_layout.kv_head_range(fp.num_kv_heads, tp_size, 0)
-        message = budget_error(
-            f"adapter {name!r} ({config.prefix_len} positions)",
-            load_footprint(config.prefix_len, fp.num_layers, fp.num_kv_heads, fp.head_dim,
-                           last - first, MAX_FILE_ITEMSIZE), budget)
+        message = resident_budget_error(name, load_config(path), budget, tp_size)
         if message is not None:
             raise ValueError(message)
+
+
+def resident_budget_error(name: str, config: Any, budget: int, tp_size: int = 1) -> str | None:
+    """Why adapter `name` (its DeepThinkConfig) can never be loaded by a worker whose
+    resident budget is `budget` bytes, or None when it can: its footprint
+    (residency.load_footprint, the model dtype counted as float32, its widest) is more
+    than the budget. What registration checks before an adapter is served."""
+    fp = config.fingerprint
+    first, last = kv_layout.kv_head_range(fp.num_kv_heads, tp_size, 0)
+    return budget_error(
+        f"adapter {name!r} ({config.prefix_len} positions)",
+        load_footprint(config.prefix_len, fp.num_layers, fp.num_kv_heads, fp.head_dim,
+                       last - first, MAX_FILE_ITEMSIZE), budget)
 
 
 def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
