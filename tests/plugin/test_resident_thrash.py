@@ -84,3 +84,26 @@ def test_the_same_adapter_again_is_a_hit_without_a_read(setup, llm):
     assert after["adapter_reads"] == before["adapter_reads"]
     assert after["adapter_loads"] == before["adapter_loads"] + 1  # the 8 tail positions
     assert after["forward_path_load_steps"] == 0
+
+
+def test_requests_aborted_while_their_adapters_are_read(setup, llm):
+    """Aborted while waiting for a read (or for room in the budget): vLLM frees their
+    blocks once every worker reported them, the reads still end, nothing is written for
+    them, and the engine goes on serving the others."""
+    engine = llm.llm_engine
+    ids = [f"abort-{name}-{i}" for i in range(2) for name in "bcd"]
+    for request_id in ids:
+        engine.add_request(request_id, QUERIES[2], parity_params(request_id.split("-")[1]))
+    engine.add_request("kept", QUERIES[3], parity_params("b"))
+    engine.abort_request(ids)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert set(finished) == {"kept"}
+    check_parity(setup, [("b", QUERIES[3])], [finished["kept"]], "beside aborted")
+    outputs = llm.generate([QUERIES[0]] * 4, [parity_params(n) for n in NAMES],
+                           use_tqdm=False)
+    check_parity(setup, [(n, QUERIES[0]) for n in NAMES], outputs, "after aborts")
+    assert connector_stats(llm)["forward_path_load_steps"] == 0
