@@ -9,6 +9,7 @@ import torch
 
 from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.tiny_models import load_tiny
+from vllm_deepthink.plugin.connector import resident as resident_module
 from vllm_deepthink.plugin.connector.residency import load_footprint
 from vllm_deepthink.plugin.connector.resident import AdapterLoadError, ResidentAdapters
 from vllm_deepthink.plugin.protocol import resident_budget_bytes
@@ -51,12 +52,19 @@ def test_the_store_holds_what_it_is_given_until_evicted(adapters):
     assert torch.equal(resident.get(digests["b"]).keys[0][:, 0], adapters["b"][1].keys[0][0])
 
 
-def test_an_adapter_whose_read_cannot_fit_the_budget_is_refused(adapters):
+def test_an_adapter_whose_read_cannot_fit_the_budget_is_refused(adapters, monkeypatch):
     path, adapter = adapters["a"]
     one = store().read("a", str(path)).nbytes
-    # The resident copy alone fits, its read's transient peak does not.
-    with pytest.raises(AdapterLoadError, match="resident-adapter budget.*--deepthink-resident-gib"):
-        store(max_bytes=2 * one).read("a", str(path), adapter.digest)
+    # The resident copy alone fits, its read's transient peak does not: refused from the
+    # config, before the weights are read.
+    def no_read(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resident_module.DeepThinkAdapter, "from_pretrained", no_read)
+        with pytest.raises(AdapterLoadError,
+                           match="resident-adapter budget.*--deepthink-resident-gib"):
+            store(max_bytes=2 * one).read("a", str(path), adapter.digest)
     footprint = load_footprint(40, adapter.num_layers, 2, 64, 2, 4)
     assert footprint.resident == one
     assert store(max_bytes=footprint.total).read("a", str(path), adapter.digest).nbytes == one

@@ -14,12 +14,8 @@ from typing import Any
 from vllm_deepthink.format import load_config
 from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin import protocol
-from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.connector.residency import (
-    MAX_FILE_ITEMSIZE,
-    budget_error,
-    load_footprint,
-)
+from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE, budget_error
+from vllm_deepthink.plugin.connector.resident import config_footprint
 from vllm_deepthink.plugin.resolvers import DirectoryResolver
 
 
@@ -140,12 +136,8 @@ def resident_budget_error(name: str, config: Any, budget: int, tp_size: int = 1)
     resident budget is `budget` bytes, or None when it can: its footprint
     (residency.load_footprint, the model dtype counted as float32, its widest) is more
     than the budget. What registration checks before an adapter is served."""
-    fp = config.fingerprint
-    first, last = kv_layout.kv_head_range(fp.num_kv_heads, tp_size, 0)
-    return budget_error(
-        f"adapter {name!r} ({config.prefix_len} positions)",
-        load_footprint(config.prefix_len, fp.num_layers, fp.num_kv_heads, fp.head_dim,
-                       last - first, MAX_FILE_ITEMSIZE), budget)
+    return budget_error(f"adapter {name!r} ({config.prefix_len} positions)",
+                        config_footprint(config, tp_size, 0, MAX_FILE_ITEMSIZE), budget)
 
 
 def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_deepthink.format import DeepThinkAdapter
+from vllm_deepthink.format import DeepThinkAdapter, DeepThinkConfig, load_config
 from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.connector.residency import budget_error, load_footprint
+from vllm_deepthink.plugin.connector.residency import Footprint, budget_error, load_footprint
 
 # How long a failed read is remembered (unless the adapter's files change).
 FAILURE_TTL_SECONDS = 30.0
@@ -64,6 +64,16 @@ def pin_memory_for(platform) -> bool:
     on an accelerator whose platform allows pinned memory; never on the CPU backend,
     whose KV cache is host memory already."""
     return platform.device_type != "cpu" and bool(platform.is_pin_memory_available())
+
+
+def config_footprint(config: DeepThinkConfig, tp_size: int, tp_rank: int,
+                     itemsize: int) -> Footprint:
+    """The footprint (residency.load_footprint) of the adapter `config` describes on
+    tensor-parallel rank `tp_rank`, its copy held in `itemsize`-byte values."""
+    fp = config.fingerprint
+    first, last = kv_layout.kv_head_range(fp.num_kv_heads, tp_size, tp_rank)
+    return load_footprint(config.prefix_len, fp.num_layers, fp.num_kv_heads, fp.head_dim,
+                          last - first, itemsize)
 
 
 def files_mtime(location: str | Path) -> float:
@@ -121,7 +131,10 @@ class ResidentAdapters:
         return resident
 
     def _read(self, name: str, path: str, expected_digest: str | None) -> ResidentAdapter:
+        what = f"adapter {name!r}"
         try:
+            if self.max_bytes is not None:  # from the config, before the weights are read
+                self._check_budget(what, load_config(path))
             adapter = DeepThinkAdapter.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise AdapterLoadError(f"adapter {name!r} at {path}: {exc}") from exc
@@ -130,15 +143,6 @@ class ResidentAdapters:
                 f"adapter {name!r} at {path} has weights digest {adapter.digest[:12]}..., "
                 f"but {expected_digest[:12]}... was registered: the files changed after "
                 f"registration. Register the adapter again to serve the new weights.")
-        what = f"adapter {name!r}"
-        if self.max_bytes is not None:
-            keys = adapter.keys[0]  # [total_kv_heads, L, head_dim]
-            first, last = kv_layout.kv_head_range(keys.shape[0], self.tp_size, self.tp_rank)
-            message = budget_error(what, load_footprint(
-                adapter.prefix_len, adapter.num_layers, keys.shape[0], keys.shape[2],
-                last - first, self.dtype.itemsize), self.max_bytes)
-            if message is not None:
-                raise AdapterLoadError(message)
 
         def place(kv: torch.Tensor) -> torch.Tensor:
             rank_kv = kv_layout.rank_heads(kv, self.tp_size, self.tp_rank)
@@ -153,6 +157,12 @@ class ResidentAdapters:
                                    values=[place(v) for v in adapter.values])
         except (ValueError, RuntimeError) as exc:  # e.g. values overflow the cache dtype
             raise AdapterLoadError(f"adapter {name!r} at {path}: {exc}") from exc
+
+    def _check_budget(self, what: str, config: DeepThinkConfig) -> None:
+        message = budget_error(what, config_footprint(
+            config, self.tp_size, self.tp_rank, self.dtype.itemsize), self.max_bytes)
+        if message is not None:
+            raise ValueError(message)
 
     def add(self, resident: ResidentAdapter) -> None:
         with self._lock:

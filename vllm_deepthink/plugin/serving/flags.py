@@ -209,7 +209,9 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
     check_names_are_free(adapters, args)
     parents = parents_from_args(args)
     check_adapters_at_start(engine_args.model, adapters, revision=engine_args.revision)
-    overrides = {"kv_transfer_config": engine_args.kv_transfer_config}
+    # tensor_parallel_size: the budget check counts each rank's share of the KV heads.
+    overrides = {"kv_transfer_config": engine_args.kv_transfer_config,
+                 "tensor_parallel_size": engine_args.tensor_parallel_size}
     if engine_args.enable_prefix_caching is not None:  # given on the command line
         overrides["enable_prefix_caching"] = engine_args.enable_prefix_caching
     for key, value in api.engine_args(adapters, adapter_dirs=adapter_dirs,
