@@ -24,12 +24,20 @@ def test_stats_accumulate_per_adapter_and_survive_serialisation():
     rebuilt = DeepThinkConnector.build_kv_connector_stats(stats.to_dict())
     other = DeepThinkConnectorStats()
     other.record_load("trec", 64)
+    other.record_read("trec")
+    other.record_forward_path_load_step()
     rebuilt.aggregate(other)
-    assert rebuilt.data == {"loads": {"sst2": 2, "trec": 2}, "tokens": {"sst2": 58, "trec": 128}}
+    assert rebuilt.data == {"loads": {"sst2": 2, "trec": 2}, "tokens": {"sst2": 58, "trec": 128},
+                            "reads": {"trec": 1}, "forward_path_load_steps": 1}
     assert rebuilt.reduce() == {"deepthink adapter loads": 4,
-                                "deepthink adapter tokens loaded": 186}
+                                "deepthink adapter tokens loaded": 186,
+                                "deepthink adapter reads": 1,
+                                "deepthink forward-path load steps": 1}
     assert not rebuilt.is_empty()
     assert DeepThinkConnector.build_kv_connector_stats(None).is_empty()
+    steps_only = DeepThinkConnectorStats()
+    steps_only.record_forward_path_load_step()
+    assert not steps_only.is_empty()
 
 
 def test_prometheus_counters_are_labelled_by_adapter():
@@ -42,10 +50,15 @@ def test_prometheus_counters_are_labelled_by_adapter():
         SimpleNamespace(kv_transfer_config=None), {Counter: counter, Gauge: Gauge, Histogram: Histogram},
         ["model_name", "engine"], {0: ["m", "0"]})
     stats = DeepThinkConnectorStats()
-    stats.record_load("sst2", 45)
-    stats.record_load("sst2", 45)
-    metrics.observe(stats.to_dict(), engine_idx=0)
     value = registry.get_sample_value
+    engine = {"model_name": "m", "engine": "0"}
+    assert value("vllm:deepthink_forward_path_load_steps_total", engine) == 0  # from the start
+    stats.record_load("sst2", 45)
+    stats.record_load("sst2", 45)
+    stats.record_read("sst2")
+    metrics.observe(stats.to_dict(), engine_idx=0)
     labels = {"model_name": "m", "engine": "0", "adapter": "sst2"}
+    assert value("vllm:deepthink_adapter_reads_total", labels) == 1
+    assert value("vllm:deepthink_forward_path_load_steps_total", engine) == 0
     assert value("vllm:deepthink_adapter_loads_total", labels) == 2
     assert value("vllm:deepthink_adapter_tokens_loaded_total", labels) == 90

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import math
 import os
 import threading
@@ -433,7 +432,8 @@ def test_item8_a_load_copies_only_its_rows_to_the_device(tiny):
     """The write hands do_kv_cache_update rows [start, end) on the cache's device; the
     resident copy stays in host memory."""
     from vllm_deepthink.plugin.connector.resident import ResidentAdapters
-    from vllm_deepthink.plugin.connector.scheduler import AdapterLoad
+    from vllm_deepthink.plugin.connector.scheduler import (AdapterLoad,
+                                                           DeepThinkConnectorMetadata)
     from vllm_deepthink.plugin.connector.worker import WorkerSide
 
     store = ResidentAdapters(torch.float32, 1, 0)
@@ -445,12 +445,14 @@ def test_item8_a_load_copies_only_its_rows_to_the_device(tiny):
             seen.append((tuple(key.shape), key.device.type, value.device.type, len(slots)))
 
     worker = WorkerSide.__new__(WorkerSide)
-    worker.store, worker.block_size, worker._failed_block_ids = store, 32, set()
+    worker._start(store, 32)
     worker._layers = {f"model.layers.{i}.self_attn.attn": (SimpleNamespace(
         impl=Impl(), kv_cache=torch.empty(0, device="meta"), num_kv_heads=2, head_size=64), i)
         for i in range(len(resident.keys))}
     load = AdapterLoad("r", "a1", str(tiny.a1), resident.digest, 32, 40, [3, 5])
-    worker.start_load([load], SimpleNamespace(no_compile_layers={}))
+    worker.start_load(DeepThinkConnectorMetadata(loads=[load]),
+                      SimpleNamespace(no_compile_layers={}))
+    worker.shutdown()
     assert worker.take_failed_block_ids() == set()
     assert seen == [((8, 2, 64), "meta", "meta", 8)] * len(resident.keys)
     assert all(k.device.type == "cpu" for k in (*resident.keys, *resident.values))
@@ -468,15 +470,28 @@ def huge(tiny):
     return path
 
 
-def test_item9_a_start_adapter_overflowing_fp16_is_a_load_error(huge):
-    """WorkerSide.__init__ catches AdapterLoadError only: a ValueError crashed worker init."""
+def test_item9_an_adapter_overflowing_fp16_is_a_load_error(huge):
+    """A ValueError once crashed worker init; the worker reads adapters in the background
+    now, and a read that fails fails its requests only."""
+    import concurrent.futures
+
     from vllm_deepthink.plugin.connector.resident import AdapterLoadError, ResidentAdapters
+    from vllm_deepthink.plugin.connector.scheduler import (AdapterLoad,
+                                                           DeepThinkConnectorMetadata)
     from vllm_deepthink.plugin.connector.worker import WorkerSide
 
     with pytest.raises(AdapterLoadError, match="overflow"):
         ResidentAdapters(torch.float16, 1, 0).load("huge", str(huge))
-    ResidentAdapters(torch.float32, 1, 0).load("huge", str(huge))
-    assert "except AdapterLoadError" in inspect.getsource(WorkerSide.__init__)
+    digest = ResidentAdapters(torch.float32, 1, 0).load("huge", str(huge)).digest
+    worker = WorkerSide.__new__(WorkerSide)
+    worker._start(ResidentAdapters(torch.float16, 1, 0), 32)
+    load = AdapterLoad("r", "huge", str(huge), digest, 0, 24, [4], is_async=True)
+    worker.start_load(DeepThinkConnectorMetadata(loads=[load]), None)
+    concurrent.futures.wait(list(worker._reads.values()), timeout=30)
+    worker.start_load(DeepThinkConnectorMetadata(), None)
+    assert worker.take_finished_recving(set()) == {"r"}
+    assert worker.take_failed_block_ids() == {4}
+    worker.shutdown()
 
 
 def test_item9_the_frontend_reports_an_adapter_overflowing_the_engine_dtype(tiny, huge):

@@ -210,6 +210,17 @@ def test_flags_become_the_connector_config(tiny, monkeypatch):
         serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
 
 
+def test_an_adapter_larger_than_the_resident_budget_stops_the_server(tiny, monkeypatch):
+    vllm = pytest.importorskip("vllm")
+    monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
+    build_adapter(tiny.model, tiny.tokenizer, tiny.root / "good", 24)
+    tiny_budget = str(1 / (1 << 30))  # one byte
+    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}",
+                  "--deepthink-resident-gib", tiny_budget])
+    with pytest.raises(ValueError, match="adapter 'good' .*Raise --deepthink-resident-gib"):
+        serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+
+
 def test_routes_exist_only_with_runtime_updating(monkeypatch):
     pytest.importorskip("vllm")
     from fastapi import FastAPI

@@ -17,6 +17,7 @@ from tests.helpers.adapter_factory import (
     start_engine,
 )
 from tests.helpers.tiny_models import load_tiny
+from vllm_deepthink.plugin.api import connector_stats
 
 pytestmark = pytest.mark.engine
 
@@ -43,7 +44,7 @@ def llm(setup):
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     model_dir, _, _, _, paths = setup
     llm = start_engine(model_dir, paths, tensor_parallel_size=2,
-                       distributed_executor_backend="mp")
+                       distributed_executor_backend="mp", disable_log_stats=False)
     yield llm
     shutdown(llm)
 
@@ -57,3 +58,19 @@ def test_tensor_parallel_parity(setup, llm):
         ids = tokenizer.encode(query, add_special_tokens=False)
         assert_parity(output, hf_reference(model, adapters[name], ids), ids,
                       label=f"tp=2 {name}: {query[:20]!r}")
+
+
+def test_every_rank_reads_before_an_adapter_is_a_hit(setup, llm):
+    """The first requests read each adapter once, in the background of both ranks; the
+    scheduler counts a read done only when both ranks reported it, after which a
+    request is a hit (no read), and no step waited on a read."""
+    _, model, tokenizer, adapters, _ = setup
+    before = connector_stats(llm)
+    (output,) = llm.generate([QUERIES[2]], parity_params("unaligned"), use_tqdm=False)
+    ids = tokenizer.encode(QUERIES[2], add_special_tokens=False)
+    assert_parity(output, hf_reference(model, adapters["unaligned"], ids), ids,
+                  label="tp=2 hit")
+    after = connector_stats(llm)
+    assert after["adapter_reads"] == before["adapter_reads"] == len(PREFIX_LENS)
+    assert after["adapter_loads"] == before["adapter_loads"] + 1
+    assert after["forward_path_load_steps"] == 0

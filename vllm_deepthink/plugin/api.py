@@ -14,6 +14,8 @@ from typing import Any
 from vllm_deepthink.format import load_config
 from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin import protocol
+from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE, budget_error
+from vllm_deepthink.plugin.connector.resident import config_footprint
 from vllm_deepthink.plugin.resolvers import DirectoryResolver
 
 
@@ -28,8 +30,10 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
         adapters: {name: adapter directory or hub id} served from the start.
         adapter_dirs: directories where an unknown adapter name NAME resolves to
             DIR/NAME at request time (validated, then served without a restart).
-        resident_gib: worker memory for resident adapters (default 4 GiB); the least
-            recently used beyond it are read from disk again when needed.
+        resident_gib: worker memory for resident adapters (default 4 GiB), counting
+            the transient peak of a read; the least recently used beyond it are read from
+            disk again (in the background) when needed. An adapter whose read cannot fit
+            it is refused here (ValueError).
         parents: {name: served model name} /v1/models reports as an adapter's parent
             (`vllm serve`; default: the first served name).
         engine_kwargs: passed through (prefix caching is turned on unless given).
@@ -45,12 +49,13 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
 
     protocol.check_parallelism(engine_kwargs)
     resolved = _resolve_adapters(adapters or {})
+    budget = protocol.resident_budget_bytes(resident_gib)  # a bad value fails here
+    check_resident_budget(resolved, budget, engine_kwargs.get("tensor_parallel_size") or 1)
     plugin_config = {protocol.EXTRA_CONFIG_ADAPTERS: resolved}
     if adapter_dirs:
         plugin_config[protocol.EXTRA_CONFIG_ADAPTER_DIRS] = [
             str(DirectoryResolver(d).root) for d in adapter_dirs]
     if resident_gib is not None:
-        protocol.resident_budget_bytes(resident_gib)  # a bad value fails here
         plugin_config[protocol.EXTRA_CONFIG_RESIDENT_GIB] = float(resident_gib)
     if parents:
         plugin_config[protocol.EXTRA_CONFIG_PARENTS] = dict(parents)
@@ -117,6 +122,24 @@ def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
     return resolved
 
 
+def check_resident_budget(adapters: Mapping[str, str | Path], budget: int,
+                          tp_size: int = 1) -> None:
+    """Refuse (ValueError) an adapter whose read on a worker can never fit `budget` bytes."""
+    for name, path in adapters.items():
+        message = resident_budget_error(name, load_config(path), budget, tp_size)
+        if message is not None:
+            raise ValueError(message)
+
+
+def resident_budget_error(name: str, config: Any, budget: int, tp_size: int = 1) -> str | None:
+    """Why adapter `name` (its DeepThinkConfig) can never be loaded by a worker whose
+    resident budget is `budget` bytes, or None when it can: its footprint
+    (residency.load_footprint, the model dtype counted as float32, its widest) is more
+    than the budget. What registration checks before an adapter is served."""
+    return budget_error(f"adapter {name!r} ({config.prefix_len} positions)",
+                        config_footprint(config, tp_size, 0, MAX_FILE_ITEMSIZE), budget)
+
+
 def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
     from vllm.config import KVTransferConfig
 
@@ -158,21 +181,35 @@ def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
 def connector_stats(llm) -> dict[str, Any]:
     """Adapter loads so far in `llm` (a `vllm.LLM` built with `disable_log_stats=False`).
 
-    Returns {"adapter_loads": total, "adapter_tokens_loaded": total,
-    "by_adapter": {name: {"loads": n, "tokens": n}}}, read from the connector's
-    Prometheus counters (plugin/connector/stats.py).
+    Returns {"adapter_loads": total, "adapter_tokens_loaded": total, "adapter_reads":
+    total, "forward_path_load_steps": total, "by_adapter": {name: {"loads": n,
+    "tokens": n, "reads": n}}}, read from the connector's Prometheus counters
+    (plugin/connector/stats.py). forward_path_load_steps counts the steps during which a
+    worker read an adapter on the forward path (expected 0: reads run in the background).
     """
     from vllm.v1.metrics.reader import Counter
 
-    from vllm_deepthink.plugin.connector.stats import LOADS_METRIC, TOKENS_METRIC
+    from vllm_deepthink.plugin.connector.stats import (
+        FORWARD_PATH_METRIC,
+        LOADS_METRIC,
+        READS_METRIC,
+        TOKENS_METRIC,
+    )
 
-    fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens"}
+    fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens", READS_METRIC: "reads"}
     by_adapter: dict[str, dict[str, float]] = {}
+    forward_path_steps = 0
     for metric in llm.get_metrics():
-        if isinstance(metric, Counter) and metric.name in fields:
+        if not isinstance(metric, Counter):
+            continue
+        if metric.name == FORWARD_PATH_METRIC:
+            forward_path_steps += metric.value
+        elif metric.name in fields:
             name = metric.labels.get("adapter", "?")
-            entry = by_adapter.setdefault(name, {"loads": 0, "tokens": 0})
+            entry = by_adapter.setdefault(name, {"loads": 0, "tokens": 0, "reads": 0})
             entry[fields[metric.name]] += metric.value
     return {"adapter_loads": sum(e["loads"] for e in by_adapter.values()),
             "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
+            "adapter_reads": sum(e["reads"] for e in by_adapter.values()),
+            "forward_path_load_steps": forward_path_steps,
             "by_adapter": by_adapter}

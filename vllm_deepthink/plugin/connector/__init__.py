@@ -1,9 +1,12 @@
 """The DeepThink KV connector (`kv_connector_module_path` = its connector.py).
 
 - connector.py: `DeepThinkConnector`, the thin KV-connector class over both sides;
-- scheduler.py: which adapter positions each request loads (`AdapterLoad`);
-- worker.py: writing them through the attention backend's `do_kv_cache_update`;
-- resident.py: the per-worker LRU of resident adapters;
+- scheduler.py: which adapter positions each request loads (`AdapterLoad`), a hit or
+  an asynchronous load;
+- residency.py: the scheduler's plan of what every worker's resident store holds
+  (budget, transient peak of a read, LRU evictions);
+- worker.py: background reads, and writes through the backend's `do_kv_cache_update`;
+- resident.py: the per-worker store of resident adapters (failed reads remembered);
 - stats.py: adapter-load counters in vLLM's KV-connector stats API;
 - kv_layout.py: pure tensor functions (slot mapping, head sharding, dtype).
 

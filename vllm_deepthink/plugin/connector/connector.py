@@ -1,8 +1,9 @@
 """The DeepThink KV connector: vLLM's KV-connector interface over the two sides.
 
 vLLM builds one instance per role: the scheduler's delegates to `SchedulerSide`
-(scheduler.py: which adapter positions to load), each worker's to `WorkerSide`
-(worker.py: writing them into the paged cache). Stats: stats.py.
+(scheduler.py: which adapter positions to load, a hit or an asynchronous load), each
+worker's to `WorkerSide` (worker.py: background reads, writes into the paged cache).
+Stats: stats.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from vllm_deepthink.plugin import protocol
-from vllm_deepthink.plugin.connector.scheduler import DeepThinkConnectorMetadata, SchedulerSide
+from vllm_deepthink.plugin.connector.scheduler import (
+    DeepThinkConnectorMetadata,
+    DeepThinkWorkerMetadata,
+    ModelShape,
+    SchedulerSide,
+)
 from vllm_deepthink.plugin.connector.stats import DeepThinkConnectorStats, DeepThinkPromMetrics
 from vllm_deepthink.plugin.connector.worker import WorkerSide
 
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -51,11 +58,13 @@ class DeepThinkConnector(KVConnectorBase_V1):
                 f"kv_load_failure_policy={policy!r} would recompute a failed adapter load "
                 f"from its placeholder tokens and return wrong output; vllm-deepthink "
                 f"needs kv_load_failure_policy='fail'.")
-        extra = self._kv_transfer_config.kv_connector_extra_config
-        self._scheduler = SchedulerSide(block_size) if role == KVConnectorRole.SCHEDULER else None
-        self._worker = (WorkerSide(vllm_config, block_size,
-                                   dict(extra.get(protocol.EXTRA_CONFIG_ADAPTERS, {})),
-                                   extra.get(protocol.EXTRA_CONFIG_RESIDENT_GIB))
+        resident_gib = self._kv_transfer_config.kv_connector_extra_config.get(
+            protocol.EXTRA_CONFIG_RESIDENT_GIB)
+        self._scheduler = (
+            SchedulerSide(block_size, protocol.resident_budget_bytes(resident_gib),
+                          model_shape(vllm_config), vllm_config.parallel_config.world_size)
+            if role == KVConnectorRole.SCHEDULER else None)
+        self._worker = (WorkerSide(vllm_config, block_size, resident_gib)
                         if role == KVConnectorRole.WORKER else None)
 
     # ---------------------------------------------------------------- worker side
@@ -63,7 +72,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, DeepThinkConnectorMetadata)
-        self._worker.start_load(metadata.loads, forward_context)
+        self._worker.start_load(metadata, forward_context)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -75,8 +84,21 @@ class DeepThinkConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         return
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(no sends, the requests whose asynchronous load ended on this worker)."""
+        if self._worker is None:
+            return None, None
+        return None, self._worker.take_finished_recving(finished_req_ids) or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_block_ids() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> DeepThinkWorkerMetadata | None:
+        return self._worker.take_worker_meta() if self._worker is not None else None
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
 
     # ------------------------------------------------------------- scheduler side
 
@@ -90,6 +112,9 @@ class DeepThinkConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
 
     def get_kv_connector_stats(self) -> DeepThinkConnectorStats | None:
         """Loads scheduled since the last call (scheduler side; workers report none)."""
@@ -110,3 +135,12 @@ class DeepThinkConnector(KVConnectorBase_V1):
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler.request_finished(request)
         return False, None
+
+
+def model_shape(vllm_config: VllmConfig) -> ModelShape:
+    """The served model's shape, as an adapter's footprint on one worker needs it."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return ModelShape(num_layers=model.get_num_layers(parallel),
+                      total_kv_heads=model.get_total_num_kv_heads(),
+                      rank_kv_heads=model.get_num_kv_heads(parallel),
+                      head_dim=model.get_head_size(), itemsize=model.dtype.itemsize)

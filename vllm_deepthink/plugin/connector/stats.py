@@ -1,13 +1,17 @@
 """Adapter-load statistics of the DeepThink connector, in vLLM's KV-connector stats API.
 
 The scheduler-side connector counts, per adapter, the requests whose adapter
-positions it sends to the workers (prefix-cache misses: a load) and the positions
-written. vLLM collects them every step (`get_kv_connector_stats`), logs them with
-its periodic stats and exports them as Prometheus counters (`/metrics` of
-`vllm serve`, `LLM.get_metrics()` offline):
+positions it sends to the workers (prefix-cache misses: a load), the positions
+written and the reads from disk (resident-store misses, read in the background);
+and the steps during which a worker read an adapter on the forward path (0 unless
+something is wrong: a read makes every request of the step wait). vLLM collects them
+every step (`get_kv_connector_stats`), logs them with its periodic stats and exports
+them as Prometheus counters (`/metrics` of `vllm serve`, `LLM.get_metrics()` offline):
 
     vllm:deepthink_adapter_loads_total{adapter=NAME}          requests that loaded it
     vllm:deepthink_adapter_tokens_loaded_total{adapter=NAME}  adapter positions written
+    vllm:deepthink_adapter_reads_total{adapter=NAME}          reads of it from disk
+    vllm:deepthink_forward_path_load_steps_total              steps that waited on a read
 """
 
 from __future__ import annotations
@@ -22,42 +26,60 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 LOADS_METRIC = "vllm:deepthink_adapter_loads"
 TOKENS_METRIC = "vllm:deepthink_adapter_tokens_loaded"
-_FIELDS = ("loads", "tokens")
+READS_METRIC = "vllm:deepthink_adapter_reads"
+FORWARD_PATH_METRIC = "vllm:deepthink_forward_path_load_steps"
+_FIELDS = ("loads", "tokens", "reads")  # per adapter
+_STEPS = "forward_path_load_steps"       # a count
 
 
 @dataclass
 class DeepThinkConnectorStats(KVConnectorStats):
-    """data = {"loads": {adapter: count}, "tokens": {adapter: positions}}."""
+    """data = {"loads": {adapter: count}, "tokens": {adapter: positions},
+    "reads": {adapter: count}, "forward_path_load_steps": count}."""
 
     def __post_init__(self) -> None:
         if not self.data:
             self.reset()
         for key in _FIELDS:
             self.data.setdefault(key, {})
+        self.data.setdefault(_STEPS, 0)
 
     def reset(self) -> None:
         self.data = {key: {} for key in _FIELDS}
+        self.data[_STEPS] = 0
+
+    def _add(self, key: str, adapter: str, amount: int) -> None:
+        self.data[key][adapter] = self.data[key].get(adapter, 0) + amount
 
     def record_load(self, adapter: str, tokens: int) -> None:
-        for key, amount in (("loads", 1), ("tokens", tokens)):
-            self.data[key][adapter] = self.data[key].get(adapter, 0) + amount
+        self._add("loads", adapter, 1)
+        self._add("tokens", adapter, tokens)
+
+    def record_read(self, adapter: str) -> None:
+        self._add("reads", adapter, 1)
+
+    def record_forward_path_load_step(self) -> None:
+        self.data[_STEPS] += 1
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key in _FIELDS:
             for adapter, amount in other.data.get(key, {}).items():
-                self.data[key][adapter] = self.data[key].get(adapter, 0) + amount
+                self._add(key, adapter, amount)
+        self.data[_STEPS] += other.data.get(_STEPS, 0)
         return self
 
     def reduce(self) -> dict[str, int | float]:
         return {"deepthink adapter loads": sum(self.data["loads"].values()),
-                "deepthink adapter tokens loaded": sum(self.data["tokens"].values())}
+                "deepthink adapter tokens loaded": sum(self.data["tokens"].values()),
+                "deepthink adapter reads": sum(self.data["reads"].values()),
+                "deepthink forward-path load steps": self.data[_STEPS]}
 
     def is_empty(self) -> bool:
-        return not any(self.data[key] for key in _FIELDS)
+        return not any(self.data[key] for key in _FIELDS) and not self.data[_STEPS]
 
 
 class DeepThinkPromMetrics(KVConnectorPromMetrics):
-    """Two counters labelled by engine and adapter name."""
+    """Counters labelled by engine (and adapter name, for the per-adapter ones)."""
 
     def __init__(self, vllm_config, metric_types, labelnames: list[str],
                  per_engine_labelvalues: dict[int, list[object]]):
@@ -71,10 +93,21 @@ class DeepThinkPromMetrics(KVConnectorPromMetrics):
             "tokens": self._counter_cls(
                 name=TOKENS_METRIC, labelnames=names,
                 documentation="Deep-Thinking adapter positions written into the KV cache."),
+            "reads": self._counter_cls(
+                name=READS_METRIC, labelnames=names,
+                documentation="Deep-Thinking adapters read from disk by the workers "
+                              "(resident-store misses, read off the forward path)."),
         }
+        self._steps = self._counter_cls(
+            name=FORWARD_PATH_METRIC, labelnames=list(labelnames),
+            documentation="Steps during which a worker read a Deep-Thinking adapter on "
+                          "the forward path, making the whole batch wait (expected 0).")
+        for labels in per_engine_labelvalues.values():  # shown at 0 from the start
+            self._steps.labels(*labels)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         labels = self.per_engine_labelvalues[engine_idx]
         for key, counter in self._counters.items():
             for adapter, amount in transfer_stats_data.get(key, {}).items():
                 counter.labels(*labels, adapter).inc(amount)
+        self._steps.labels(*labels).inc(transfer_stats_data.get(_STEPS, 0))

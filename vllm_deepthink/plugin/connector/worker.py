@@ -1,15 +1,25 @@
 """Worker side of the DeepThink connector: writes adapter K/V into the paged cache.
 
-For each `AdapterLoad` of a step, the worker takes the adapter from its resident
-store (reading it from disk on first use) and writes positions [start, end) of
-every layer through the attention backend's own `do_kv_cache_update`, which owns
-the physical cache layout (the CPU backend packs K differently from
-FlashAttention; the slot mapping is the same). Any failure is reported as failed
-blocks, so the request fails instead of running with a missing prefix.
+Each `AdapterLoad` of a step is written through the attention backend's own
+`do_kv_cache_update`, which owns the physical cache layout (the CPU backend packs K
+differently from FlashAttention; the slot mapping is the same), from the resident
+store. The scheduler (scheduler.py, residency.py) decides what the store holds:
+- a hit is written during the step, from memory (a slice copy);
+- an asynchronous load whose adapter is not resident waits for a background read
+  (one per adapter, on a thread of this worker) while the steps go on; the step after
+  the read ends writes it and reports the request through `get_finished`, and the
+  read's end (per digest) through the worker metadata;
+- evictions are applied after the step's hits and before its new reads.
+Any failure is reported as failed blocks (and the request as finished receiving), so
+vLLM fails the request instead of running it with a missing prefix. A hit whose
+adapter is missing (never, if the plan holds) is read on the forward path, and the
+step is reported (the `forward_path_load_steps` metric).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -17,11 +27,16 @@ from vllm.logger import init_logger
 from vllm_deepthink.plugin.connector import kv_layout
 from vllm_deepthink.plugin.connector.resident import (
     AdapterLoadError,
+    ResidentAdapter,
     ResidentAdapters,
     pin_memory_for,
 )
+from vllm_deepthink.plugin.connector.scheduler import (
+    AdapterLoad,
+    DeepThinkConnectorMetadata,
+    DeepThinkWorkerMetadata,
+)
 from vllm_deepthink.plugin.protocol import resident_budget_bytes
-from vllm_deepthink.plugin.connector.scheduler import AdapterLoad
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -29,19 +44,23 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+# How long an idle step (no token computed) waits for a running read to end, instead
+# of the engine spinning empty steps; a request that arrives meanwhile waits as long.
+IDLE_WAIT_SECONDS = 0.02
+
 
 class WorkerSide:
-    """The resident adapters of one worker and the writes of each step."""
+    """The resident adapters of one worker, its background reads and the writes of
+    each step."""
 
     def __init__(self, vllm_config: VllmConfig, block_size: int,
-                 start_adapters: dict[str, str], resident_gib: float | None = None):
+                 resident_gib: float | None = None):
         from vllm.distributed.parallel_state import (
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
         )
         from vllm.platforms import current_platform
 
-        self.block_size = block_size
         cache_dtype = vllm_config.cache_config.cache_dtype
         model_dtype = vllm_config.model_config.dtype
         if cache_dtype not in ("auto", str(model_dtype).removeprefix("torch.")):
@@ -51,19 +70,24 @@ class WorkerSide:
                 f"it cannot provide. Serve with kv_cache_dtype='auto'.")
         # Host memory (pinned on an accelerator): outside the device budget vLLM sizes
         # the KV cache from; a load copies only its rows to the device (_write).
-        self.store = ResidentAdapters(
+        self._start(ResidentAdapters(
             dtype=model_dtype, tp_size=get_tensor_model_parallel_world_size(),
             tp_rank=get_tensor_model_parallel_rank(),
             max_bytes=resident_budget_bytes(resident_gib),
-            pin_memory=pin_memory_for(current_platform))
+            pin_memory=pin_memory_for(current_platform)), block_size)
+
+    def _start(self, store: ResidentAdapters, block_size: int) -> None:
+        """The state of a worker over `store` (the tests start one without vLLM)."""
+        self.store = store
+        self.block_size = block_size
         self._layers: dict[str, tuple[Any, int]] | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1,
+                                          thread_name_prefix="deepthink-adapter-read")
+        self._reads: dict[str, Future] = {}               # digest -> running read
+        self._waiting: dict[str, list[AdapterLoad]] = {}  # digest -> loads waiting on it
+        self._finished_recving: set[str] = set()
         self._failed_block_ids: set[int] = set()
-        for name, path in start_adapters.items():
-            try:
-                self.store.load(name, path)
-            except AdapterLoadError as exc:
-                # The frontend refuses requests for it with the validation error.
-                logger.warning("vllm-deepthink: not preloading adapter %r: %s", name, exc)
+        self._meta = DeepThinkWorkerMetadata()
 
     def _attention_layers(self, forward_context: ForwardContext,
                           num_layers: int) -> dict[str, tuple[Any, int]]:
@@ -90,17 +114,87 @@ class WorkerSide:
         self._layers = {name: (candidates[name], index) for name, index in matched.items()}
         return self._layers
 
-    def start_load(self, loads: list[AdapterLoad], forward_context: ForwardContext) -> None:
-        for load in loads:
-            try:
-                self._write(forward_context, load)
-            except Exception as exc:  # any failure must fail the request, never the engine
-                logger.error("vllm-deepthink: loading adapter %r for request %s failed: %s",
-                             load.name, load.request_id, exc)
-                self._failed_block_ids.update(load.block_ids_in_range(self.block_size))
+    # ------------------------------------------------------------------ a step
 
-    def _write(self, forward_context: ForwardContext, load: AdapterLoad) -> None:
-        adapter = self.store.get(load.name, load.path, load.digest)
+    def start_load(self, metadata: DeepThinkConnectorMetadata,
+                   forward_context: ForwardContext) -> None:
+        self._finish_reads(forward_context, wait=metadata.idle)
+        for load in metadata.loads:
+            if not load.is_async:
+                self._write_hit(forward_context, load)
+        for digest in metadata.evict:
+            self.store.evict(digest)
+        for load in metadata.loads:
+            if load.is_async:
+                self._start_async(forward_context, load)
+
+    def _write_hit(self, forward_context: ForwardContext, load: AdapterLoad) -> None:
+        try:
+            adapter = self.store.get(load.digest)
+            if adapter is None:
+                # The scheduler planned a hit: the store lost it (a bug, not a tenant's
+                # doing). Read it here rather than fail the request, and say so.
+                self._meta.forward_path_load = True
+                logger.warning("vllm-deepthink: adapter %r was not resident for a hit; "
+                               "reading it on the forward path", load.name)
+                adapter = self.store.load(load.name, load.path, load.digest)
+            self._write(forward_context, load, adapter)
+        except Exception as exc:  # any failure must fail the request, never the engine
+            self._fail(load, exc)
+
+    def _start_async(self, forward_context: ForwardContext, load: AdapterLoad) -> None:
+        if load.refused is not None:
+            self._fail(load, AdapterLoadError(load.refused))
+            self._finished_recving.add(load.request_id)
+            return
+        adapter = self.store.get(load.digest)
+        if adapter is not None:  # its read ended this step
+            self._write_async(forward_context, load, adapter)
+            return
+        self._waiting.setdefault(load.digest, []).append(load)
+        if load.digest not in self._reads:
+            self._reads[load.digest] = self._reader.submit(
+                self.store.read, load.name, load.path, load.digest)
+
+    def _finish_reads(self, forward_context: ForwardContext, wait: bool) -> None:
+        """Write (or fail) the loads waiting on every read that ended; report the reads."""
+        if wait and self._reads:
+            concurrent.futures.wait(list(self._reads.values()), timeout=IDLE_WAIT_SECONDS,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        for digest, future in list(self._reads.items()):
+            if not future.done():
+                continue
+            del self._reads[digest]
+            waiting = self._waiting.pop(digest, [])
+            counts = self._meta.reads.setdefault(digest, [0, 0])
+            exc = future.exception()
+            if exc is not None:
+                counts[1] += 1
+                for load in waiting:
+                    self._fail(load, exc)
+                    self._finished_recving.add(load.request_id)
+                continue
+            counts[0] += 1
+            adapter = future.result()
+            self.store.add(adapter)
+            for load in waiting:
+                self._write_async(forward_context, load, adapter)
+
+    def _write_async(self, forward_context: ForwardContext, load: AdapterLoad,
+                     adapter: ResidentAdapter) -> None:
+        try:
+            self._write(forward_context, load, adapter)
+        except Exception as exc:  # any failure must fail the request, never the engine
+            self._fail(load, exc)
+        self._finished_recving.add(load.request_id)
+
+    def _fail(self, load: AdapterLoad, exc: BaseException) -> None:
+        logger.error("vllm-deepthink: loading adapter %r for request %s failed: %s",
+                     load.name, load.request_id, exc)
+        self._failed_block_ids.update(load.block_ids_in_range(self.block_size))
+
+    def _write(self, forward_context: ForwardContext, load: AdapterLoad,
+               adapter: ResidentAdapter) -> None:
         if load.end > adapter.prefix_len:
             raise AdapterLoadError(
                 f"asked for positions up to {load.end}, the adapter has {adapter.prefix_len}")
@@ -126,6 +220,30 @@ class WorkerSide:
                 layer, keys.to(device, non_blocking=self.store.pin_memory),
                 values.to(device, non_blocking=self.store.pin_memory), layer.kv_cache, slots)
 
+    # ------------------------------------------------------------- step results
+
+    def take_finished_recving(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests whose asynchronous load ended on this worker since the last call
+        (written or failed), and those finished (aborted) while waiting on a read: their
+        write is dropped, and vLLM frees their blocks once every rank has reported them."""
+        for digest, waiting in self._waiting.items():
+            aborted = [load for load in waiting if load.request_id in finished_req_ids]
+            for load in aborted:
+                waiting.remove(load)
+                self._finished_recving.add(load.request_id)
+        done, self._finished_recving = self._finished_recving, set()
+        return done
+
     def take_failed_block_ids(self) -> set[int]:
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
+
+    def take_worker_meta(self) -> DeepThinkWorkerMetadata | None:
+        meta = self._meta
+        if not meta.reads and not meta.forward_path_load:
+            return None
+        self._meta = DeepThinkWorkerMetadata()
+        return meta
+
+    def shutdown(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)

@@ -101,8 +101,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         RESIDENT_GIB_FLAG, dest="deepthink_resident_gib", type=float, default=None,
         metavar="GIB",
-        help=f"Worker memory for resident adapters (default {DEFAULT_RESIDENT_GIB:g} GiB); "
-             f"the least recently used beyond it are read from disk again when needed.")
+        help=f"Worker memory for resident adapters (default {DEFAULT_RESIDENT_GIB:g} GiB), "
+             f"counting the transient peak of a read; the least recently used beyond it "
+             f"are read from disk again, in the background, when needed. An adapter "
+             f"whose read cannot fit it is refused at start.")
     return parser
 
 
@@ -207,7 +209,9 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
     check_names_are_free(adapters, args)
     parents = parents_from_args(args)
     check_adapters_at_start(engine_args.model, adapters, revision=engine_args.revision)
-    overrides = {"kv_transfer_config": engine_args.kv_transfer_config}
+    # tensor_parallel_size: the budget check counts each rank's share of the KV heads.
+    overrides = {"kv_transfer_config": engine_args.kv_transfer_config,
+                 "tensor_parallel_size": engine_args.tensor_parallel_size}
     if engine_args.enable_prefix_caching is not None:  # given on the command line
         overrides["enable_prefix_caching"] = engine_args.enable_prefix_caching
     for key, value in api.engine_args(adapters, adapter_dirs=adapter_dirs,
