@@ -174,7 +174,8 @@ def test_registry_for_builds_one_registry_per_engine(llama, adapters):
         kv = SimpleNamespace(kv_connector=connector, engine_id=engine_id,
                              kv_connector_extra_config={"adapters": {"a": str(adapters / "a")}})
         return SimpleNamespace(kv_transfer_config=kv,
-                               model_config=SimpleNamespace(model=str(model_dir), revision=None))
+                               model_config=SimpleNamespace(model=str(model_dir), revision=None),
+                               parallel_config=SimpleNamespace(tensor_parallel_size=1))
 
     with pytest.raises(frontend.AdapterRequestError, match="not started for Deep-Thinking"):
         frontend.registry_for(config(llama[0], connector="ExampleConnector"))
@@ -182,6 +183,22 @@ def test_registry_for_builds_one_registry_per_engine(llama, adapters):
     assert first.names() == ["a"] and frontend.registry_for(config(llama[0])) is first
     other = frontend.registry_for(config(llama[0], engine_id="e2"))
     assert other is not first and frontend.registry_for(config(llama[0])) is first
+
+
+def test_registry_for_refuses_adapters_over_the_resident_budget(llama, adapters):
+    """--deepthink-resident-gib reaches the registry: an adapter loaded at runtime that
+    a worker could never hold is refused, naming the budget (a 400 on the load endpoint)."""
+    from types import SimpleNamespace
+
+    kv = SimpleNamespace(kv_connector=protocol.CONNECTOR_NAME, engine_id="tiny-budget",
+                         kv_connector_extra_config={"resident_gib": 1 / (1 << 30)})
+    registry = frontend.registry_for(SimpleNamespace(
+        kv_transfer_config=kv, model_config=SimpleNamespace(model=str(llama[0]), revision=None),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1)))
+    with pytest.raises(frontend.AdapterRequestError,
+                       match="'a' .* more than the resident-adapter budget of 1 bytes"):
+        registry.register("a", adapters / "a")
+    assert registry.names() == []
 
 
 def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
@@ -198,7 +215,8 @@ def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
     kv = SimpleNamespace(kv_connector=protocol.CONNECTOR_NAME, engine_id="resolver-test",
                          kv_connector_extra_config={})
     config = SimpleNamespace(kv_transfer_config=kv,
-                             model_config=SimpleNamespace(model=str(llama[0]), revision=None))
+                             model_config=SimpleNamespace(model=str(llama[0]), revision=None),
+                             parallel_config=SimpleNamespace(tensor_parallel_size=1))
     with pytest.raises(TypeError, match="resolve\\(name\\) method"):
         resolvers.register_resolver("bad", object())
     resolvers.register_resolver("test-mapping", Mapping())

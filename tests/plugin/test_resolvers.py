@@ -6,6 +6,7 @@ adapters without the server's paths. The hub API is monkeypatched (no network)."
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -19,8 +20,10 @@ from huggingface_hub.hf_api import HfApi, RepoSibling
 from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.hub_cache import publish
 from tests.helpers.tiny_models import load_tiny
-from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME
+from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, load_config
 from vllm_deepthink.plugin import frontend, resolvers
+from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE
+from vllm_deepthink.plugin.connector.resident import config_footprint
 from vllm_deepthink.plugin.resolvers import (AdapterRefused, DirectoryResolver, HubResolver,
                                              ResolverUnavailable)
 
@@ -299,3 +302,67 @@ def test_unavailable_resolvers_are_a_retry_later_error_and_others_still_answer(l
     assert registry.get("a").prefix_len == 12
     with pytest.raises(frontend.AdapterLookupUnavailable, match="could not be looked up now"):
         registry.get("nosuch")
+
+
+def footprint_of(path) -> int:
+    """Bytes the registration check counts for the adapter at `path` (tensor parallel 1)."""
+    return config_footprint(load_config(path), 1, 0, MAX_FILE_ITEMSIZE).total
+
+
+def test_an_adapter_larger_than_the_resident_budget_is_refused_at_registration(
+        llama, store, monkeypatch):
+    """Runtime load endpoint, add_adapter and the resolvers: refused from the config
+    before the weights are read, naming the bytes needed and the budget (before: served,
+    and only refused by the workers when a request named it, finish reason `error`)."""
+    _, model, tokenizer = llama
+    build_adapter(model, tokenizer, store / "big", 40, seed=2)
+    budget = footprint_of(store / "a")  # "a" (12 positions) fits exactly, "big" does not
+    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)],
+                                        resident_budget=budget)
+    reads, load = [], frontend.DeepThinkAdapter.from_pretrained
+    monkeypatch.setattr(frontend.DeepThinkAdapter, "from_pretrained",
+                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    need = footprint_of(store / "big")
+    for attempt in (lambda: registry.register("big", store / "big"),  # load endpoint
+                    lambda: registry.get("big")):                      # --deepthink-adapter-dir
+        with pytest.raises(frontend.AdapterRequestError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert f"adapter 'big' (40 positions) needs {need} bytes" in message
+        assert f"budget of {budget} bytes" in message and "--deepthink-resident-gib" in message
+    assert reads == [] and registry.names() == []
+    assert registry.get("a").prefix_len == 12 and registry.names() == ["a"]
+
+
+def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, monkeypatch):
+    """--deepthink-adapter-dir: the registration follows the files (their latest mtime),
+    checked with a stat and no read while they are unchanged (before: the digest of the
+    first registration was served forever, and every worker load failed its digest
+    check)."""
+    _, model, tokenizer = llama
+    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    first = registry.get("a")
+    reads, load = [], frontend.DeepThinkAdapter.from_pretrained
+    monkeypatch.setattr(frontend.DeepThinkAdapter, "from_pretrained",
+                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    assert registry.get("a") is first and reads == []
+
+    def edit(**kwargs):
+        adapter = build_adapter(model, tokenizer, store / "a", **kwargs)
+        for path in (store / "a").iterdir():  # a clock tick later than the first build
+            os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5 * len(reads) + 5))
+        return adapter
+
+    second = edit(prefix_len=16, seed=9)
+    assert second.digest != first.digest
+    with ThreadPoolExecutor(4) as pool:  # one validation for a burst after the edit
+        infos = list(pool.map(registry.get, ["a"] * 4))
+    assert {(i.digest, i.prefix_len) for i in infos} == {(second.digest, 16)}
+    assert len(reads) == 1 and registry.names() == ["a"]
+    assert registry.get("a").digest == second.digest and len(reads) == 1
+
+    (store / "a" / WEIGHTS_NAME).write_bytes(b"broken")  # edited into a bad adapter
+    os.utime(store / "a" / WEIGHTS_NAME, (0, (store / "a" / CONFIG_NAME).stat().st_mtime + 60))
+    with pytest.raises(frontend.AdapterRequestError, match="'a' found at .* cannot be served"):
+        registry.get("a")
+    assert registry.names() == []  # the stale registration is not served either

@@ -33,9 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter, ModelFingerprint
-from vllm_deepthink.format.adapter import resolve_adapter_dir
+from vllm_deepthink.format import (AdapterFormatError, DeepThinkAdapter, ModelFingerprint,
+                                   load_config)
+from vllm_deepthink.format.adapter import check_fingerprint, resolve_adapter_dir
+from vllm_deepthink.plugin.api import resident_budget_error
 from vllm_deepthink.plugin.connector import kv_layout
+from vllm_deepthink.plugin.connector.resident import files_mtime
 from vllm_deepthink.plugin.resolvers import (AdapterRefused, AdapterResolver,
                                              DirectoryResolver, ResolverUnavailable,
                                              registered_resolvers)
@@ -44,6 +47,7 @@ from vllm_deepthink.plugin.protocol import (
     EXTRA_CONFIG_ADAPTER_DIRS,
     EXTRA_CONFIG_ADAPTERS,
     EXTRA_CONFIG_PARENTS,
+    EXTRA_CONFIG_RESIDENT_GIB,
     PARAMS_KEY,
     RESERVED_ARG_PREFIX,
     SALT_NAMESPACE,
@@ -55,6 +59,7 @@ from vllm_deepthink.plugin.protocol import (
     has_transfer_entry,
     is_int,
     is_reserved_salt,
+    resident_budget_bytes,
     uses_deepthink_connector,
 )
 
@@ -109,20 +114,29 @@ class AdapterInfo:
 class AdapterRegistry:
     """Adapters the frontend serves, by name. Thread-safe.
 
-    `register` validates the adapter against the served model's fingerprint (and,
-    given the engine's dtype, that its values fit it) before it becomes visible;
-    workers then load it lazily by path, verifying the weights digest, the first time
-    a request for it arrives.
+    `register` validates the adapter against the served model's fingerprint, and
+    (given the workers' resident budget) that a worker can load it, from its config
+    before the weights are read (and, given the engine's dtype, that its values fit
+    it) before it becomes visible; workers then load it lazily by path, verifying the
+    weights digest, the first time a request for it arrives. An adapter a resolver
+    found is registered again when its files change (their latest mtime).
     """
 
     def __init__(self, model: str | Path, revision: str | None = None,
-                 resolvers: Sequence[AdapterResolver] = (), dtype: Any = None):
+                 resolvers: Sequence[AdapterResolver] = (), dtype: Any = None,
+                 resident_budget: int | None = None, tp_size: int = 1):
         self._model = str(model)
         self._revision = revision
         self._dtype = dtype  # a torch.dtype the K/V is written in, or None
+        # Bytes of worker memory for resident adapters (None: not checked) and the
+        # tensor-parallel size (each rank holds its share of the KV heads).
+        self._resident_budget = resident_budget
+        self._tp_size = tp_size
         self._resolvers = list(resolvers)
         self._fingerprint: ModelFingerprint | None = None
         self._adapters: dict[str, AdapterInfo] = {}
+        # Names a resolver found: name -> latest mtime of its files when registered.
+        self._resolved_mtime: dict[str, float] = {}
         # Adapters named at engine start that failed validation: name -> reason.
         self._failed: dict[str, str] = {}
         # Resolved locations that failed validation: (location, mtime) -> reason.
@@ -152,11 +166,25 @@ class AdapterRegistry:
                  ) -> AdapterInfo:
         """Validate the adapter at `path` (a directory or hub id) against the served
         model and serve it as `name` (replacing an adapter of that name). Raises
-        AdapterFormatError."""
+        AdapterFormatError, or AdapterRequestError for an adapter larger than the
+        workers' resident budget."""
+        return self._register(name, path, parent)
+
+    def _register(self, name: str, path: str | Path, parent: str | None = None,
+                  resolved_mtime: float | None = None) -> AdapterInfo:
+        """register; `resolved_mtime`: a resolver found the adapter, whose files had this
+        latest mtime before they were read (lookup registers it again when it changes)."""
         _checked_name(name)
         path = str(resolve_adapter_dir(path))  # workers read it by this local path
-        adapter = DeepThinkAdapter.from_pretrained(
-            path, expected_fingerprint=self.model_fingerprint())
+        fingerprint = self.model_fingerprint()
+        if self._resident_budget is not None:  # from the config, before the weights
+            config = load_config(path)
+            check_fingerprint(config, fingerprint, path)
+            too_large = resident_budget_error(name, config, self._resident_budget,
+                                              self._tp_size)
+            if too_large is not None:
+                raise AdapterRequestError(too_large, param="model")
+        adapter = DeepThinkAdapter.from_pretrained(path, expected_fingerprint=fingerprint)
         if self._dtype is not None:
             for kind, tensors in (("keys", adapter.keys), ("values", adapter.values)):
                 for layer, kv in enumerate(tensors):
@@ -173,6 +201,10 @@ class AdapterRegistry:
             self._adapters[name] = info
             self._failed.pop(name, None)
             self._unloaded.discard(name)
+            if resolved_mtime is None:
+                self._resolved_mtime.pop(name, None)
+            else:
+                self._resolved_mtime[name] = resolved_mtime
         logger.info("vllm-deepthink: serving adapter %r from %s (L=%d, digest %s)",
                     name, path, info.prefix_len, info.digest[:12])
         return info
@@ -195,6 +227,7 @@ class AdapterRegistry:
         with self._lock:
             info = self._adapters.pop(name, None)
             self._failed.pop(name, None)
+            self._resolved_mtime.pop(name, None)
             if info is not None:
                 self._unloaded.add(name)
         if info is None:
@@ -207,7 +240,8 @@ class AdapterRegistry:
         resolvers (e.g. DIR/NAME of --deepthink-adapter-dir), whose adapter is validated
         and registered. None when nobody has it. A resolved adapter that fails
         validation raises AdapterRequestError with the reason (remembered until its
-        files change). Concurrent lookups of one new name validate it once."""
+        files change); one whose files changed since it was registered is resolved
+        again. Concurrent lookups of one new name validate it once."""
         future, owner = self.claim_lookup(name)
         if owner:
             self.run_lookup(name, future)
@@ -217,6 +251,7 @@ class AdapterRegistry:
         """(future of `name`'s lookup, whether the caller must run it with run_lookup).
         One future per name: the first caller runs the resolution, the others wait on
         it (an async caller awaits it without holding a thread)."""
+        self.current(name)  # a resolved adapter edited since is resolved again
         future: Future = Future()
         with self._lock:
             info = self._adapters.get(name)
@@ -242,6 +277,25 @@ class AdapterRegistry:
                 self._resolving.pop(name, None)
             future.set_result(result)
 
+    def current(self, name: str) -> AdapterInfo | None:
+        """The adapter registered as `name`, without resolving: None when there is none,
+        or when a resolver found it and its files changed since (their latest mtime: a
+        stat, no read); that registration is dropped, and the next lookup resolves the
+        name again."""
+        with self._lock:
+            info = self._adapters.get(name)
+            registered_mtime = self._resolved_mtime.get(name)
+        if info is None or registered_mtime is None:
+            return info
+        if files_mtime(info.path) == registered_mtime:
+            return info
+        with self._lock:
+            if self._adapters.get(name) is info:
+                del self._adapters[name]
+                del self._resolved_mtime[name]
+        logger.info("vllm-deepthink: adapter %r changed on disk; resolving it again", name)
+        return None
+
     def _resolve(self, name: str) -> AdapterInfo | None:
         unavailable = None
         for resolver in self._resolvers:
@@ -256,12 +310,13 @@ class AdapterRegistry:
                                           f"served: {exc}", param="model") from None
             if location is None:
                 continue
-            key = (location, _mtime(location))
+            mtime = files_mtime(location)  # before the files are read
+            key = (location, mtime)
             refused = self._refused.get(key)
             if refused is not None:
                 raise AdapterRequestError(refused, param="model")
             try:
-                return self.register(name, location)
+                return self._register(name, location, resolved_mtime=mtime)
             except (AdapterFormatError, AdapterRequestError, OSError) as exc:
                 reason = (f"adapter {name!r} found at {label} cannot be served: "
                           f"{without_path(str(exc), location, label)}")
@@ -328,14 +383,6 @@ def without_path(message: str, location: str | Path, label: str) -> str:
     return message
 
 
-def _mtime(location: str) -> float:
-    """Latest modification time of an adapter directory's files (0 if unreadable)."""
-    try:
-        return max(p.stat().st_mtime for p in Path(location).iterdir())
-    except (OSError, ValueError):
-        return 0.0
-
-
 _registries: dict[tuple[str, str], AdapterRegistry] = {}
 _registries_lock = threading.Lock()
 
@@ -359,7 +406,9 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
                 resolvers=[*(DirectoryResolver(d)
                              for d in extra.get(EXTRA_CONFIG_ADAPTER_DIRS, [])),
                            *registered_resolvers()],
-                dtype=getattr(vllm_config.model_config, "dtype", None))
+                dtype=getattr(vllm_config.model_config, "dtype", None),
+                resident_budget=resident_budget_bytes(extra.get(EXTRA_CONFIG_RESIDENT_GIB)),
+                tp_size=vllm_config.parallel_config.tensor_parallel_size)
             registry.register_at_start(extra.get(EXTRA_CONFIG_ADAPTERS, {}),
                                        extra.get(EXTRA_CONFIG_PARENTS, {}))
             _registries[key] = registry

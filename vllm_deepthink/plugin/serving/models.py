@@ -46,13 +46,12 @@ def registry_of(models: Any):
 
 
 def _served(registry: Any, model_name: str | None) -> Any:
-    """The AdapterInfo served as model_name, or None."""
-    if registry is None or not model_name or model_name not in registry.names():
+    """The AdapterInfo served as model_name, or None (also for a folder adapter edited
+    since it was registered: resolve_adapter_model registers it again, off the event
+    loop)."""
+    if registry is None or not model_name:
         return None
-    try:
-        return registry.get(model_name)
-    except AdapterRequestError:  # unloaded meanwhile
-        return None
+    return registry.current(model_name)
 
 
 def reserved_field_error(models: Any, request: Any):
