@@ -36,9 +36,8 @@ from typing import Any
 from vllm_deepthink.format import (AdapterFormatError, DeepThinkAdapter, ModelFingerprint,
                                    load_config)
 from vllm_deepthink.format.adapter import check_fingerprint, resolve_adapter_dir
-from vllm_deepthink.plugin.api import resident_budget_error
 from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.connector.resident import files_mtime
+from vllm_deepthink.plugin.connector.resident import files_mtime, resident_budget_error
 from vllm_deepthink.plugin.resolvers import (AdapterRefused, AdapterResolver,
                                              DirectoryResolver, ResolverUnavailable,
                                              registered_resolvers)
