@@ -21,7 +21,8 @@ from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.hub_cache import publish
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, load_config
-from vllm_deepthink.plugin import frontend, resolvers
+from vllm_deepthink.plugin import request_checks, resolvers
+from vllm_deepthink.plugin import registry as adapter_registry
 from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE
 from vllm_deepthink.plugin.connector.resident import config_footprint
 from vllm_deepthink.plugin.resolvers import (AdapterRefused, DirectoryResolver, HubResolver,
@@ -229,11 +230,11 @@ def store(llama, tmp_path):
 
 
 def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, monkeypatch):
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     registry.model_fingerprint()
     burst, claims, validations = 8, [], []
     all_claimed = threading.Event()
-    claim, load = registry.claim_lookup, frontend.DeepThinkAdapter.from_pretrained
+    claim, load = registry.claim_lookup, adapter_registry.DeepThinkAdapter.from_pretrained
 
     def counting_claim(name):
         claims.append(name)
@@ -247,7 +248,7 @@ def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, mo
         return load(*args, **kwargs)
 
     monkeypatch.setattr(registry, "claim_lookup", counting_claim)
-    monkeypatch.setattr(frontend.DeepThinkAdapter, "from_pretrained", counting_load)
+    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained", counting_load)
     with ThreadPoolExecutor(burst) as pool:
         infos = list(pool.map(registry.lookup, ["a"] * burst))
     assert len(validations) == 1 and len({id(i) for i in infos}) == 1
@@ -255,7 +256,7 @@ def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, mo
 
 
 def test_async_callers_share_one_future_per_name(llama, store):
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     claims = [registry.claim_lookup("a") for _ in range(4)]
     assert [owner for _, owner in claims] == [True, False, False, False]
     assert len({id(future) for future, _ in claims}) == 1
@@ -266,12 +267,12 @@ def test_async_callers_share_one_future_per_name(llama, store):
 
 
 def test_unloading_a_directory_adapter_sticks_until_it_is_loaded_again(llama, store):
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     assert registry.get("a").prefix_len == 12 and registry.holds("a")
     registry.unregister("a")
     assert registry.lookup("a") is None  # the directory still holds it
     assert not registry.holds("a")  # a LoRA may take the name now
-    with pytest.raises(frontend.UnknownAdapterError, match="unknown adapter 'a'"):
+    with pytest.raises(request_checks.UnknownAdapterError, match="unknown adapter 'a'"):
         registry.get("a")
     registry.register("a", store / "a")
     assert registry.names() == ["a"]
@@ -283,8 +284,8 @@ def test_unloading_a_directory_adapter_sticks_until_it_is_loaded_again(llama, st
 def test_errors_name_the_adapter_not_the_server_path(llama, store):
     (store / "broken").mkdir()
     (store / "broken" / CONFIG_NAME).write_text("{}")
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
-    with pytest.raises(frontend.AdapterRequestError) as caught:
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    with pytest.raises(request_checks.AdapterRequestError) as caught:
         registry.get("broken")
     message = str(caught.value)
     assert "'broken' found at <adapter-dir>/broken cannot be served" in message
@@ -298,9 +299,10 @@ def test_unavailable_resolvers_are_a_retry_later_error_and_others_still_answer(l
         def resolve(self, name):
             raise ResolverUnavailable("rate limited")
 
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[Down(), DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0],
+                                                resolvers=[Down(), DirectoryResolver(store)])
     assert registry.get("a").prefix_len == 12
-    with pytest.raises(frontend.AdapterLookupUnavailable, match="could not be looked up now"):
+    with pytest.raises(request_checks.AdapterLookupUnavailable, match="could not be looked up now"):
         registry.get("nosuch")
 
 
@@ -317,15 +319,15 @@ def test_an_adapter_larger_than_the_resident_budget_is_refused_at_registration(
     _, model, tokenizer = llama
     build_adapter(model, tokenizer, store / "big", 40, seed=2)
     budget = footprint_of(store / "a")  # "a" (12 positions) fits exactly, "big" does not
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)],
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)],
                                         resident_budget=budget)
-    reads, load = [], frontend.DeepThinkAdapter.from_pretrained
-    monkeypatch.setattr(frontend.DeepThinkAdapter, "from_pretrained",
+    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
+    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
                         lambda *a, **k: reads.append(a) or load(*a, **k))
     need = footprint_of(store / "big")
     for attempt in (lambda: registry.register("big", store / "big"),  # load endpoint
                     lambda: registry.get("big")):                      # --deepthink-adapter-dir
-        with pytest.raises(frontend.AdapterRequestError) as caught:
+        with pytest.raises(request_checks.AdapterRequestError) as caught:
             attempt()
         message = str(caught.value)
         assert f"adapter 'big' (40 positions) needs {need} bytes" in message
@@ -340,10 +342,10 @@ def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, mo
     first registration was served forever, and every worker load failed its digest
     check)."""
     _, model, tokenizer = llama
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     first = registry.get("a")
-    reads, load = [], frontend.DeepThinkAdapter.from_pretrained
-    monkeypatch.setattr(frontend.DeepThinkAdapter, "from_pretrained",
+    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
+    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
                         lambda *a, **k: reads.append(a) or load(*a, **k))
     assert registry.get("a") is first and reads == []
 
@@ -363,6 +365,7 @@ def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, mo
 
     (store / "a" / WEIGHTS_NAME).write_bytes(b"broken")  # edited into a bad adapter
     os.utime(store / "a" / WEIGHTS_NAME, (0, (store / "a" / CONFIG_NAME).stat().st_mtime + 60))
-    with pytest.raises(frontend.AdapterRequestError, match="'a' found at .* cannot be served"):
+    with pytest.raises(request_checks.AdapterRequestError,
+                       match="'a' found at .* cannot be served"):
         registry.get("a")
     assert registry.names() == []  # the stale registration is not served either

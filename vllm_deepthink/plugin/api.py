@@ -93,9 +93,9 @@ def list_adapters(llm) -> list[str]:
 
 def registry(llm):
     """The adapter registry of a `vllm.LLM` built with engine_args(...)."""
-    from vllm_deepthink.plugin import frontend
+    from vllm_deepthink.plugin.registry import registry_for
 
-    return frontend.registry_for(llm.llm_engine.vllm_config)
+    return registry_for(llm.llm_engine.vllm_config)
 
 
 def sampling_params(adapter: str, **kwargs: Any):
