@@ -306,6 +306,14 @@ def test_unavailable_resolvers_are_a_retry_later_error_and_others_still_answer(l
         registry.get("nosuch")
 
 
+def count_reads(monkeypatch) -> list:
+    """The adapter reads of the registry from now on (one entry per from_pretrained)."""
+    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
+    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
+                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    return reads
+
+
 def footprint_of(path) -> int:
     """Bytes the registration check counts for the adapter at `path` (tensor parallel 1)."""
     return config_footprint(load_config(path), 1, 0, MAX_FILE_ITEMSIZE).total
@@ -321,9 +329,7 @@ def test_an_adapter_larger_than_the_resident_budget_is_refused_at_registration(
     budget = footprint_of(store / "a")  # "a" (12 positions) fits exactly, "big" does not
     registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)],
                                         resident_budget=budget)
-    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
-    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
-                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    reads = count_reads(monkeypatch)
     need = footprint_of(store / "big")
     for attempt in (lambda: registry.register("big", store / "big"),  # load endpoint
                     lambda: registry.get("big")):                      # --deepthink-adapter-dir
@@ -344,9 +350,7 @@ def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, mo
     _, model, tokenizer = llama
     registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     first = registry.get("a")
-    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
-    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
-                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    reads = count_reads(monkeypatch)
     assert registry.get("a") is first and reads == []
 
     def edit(**kwargs):
