@@ -81,8 +81,22 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", help="also write a JSON summary here")
 
 
+# Library parameter -> the flag that sets it (library errors name the parameter).
+FLAGS = {"prefix_len": "--prefix-len", "ratio": "--ratio", "dev_size": "--dev-size",
+         "steps": "--steps", "lr": "--lr", "batch_size": "--batch-size",
+         "eval_every": "--eval-every", "patience": "--patience", "top_k": "--top-k"}
+
+
 def _fail(message: str) -> None:
     raise SystemExit(f"vllm-deepthink compress: error: {message}")
+
+
+def _with_flag(message: str) -> str:
+    """The library's message with the flag of the parameter it names in front."""
+    import re
+
+    flags = [flag for name, flag in FLAGS.items() if re.search(rf"\b{name} must", message)]
+    return f"{', '.join(flags)}: {message}" if flags else message
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -197,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed, batch_size=args.batch_size, queries_info=info,
             build_args=json.loads(json.dumps(build_args, default=str)), on_step=report)
     except (CompressError, teachers.TeacherError) as exc:
-        _fail(str(exc))
+        _fail(_with_flag(str(exc)))
     out = Path(args.out)
     compressed.save_pretrained(out)
     result = summary(compressed, out, time.perf_counter() - start)
