@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     source = build_adapter(model, tokenizer, root / "full", 70)
     compressed = compress_adapter(
         DeepThinkAdapter.from_pretrained(root / "full"), model, tokenizer, CALIBRATION,
-        prefix_len=20, distill_settings=DistillSettings(steps=3, eval_every=3, batch_size=8),
+        prefix_len=20, distill=DistillSettings(steps=3, eval_every=3, batch_size=8),
         dev_size=6, progress=False)
     compressed.save_pretrained(root / "small")
     adapters = {"full": source, "small": DeepThinkAdapter.from_pretrained(root / "small")}

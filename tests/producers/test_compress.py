@@ -46,7 +46,7 @@ def distilled(llama, source):
     settings = DistillSettings(steps=6, eval_every=2, patience=0, batch_size=8, lr=3e-3)
     steps = []
     adapter = compress_adapter(source, model, tokenizer, QUERIES, prefix_len=12,
-                               distill_settings=settings, dev_size=8, progress=False,
+                               distill=settings, dev_size=8, progress=False,
                                on_step=steps.append)
     return adapter, steps
 
@@ -179,9 +179,9 @@ def test_refusals(llama, source, tmp_path):
     past_kv = imported(model, method="past-kv", virtual=20, specials=())
     with pytest.raises(CompressError, match="needs the source's label_calibration"):
         compress_adapter(past_kv, model, tokenizer, QUERIES, prefix_len=8, teacher="calibrated",
-                         distill_settings=DistillSettings(steps=1), progress=False)
+                         distill=DistillSettings(steps=1), progress=False)
     with pytest.raises(teachers.TeacherError, match="Deep-Thinking source built from a task"):
-        teachers.seed_prefixes(model, tokenizer, None, past_kv, [0, 1])
+        teachers.ensemble_teacher(model, tokenizer, None, past_kv, [0, 1])
     other, _ = load_tiny("llama", make_tiny_model("llama", tmp_path / "other", seed=1))
     with pytest.raises(CompressError, match="different base model"):
         compress_adapter(source, other, tokenizer, QUERIES, prefix_len=8, progress=False)

@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
                                 eval_every=args.eval_every, patience=args.patience,
                                 top_k=args.top_k, positions=args.distill_positions,
                                 seed=args.seed) if args.distill else None)
-    teacher, ensemble = args.teacher, None
+    teacher = args.teacher
     build_args = {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
     def report(entry: dict[str, Any]) -> None:
@@ -202,11 +202,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         seeds = _seeds(args.teacher_seeds)
         if seeds is not None:
-            teacher = "ensemble"
-            ensemble = teachers.seed_prefixes(model, tokenizer, task, adapter, seeds)
+            teacher = teachers.ensemble_teacher(model, tokenizer, task, adapter, seeds)
         compressed = compress_adapter(
             adapter, model, tokenizer, texts, prefix_len=args.prefix_len, ratio=args.ratio,
-            distill_settings=settings, teacher=teacher, teacher_prefixes=ensemble,
+            distill=settings, teacher=teacher,
             calibration_prior=args.calibration, choices=choices, dev_size=args.dev_size,
             seed=args.seed, batch_size=args.batch_size, queries_info=info,
             build_args=json.loads(json.dumps(build_args, default=str)), on_step=report)

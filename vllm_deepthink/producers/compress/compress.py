@@ -24,7 +24,8 @@ from vllm_deepthink.format import (COMPRESSED, AdapterFormatError, DeepThinkAdap
                                    DeepThinkConfig, ModelFingerprint, check_fingerprint,
                                    torch_dtype)
 from vllm_deepthink.producers.compress import positions, selection, teachers
-from vllm_deepthink.producers.compress.distill import DistillSettings, distill, evaluate
+from vllm_deepthink.producers.compress.distill import DistillSettings, evaluate
+from vllm_deepthink.producers.compress.distill import distill as run_distill
 from vllm_deepthink.producers.compress.queries import queries_digest
 from vllm_deepthink.producers.deepthink.builder import builder_version
 from vllm_deepthink.tasks import calibration, scoring
@@ -113,24 +114,22 @@ def _source_digest(adapter: DeepThinkAdapter) -> str:
     return adapter.digest or hashlib.sha256(adapter.to_safetensors_bytes()).hexdigest()
 
 
-def _make_teacher(name, adapter, source_prefix, teacher_prefixes, calibration_prior):
-    if name not in teachers.TEACHERS:
-        raise CompressError(f"teacher must be one of {teachers.TEACHERS}, found {name!r}")
-    if name == "source":
+def _make_teacher(teacher, adapter, source_prefix, calibration_prior) -> teachers.Teacher:
+    if isinstance(teacher, teachers.Teacher):
+        return teacher
+    if teacher == "source":
         return teachers.source_teacher(source_prefix)
-    if name == "calibrated":
+    if teacher == "calibrated":
         return teachers.calibrated_teacher(source_prefix, adapter.config.label_calibration,
                                            calibration_prior)
-    if not isinstance(teacher_prefixes, teachers.Teacher):
-        raise CompressError("teacher 'ensemble' needs teacher_prefixes, a Teacher of several "
-                            "demonstration draws (teachers.seed_prefixes)")
-    return teacher_prefixes
+    raise CompressError(f"teacher must be 'source', 'calibrated' or a teachers.Teacher (e.g. "
+                        f"teachers.ensemble_teacher of several seeds), found {teacher!r}")
 
 
 def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Sequence[str], *,
                      prefix_len: int | None = None, ratio: float | None = None,
-                     distill_settings: DistillSettings | None = None, teacher: str = "source",
-                     teacher_prefixes: teachers.Teacher | None = None,
+                     distill: DistillSettings | None = None,
+                     teacher: str | teachers.Teacher = "source",
                      calibration_prior: str = "content-free",
                      choices: Sequence[str] | None = None, dev_size: int | None = None,
                      seed: int = 0, batch_size: int = 16,
@@ -141,10 +140,10 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     """Compress `adapter` (any method) to k positions for `queries` (rendered query texts;
     labels never used) with `model` (the adapter's base model) and its tokenizer.
 
-    k: `prefix_len`, or round(L / `ratio`). Without `distill_settings`: selection only.
-    `teacher`: "source", "calibrated" (needs the source's label_calibration;
-    `calibration_prior` picks its prior) or "ensemble" (`teacher_prefixes`:
-    teachers.seed_prefixes). `choices`: the task's label strings (answer tokens for the
+    k: `prefix_len`, or round(L / `ratio`). Without `distill` (DistillSettings):
+    selection only. `teacher` of the distillation: "source", "calibrated" (needs the
+    source's label_calibration; `calibration_prior` picks its prior) or a
+    teachers.Teacher (teachers.ensemble_teacher: several demonstration seeds). `choices`: the task's label strings (answer tokens for the
     agreement, and label_calibration for multi-token labels). Returns the new adapter
     (not saved) of method "compressed".
     """
@@ -160,12 +159,13 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
         raise CompressError(str(exc)) from None
     L = source.prefix_len
     k = resolve_prefix_len(L, prefix_len, ratio)
-    if teacher != "source" and distill_settings is None:
-        raise CompressError(f"teacher {teacher!r} is a distillation teacher; give "
-                            f"distill_settings (--distill) or use teacher 'source'")
-    if distill_settings is not None:
+    if not (isinstance(teacher, str) and teacher == "source") and distill is None:
+        name = teacher.name if isinstance(teacher, teachers.Teacher) else teacher
+        raise CompressError(f"teacher {name!r} is a distillation teacher; give distill "
+                            f"(DistillSettings) or use teacher 'source'")
+    if distill is not None:
         try:
-            distill_settings.check()
+            distill.check()
         except ValueError as exc:
             raise CompressError(str(exc)) from None
     queries = list(queries)
@@ -177,13 +177,12 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     train_ids, dev_ids = [query_ids[i] for i in train], [query_ids[i] for i in dev]
     source_prefix = list(zip(adapter.keys, adapter.values))
     try:
-        the_teacher = _make_teacher(teacher, adapter, source_prefix, teacher_prefixes,
-                                    calibration_prior)
+        the_teacher = _make_teacher(teacher, adapter, source_prefix, calibration_prior)
     except teachers.TeacherError as exc:
         raise CompressError(str(exc)) from None
     answer_ids = _answer_ids(tokenizer, source.label_calibration, choices)
-    top_k = distill_settings.top_k if distill_settings else 64
-    positions_mode = distill_settings.positions if distill_settings else "all"
+    top_k = distill.top_k if distill else 64
+    positions_mode = distill.positions if distill else "all"
 
     def targets(ids):
         return teachers.teacher_targets(model, the_teacher, ids, top_k=top_k,
@@ -205,14 +204,14 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
                             batch_size=batch_size)
     distill_record = None
     final_dev = selected_dev
-    if distill_settings is not None:
-        result = distill(model, keys, values, train_ids, targets(train_ids), dev_ids,
-                         dev_targets, distill_settings, answer_ids=answer_ids,
-                         progress=progress, on_step=on_step)
+    if distill is not None:
+        result = run_distill(model, keys, values, train_ids, targets(train_ids), dev_ids,
+                             dev_targets, distill, answer_ids=answer_ids,
+                             progress=progress, on_step=on_step)
         keys, values = result.keys, result.values
         best = next(e for e in result.trace if e["step"] == result.best_step)
         final_dev = {"kl": best["dev_kl"], "agreement": best["dev_agreement"], "n": len(dev)}
-        distill_record = {"settings": distill_settings.to_dict(), "teacher": the_teacher.info,
+        distill_record = {"settings": distill.to_dict(), "teacher": the_teacher.info,
                           "best_step": result.best_step, "stopped": result.stopped,
                           "steps_run": result.trace[-1]["step"],
                           "seconds": round(result.seconds, 3), "trace": result.trace}
@@ -235,7 +234,7 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
                     "train": len(train), "dev": len(dev), "seed": seed,
                     **({"info": queries_info} if queries_info else {})},
         "distill": distill_record,
-        "dev": {"teacher": the_teacher.name if distill_settings else "source",
+        "dev": {"teacher": the_teacher.name if distill else "source",
                 "answer_token_ids": answer_ids, "selection": selected_dev,
                 "final": final_dev},
         "label_calibration": calibration_note,

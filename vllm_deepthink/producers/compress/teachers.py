@@ -9,7 +9,7 @@ position:
   (each query's last token): the source's label_calibration turned into
   tasks.calibration.logit_bias and added to the label tokens' logits there, so the
   compressed adapter carries the calibration and a client needs no logit_bias.
-- `ensemble` (`seed_prefixes`): the prefixes of several demonstration draws of the
+- `ensemble` (`ensemble_teacher`): the prefixes of several demonstration draws of the
   source's task, each made with the source's own recipe (its Deep-Thinking optimizer,
   position mode and selected iteration; the source itself for its own seed).
 
@@ -29,9 +29,6 @@ import torch
 from tqdm.auto import tqdm
 
 from vllm_deepthink.producers.compress.batches import KV, batch_indices, forward_after_prefix
-
-TEACHERS = ("source", "calibrated", "ensemble")
-
 
 class TeacherError(ValueError):
     """A teacher that cannot be built from what was given."""
@@ -92,7 +89,7 @@ def calibrated_teacher(prefix: list[KV], label_calibration: dict[str, Any] | Non
                          "label_token_ids": list(token_ids)})
 
 
-def seed_prefixes(model, tokenizer, task, source, seeds: Sequence[int]) -> Teacher:
+def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int]) -> Teacher:
     """The ensemble teacher of `seeds`: one demonstration draw of the source's task per
     seed (the source's shot count), each run through the source's recipe; the source
     adapter itself stands for its own seed."""
