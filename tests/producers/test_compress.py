@@ -196,3 +196,25 @@ def test_an_imported_adapter_compresses_and_keeps_its_provenance_digest(llama):
     assert r["source_method"] == "past-kv" and adapter.config.label_calibration is None
     assert r["label_calibration"] == "the source has none"
     assert json.loads(json.dumps(r)) == r
+
+
+def test_gemma3_sliding_layers_keep_only_positions_their_window_shows(llama, tmp_path):
+    from tests.producers.test_builder import tiny_gemma3
+
+    _, tokenizer = llama
+    from vllm_deepthink.format import ModelFingerprint
+
+    model = tiny_gemma3(sliding_window=16)  # layers: sliding, sliding, full
+    # The same weights with a wide window give K/V for all 40 positions (an adapter holds
+    # every position in every layer; a forward's sliding cache keeps only the last 15).
+    source = build_adapter(tiny_gemma3(sliding_window=64), tokenizer, tmp_path / "wide", 40)
+    source.config.fingerprint = ModelFingerprint.from_model(model)
+    source.save_pretrained(tmp_path / "g")
+    adapter = compress_adapter(source, model, tokenizer, QUERIES, prefix_len=8, dev_size=6,
+                               distill=DistillSettings(steps=2, eval_every=2, batch_size=8),
+                               progress=False)
+    kept = torch.tensor(adapter.config.compression["selection"]["positions"])  # [3, 2, 8]
+    assert (kept[:2] > 40 - 16).all()        # the first query token sees 25..39 there
+    assert (kept[2, :, 0] == 0).all()        # the full layer keeps the sink
+    assert model.config._attn_implementation != "eager"
+    assert all(torch.isfinite(k).all() for k in adapter.keys)
