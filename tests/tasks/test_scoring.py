@@ -134,7 +134,7 @@ def legacy_score_encoded_hf(model, encoded, past_key_values=None, prefix_ids=Non
     import copy
 
     from vllm_deepthink.format import hf_cache
-    from vllm_deepthink.tasks.scoring import _logits
+    from vllm_deepthink.tasks.scoring import lm_logits
 
     with torch.no_grad():
         if past_key_values is not None:
@@ -174,7 +174,7 @@ def legacy_score_encoded_hf(model, encoded, past_key_values=None, prefix_ids=Non
             rows = [r for r, (_, es) in enumerate(batch) for _ in es]
             entries = [e for _, es in batch for e in es]
             sel = hidden[torch.tensor(rows), torch.tensor([e[0] for e in entries])]
-            lp = torch.log_softmax(_logits(model, sel), dim=-1)
+            lp = torch.log_softmax(lm_logits(model, sel), dim=-1)
             picked = lp[torch.arange(len(entries)), torch.tensor([e[1] for e in entries])]
             for (_, _, i, j), v in zip(entries, picked.double().tolist()):
                 totals[i][j] += v

@@ -20,6 +20,8 @@ COMMANDS = {
     "build": ("vllm_deepthink.apps.build", "build a Deep-Thinking adapter (HF, no vLLM)"),
     "import": ("vllm_deepthink.apps.importers",
                "import a PEFT prefix/prompt adapter or raw per-layer K/V (HF, no vLLM)"),
+    "compress": ("vllm_deepthink.apps.compress",
+                 "compress an adapter to fewer positions for its queries (HF, no vLLM)"),
     "eval": ("vllm_deepthink.apps.eval.cli", "accuracy: zero-shot vs ICL vs Deep-Thinking"),
     "bench": ("vllm_deepthink.apps.bench.cli", "throughput benchmarks"),
     "results": ("vllm_deepthink.apps.results.cli", "build adapters and write the README results table"),

@@ -13,6 +13,7 @@ Imports neither vLLM nor any producer (builder, importers).
 
 from vllm_deepthink.format.adapter import DeepThinkAdapter
 from vllm_deepthink.format.config import (
+    COMPRESSED,
     CONFIG_NAME,
     DEEPTHINK,
     FORMAT_VERSION,
@@ -29,7 +30,7 @@ from vllm_deepthink.format.errors import AdapterFormatError
 from vllm_deepthink.format.fingerprint import ModelFingerprint
 
 __all__ = [
-    "CONFIG_NAME", "DEEPTHINK", "FORMAT_VERSION", "METHODS", "PLACEHOLDER_TOKEN_ID",
+    "COMPRESSED", "CONFIG_NAME", "DEEPTHINK", "FORMAT_VERSION", "METHODS", "PLACEHOLDER_TOKEN_ID",
     "WEIGHTS_NAME", "AdapterFormatError", "DeepThinkAdapter",
     "DeepThinkConfig", "ModelFingerprint", "check_fingerprint", "dtype_name", "load_config",
     "torch_dtype",

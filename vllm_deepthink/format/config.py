@@ -52,7 +52,12 @@ METHODS = {
     "peft-cpt": "PEFT CPT (context-aware prompt tuning)",
     "peft-cartridge": "PEFT CARTRIDGE (a trained KV prefix, served like prefix tuning)",
     "past-kv": "raw per-layer K/V (past_key_values) from a safetensors file",
+    "compressed": "another adapter's K/V compressed to fewer positions: vllm-deepthink compress",
 }
+COMPRESSED = "compressed"
+# What every compression record holds (DeepThinkConfig.compression).
+COMPRESSION_KEYS = ("source_method", "source_digest", "source_prefix_len", "prefix_len",
+                    "selection", "queries", "distill")
 # Fields that only Deep-Thinking adapters carry (None / empty for every other method).
 DEEPTHINK_FIELDS = ("demos_text", "demo_token_ids", "optimizer", "optimizer_params",
                     "position_mode", "iterations_run", "selected_iteration")
@@ -117,7 +122,8 @@ class DeepThinkConfig:
         dtype: dtype of the stored tensors ("float32", "float16", "bfloat16").
         method: what produced the K/V, one of `METHODS`: "deepthink",
             "peft-prefix-tuning", "peft-prompt-tuning", "peft-p-tuning",
-            "peft-multitask-prompt-tuning", "peft-cpt", "peft-cartridge", "past-kv".
+            "peft-multitask-prompt-tuning", "peft-cpt", "peft-cartridge", "past-kv",
+            "compressed".
         num_virtual_tokens: every method but deepthink: the prefix positions that have
             no token id (PEFT's num_virtual_tokens; L for past-kv). None for deepthink.
         prefix_special_ids: every method but deepthink: real token ids that end the
@@ -149,6 +155,13 @@ class DeepThinkConfig:
             (name, template, label_words, separator, shots_per_class, seed), else None.
         build_args: the builder's or importer's arguments, for provenance.
         builder_version: vllm_deepthink version that built or imported the adapter.
+        compression: method "compressed" only: how the K/V were made from another
+            adapter (`vllm-deepthink compress`): {"source_method", "source_digest" (sha256
+            of its weights), "source_prefix_len", "prefix_len" (k), "selection" (method,
+            per-layer/head kept positions), "queries" ({"digest", "count", ...}),
+            "distill" (None, or the settings, teacher and per-step trace)}; None for
+            every other method. A compressed adapter may carry label_calibration
+            (recomputed for its own prefix).
         format_version: version of this format (2); version-1 configs are upgraded
             when read, other versions are refused.
     """
@@ -175,6 +188,7 @@ class DeepThinkConfig:
     build_args: dict[str, Any] = field(default_factory=dict)
     builder_version: str = ""
     format_version: int = FORMAT_VERSION
+    compression: dict[str, Any] | None = None
 
     def placeholder_token_ids(self) -> list[int]:
         """The L token ids the frontend puts in front of the query for this adapter.
@@ -257,6 +271,7 @@ class DeepThinkConfig:
             self._check_deepthink(source)
         else:
             self._check_imported(source)
+        self._check_compression(source)
 
     def _check_deepthink(self, source: str) -> None:
         missing = [name for name in DEEPTHINK_FIELDS if getattr(self, name) is None]
@@ -305,7 +320,8 @@ class DeepThinkConfig:
         method = self.method
         set_fields = [name for name in DEEPTHINK_FIELDS if getattr(self, name) is not None]
         set_fields += [name for name in ("selection_trace", "selection", "label_calibration")
-                       if getattr(self, name)]
+                       if getattr(self, name)
+                       and not (name == "label_calibration" and method == COMPRESSED)]
         if set_fields:
             raise AdapterFormatError(
                 f"{source}: {set_fields} are Deep-Thinking fields; a {method!r} adapter must "
@@ -344,6 +360,38 @@ class DeepThinkConfig:
 
 
 _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+    def _check_compression(self, source: str) -> None:
+        """The compression record: present exactly on method "compressed", with every
+        key of COMPRESSION_KEYS and its k equal to prefix_len."""
+        record = self.compression
+        if self.method != COMPRESSED:
+            if record is not None:
+                raise AdapterFormatError(
+                    f"{source}: a {self.method!r} adapter has a compression record; only "
+                    f"method 'compressed' carries one. Compress the adapter again.")
+            return
+        if not isinstance(record, dict):
+            raise AdapterFormatError(
+                f"{source}: method 'compressed' needs a compression record (an object), "
+                f"found {record!r}. Compress the adapter again.")
+        missing = [key for key in COMPRESSION_KEYS if key not in record]
+        if missing:
+            raise AdapterFormatError(
+                f"{source}: the compression record lacks {missing}; expected "
+                f"{list(COMPRESSION_KEYS)}. Compress the adapter again.")
+        source_len = record["source_prefix_len"]
+        if (record["prefix_len"] != self.prefix_len or type(source_len) is not int
+                or source_len <= self.prefix_len):
+            raise AdapterFormatError(
+                f"{source}: the compression record says k={record['prefix_len']!r} of "
+                f"{source_len!r} source positions; expected k == prefix_len "
+                f"({self.prefix_len}) < the source's. Compress the adapter again.")
+        if not (isinstance(record["source_digest"], str)
+                and _SHA256.fullmatch(record["source_digest"])):
+            raise AdapterFormatError(
+                f"{source}: compression.source_digest must be the sha256 of the source "
+                f"adapter's weights, found {record['source_digest']!r}.")
 
 
 def config_data_digest(data: dict[str, Any]) -> str:

@@ -47,3 +47,16 @@ def sliding_window(config: Any) -> int | None:
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None
     return int(window) if window else None
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per decoder layer, its sliding-window size, or None for a full-attention layer
+    (Gemma 3 mixes both through `layer_types`; Mistral-style configs slide everywhere)."""
+    text = text_config(config)
+    window = sliding_window(config)
+    layer_types = getattr(text, "layer_types", None)
+    if window is None:
+        return [None] * int(text.num_hidden_layers)
+    if layer_types is None:
+        return [window] * int(text.num_hidden_layers)
+    return [window if t == "sliding_attention" else None for t in layer_types]

@@ -127,7 +127,7 @@ def make_plan(encoded: Sequence[EncodedItem]) -> ScoringPlan:
 
 # ----------------------------------------------------------------- the HF scorer
 
-def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """The causal-LM head on selected hidden states [N, hidden] -> [N, vocab] (float32)."""
     logits = model.get_output_embeddings()(hidden).float()
     softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
@@ -163,7 +163,7 @@ def _hf_runs(plan: ScoringPlan) -> list[_Run]:
     return out
 
 
-def _pad_right(seqs: Sequence[Sequence[int]], prefix_len: int
+def pad_right(seqs: Sequence[Sequence[int]], prefix_len: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids [B, S] (pads = 0, masked) and attention_mask [B, L+S]."""
     width = max(len(s) for s in seqs)
@@ -211,7 +211,7 @@ def score_plan(model, plan: ScoringPlan, *, past_key_values=None,
     for start in tqdm(range(0, len(runs), batch_size), desc="scoring (hf)",
                       disable=not progress):
         batch = runs[start:start + batch_size]
-        input_ids, mask = _pad_right([r.ids for r in batch], prefix_len)
+        input_ids, mask = pad_right([r.ids for r in batch], prefix_len)
         cache = None if kv is None else hf_cache.shared_prefix_cache(kv, model.config,
                                                                      len(batch), prefix_len)
         hidden = model.base_model(input_ids=input_ids.to(device),
@@ -222,7 +222,7 @@ def score_plan(model, plan: ScoringPlan, *, past_key_values=None,
         positions = torch.tensor([e[0] for e in entries])
         targets = torch.tensor([e[1] for e in entries])
         selected = hidden[rows.to(device), positions.to(device)]  # [N, H]: scored only
-        logprobs = torch.log_softmax(_logits(model, selected), dim=-1)  # [N, vocab]
+        logprobs = torch.log_softmax(lm_logits(model, selected), dim=-1)  # [N, vocab]
         token_lp = logprobs.gather(1, targets[:, None].to(device))[:, 0]  # [N]
         for (_, _, i, j), lp in zip(entries, token_lp.double().tolist()):
             totals[i][j] += lp

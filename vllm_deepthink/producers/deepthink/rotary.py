@@ -44,21 +44,23 @@ def _rope_types(config) -> set[str]:
     return {params.get("rope_type", "default")} if isinstance(params, dict) else {"default"}
 
 
-def check_invertible(config) -> None:
-    """Raise RotaryError unless keys of this model can be rotated back."""
+def check_invertible(config, needed_by: str = "`position_mode` aligned",
+                     fix: str = "Use `position_mode` published for this model.") -> None:
+    """Raise RotaryError unless keys of this model can be rotated back; the message
+    names what needs the rotation (`needed_by`) and ends with `fix`."""
     text = text_config(config)
     model_type = text.model_type
     if model_type not in ROTATE_HALF_MODEL_TYPES:
         raise RotaryError(
-            f"`position_mode` aligned needs a rotary-position (RoPE) model of a known layout "
+            f"{needed_by} needs a rotary-position (RoPE) model of a known layout "
             f"({sorted(ROTATE_HALF_MODEL_TYPES)}); found model_type {model_type!r}"
             + (" which uses learned absolute positions" if model_type in ("gpt2", "opt") else "")
-            + ". Use `position_mode` published for this model.")
+            + f". {fix}")
     length_dependent = _rope_types(text) & _LENGTH_DEPENDENT_ROPE_TYPES
     if length_dependent:
         raise RotaryError(
-            f"`position_mode` aligned cannot invert rope type {sorted(length_dependent)}: its "
-            f"frequencies change with the sequence length. Use `position_mode` published.")
+            f"{needed_by} cannot invert rope type {sorted(length_dependent)}: its "
+            f"frequencies change with the sequence length. {fix}")
 
 
 def rotary_module(model):

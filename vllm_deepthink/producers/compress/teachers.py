@@ -1,0 +1,164 @@
+"""Teachers of the distillation and their targets.
+
+A teacher is one or more prefixes (per-layer K/V) whose next-token distributions,
+averaged as probabilities, the compressed prefix learns to reproduce at every query
+position:
+
+- `source`: the source adapter itself.
+- `calibrated`: the source with its label prior divided out at the answer position
+  (each query's last token): the source's label_calibration turned into
+  tasks.calibration.logit_bias and added to the label tokens' logits there, so the
+  compressed adapter carries the calibration and a client needs no logit_bias.
+- `ensemble` (`ensemble_teacher`): the prefixes of several demonstration draws of the
+  source's task, each made with the source's own recipe (its Deep-Thinking optimizer,
+  position mode and selected iteration; the source itself for its own seed).
+
+Targets are sparse: per position the teacher's `top_k` tokens (the answer tokens always
+among them at the answer position) and the log of the rest's mass, so the teacher runs
+once and the KL of the coarsened distributions is exact (distill.sparse_kl).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_deepthink.producers.compress.batches import KV, batch_indices, forward_after_prefix
+
+class TeacherError(ValueError):
+    """A teacher that cannot be built from what was given."""
+
+
+@dataclass
+class Teacher:
+    """prefixes: each per layer (key, value) [num_kv_heads, L_s, head_dim];
+    answer_bias: {token id: bias} added at each query's last position; info: the record."""
+
+    name: str
+    prefixes: list[list[KV]]
+    answer_bias: dict[int, float] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Targets:
+    """One query's sparse teacher distribution: at each of its S positions the log-probs
+    `logp` [S, K] of tokens `ids` [S, K] and `log_rest` [S], the log of the other
+    tokens' mass."""
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    log_rest: torch.Tensor
+
+    def to_device(self, device) -> Targets:
+        return Targets(self.ids.to(device), self.logp.to(device), self.log_rest.to(device))
+
+
+def source_teacher(prefix: list[KV]) -> Teacher:
+    return Teacher("source", [prefix], info={"name": "source"})
+
+
+def calibrated_teacher(prefix: list[KV], label_calibration: dict[str, Any] | None,
+                       prior: str = "content-free") -> Teacher:
+    """The source with its `prior` ("content-free" or "dev-prior") label prior divided
+    out at the answer position."""
+    from vllm_deepthink.tasks import calibration
+
+    token_ids = (label_calibration or {}).get("label_token_ids")
+    if not token_ids:
+        found = ("has none" if not label_calibration else
+                 "has one, but its labels are not one token each (label_token_ids is null)")
+        raise TeacherError(
+            "teacher 'calibrated' needs the source's label_calibration with one token per "
+            f"label (a Deep-Thinking adapter built from a classification task); the source "
+            f"{found}. Use teacher 'source'.")
+    if prior not in label_calibration:
+        raise TeacherError(
+            f"teacher 'calibrated': the source's label_calibration has no {prior!r} prior "
+            f"(it has {sorted(k for k in label_calibration if k.endswith('prior') or '-' in k)}); "
+            f"choose one of those.")
+    log_prior = label_calibration[prior]["log_prior"]
+    bias = calibration.logit_bias(token_ids, log_prior)
+    return Teacher("calibrated", [prefix], answer_bias=bias,
+                   info={"name": "calibrated", "prior": prior, "log_prior": log_prior,
+                         "label_token_ids": list(token_ids)})
+
+
+def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int]) -> Teacher:
+    """The ensemble teacher of `seeds`: one demonstration draw of the source's task per
+    seed (the source's shot count), each run through the source's recipe; the source
+    adapter itself stands for its own seed."""
+    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
+
+    cfg = source.config
+    record = cfg.task or {}
+    if cfg.method != "deepthink" or "seed" not in record:
+        raise TeacherError(
+            "teacher seeds need a Deep-Thinking source built from a task (its record gives "
+            "the shot count and recipe to draw other demonstrations with); this source is "
+            f"method {cfg.method!r}{'' if record else ' without a task record'}.")
+    if record.get("name") != task.name:
+        raise TeacherError(f"teacher seeds: the source was built from task "
+                           f"{record.get('name')!r}, the task given is {task.name!r}")
+    if len(set(seeds)) < 2:
+        raise TeacherError(f"teacher seeds: give at least two distinct seeds, found {list(seeds)}")
+    prefixes, draws = [], []
+    for seed in seeds:
+        if seed == record["seed"]:
+            prefixes.append(list(zip(source.keys, source.values)))
+            draws.append({"seed": seed, "prefix_len": cfg.prefix_len, "made": "the source"})
+            continue
+        inputs = task_build_inputs(task, tokenizer, model.config,
+                                   shots_per_class=record.get("shots_per_class"), seed=seed,
+                                   select_on_dev=False)
+        with torch.inference_mode():
+            *_, (iteration, keys, values) = builder.deep_thinking_steps(
+                model, inputs.demo_ids, iterations=cfg.selected_iteration,
+                optimizer=cfg.optimizer, position_mode=cfg.position_mode,
+                **cfg.optimizer_params)
+        prefixes.append([(k.clone(), v.clone()) for k, v in zip(keys, values)])
+        draws.append({"seed": seed, "prefix_len": len(inputs.demo_ids),
+                      "demo_indices": inputs.info["demo_indices"],
+                      "made": f"{cfg.optimizer} {cfg.position_mode}, iteration {iteration}"})
+    return Teacher("ensemble", prefixes, info={"name": "ensemble", "seeds": list(seeds),
+                                               "draws": draws})
+
+
+@torch.no_grad()
+def teacher_targets(model, teacher: Teacher, query_ids: Sequence[Sequence[int]], *,
+                    top_k: int = 64, answer_ids: Sequence[int] | None = None,
+                    batch_size: int = 16, progress: bool = True) -> list[Targets]:
+    """Per query its sparse targets (Targets), the teacher run once."""
+    out: list[Targets] = []
+    bias_ids = torch.tensor(list(teacher.answer_bias or {}), dtype=torch.long)
+    bias = torch.tensor(list((teacher.answer_bias or {}).values()), dtype=torch.float32)
+    forced = torch.tensor(list(answer_ids or []), dtype=torch.long)
+    for rows in tqdm(list(batch_indices(len(query_ids), batch_size)), desc=f"teacher "
+                     f"({teacher.name})", unit="batch", disable=not progress, leave=False):
+        batch = [query_ids[i] for i in rows]
+        logps = []
+        for prefix in teacher.prefixes:
+            run = forward_after_prefix(model, prefix, batch)
+            logps.append(torch.log_softmax(run.logits(model), dim=-1).cpu())  # [N, V]
+        # The mean of the prefixes' probabilities.
+        logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
+        last = run.last_rows().cpu()
+        if len(bias_ids):
+            logp[last[:, None], bias_ids] += bias
+            logp[last] = torch.log_softmax(logp[last], dim=-1)
+        rank = logp.clone()
+        if len(forced):
+            rank[last[:, None], forced] = torch.inf  # answer tokens always kept
+        ids = torch.topk(rank, min(top_k, logp.shape[-1]), dim=-1).indices  # [N, K]
+        kept = logp.gather(1, ids)
+        log_rest = torch.logsumexp(logp.scatter(1, ids, -torch.inf), dim=-1)  # [N]
+        lengths = run.valid.sum(dim=1).tolist()
+        for i, s in zip(torch.tensor([0] + lengths[:-1]).cumsum(0).tolist(), lengths):
+            out.append(Targets(ids[i:i + s], kept[i:i + s], log_rest[i:i + s]))
+    return out
