@@ -92,10 +92,10 @@ def test_queries_file_compresses_an_imported_adapter(llama, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ((), "method 'past-kv' has no task record: give --queries FILE"),
     (("--queries", "QUERIES", "--prefix-len", 16),
-     "--prefix-len: prefix_len must be an integer in [2, 15]"),
+     "--prefix-len must be an integer in [2, 15]"),
     (("--queries", "QUERIES", "--prefix-len", 1),
-     "--prefix-len: prefix_len must be an integer in [2, 15]"),
-    (("--queries", "QUERIES", "--ratio", 0.5), "--ratio: ratio must be > 1"),
+     "--prefix-len must be an integer in [2, 15]"),
+    (("--queries", "QUERIES", "--ratio", 0.5), "--ratio must be > 1"),
     (("--queries", "QUERIES", "--teacher", "calibrated"), "add --distill"),
     (("--queries", "QUERIES", "--distill", "--teacher-seeds", "0,1"),
      "--teacher-seeds draws demonstrations from the source's task"),

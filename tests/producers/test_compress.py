@@ -155,12 +155,12 @@ def test_record_is_validated(source, distilled, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"prefix_len": 48}, r"prefix_len must be an integer in \[2, 47\]"),
-    ({"prefix_len": 1}, r"prefix_len must be an integer in \[2, 47\]"),
-    ({"ratio": 1.0}, "ratio must be > 1"),
+    ({"prefix_len": 48}, r"`prefix_len` must be an integer in \[2, 47\]"),
+    ({"prefix_len": 1}, r"`prefix_len` must be an integer in \[2, 47\]"),
+    ({"ratio": 1.0}, "`ratio` must be > 1"),
     ({"ratio": 40.0}, r"found 1"),
-    ({}, "exactly one of prefix_len"),
-    ({"prefix_len": 8, "ratio": 2.0}, "exactly one of prefix_len"),
+    ({}, "exactly one of `prefix_len`"),
+    ({"prefix_len": 8, "ratio": 2.0}, "exactly one of `prefix_len`"),
 ])
 def test_bad_k_is_refused(kwargs, message):
     with pytest.raises(CompressError, match=message):
@@ -169,7 +169,7 @@ def test_bad_k_is_refused(kwargs, message):
 
 def test_refusals(llama, source, tmp_path):
     model, tokenizer = llama
-    with pytest.raises(CompressError, match="prefix_len must be an integer"):
+    with pytest.raises(CompressError, match="`prefix_len` must be an integer"):
         compress_adapter(source, model, tokenizer, QUERIES, prefix_len=48, progress=False)
     with pytest.raises(CompressError, match="distillation teacher"):
         compress_adapter(source, model, tokenizer, QUERIES, prefix_len=8, teacher="calibrated",

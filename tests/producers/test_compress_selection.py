@@ -108,7 +108,7 @@ def test_sliding_window_layers_keep_only_what_the_query_sees():
 
 @pytest.mark.parametrize("k", [1, 40, 41])
 def test_k_out_of_range_is_refused(k):
-    with pytest.raises(selection.SelectionError, match=r"prefix_len must be an integer in \[2, 39\]"):
+    with pytest.raises(selection.SelectionError, match=r"`prefix_len` must be an integer in \[2, 39\]"):
         selection.select_positions([torch.rand(2, 40)], k)
 
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_deepthink.apps.errors import UsageError
+
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     from vllm_deepthink.producers.compress.distill import POSITIONS, DistillSettings
@@ -81,22 +83,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", help="also write a JSON summary here")
 
 
-# Library parameter -> the flag that sets it (library errors name the parameter).
-FLAGS = {"prefix_len": "--prefix-len", "ratio": "--ratio", "dev_size": "--dev-size",
-         "steps": "--steps", "lr": "--lr", "batch_size": "--batch-size",
-         "eval_every": "--eval-every", "patience": "--patience", "top_k": "--top-k"}
-
-
 def _fail(message: str) -> None:
-    raise SystemExit(f"vllm-deepthink compress: error: {message}")
-
-
-def _with_flag(message: str) -> str:
-    """The library's message with the flag of the parameter it names in front."""
-    import re
-
-    flags = [flag for name, flag in FLAGS.items() if re.search(rf"\b{name} must", message)]
-    return f"{', '.join(flags)}: {message}" if flags else message
+    raise UsageError(message)
 
 
 def _seeds(text: str | None) -> list[int] | None:
@@ -174,22 +162,26 @@ def main(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter
-    from vllm_deepthink.format.hub import MODEL_FILES, HubResolutionError, resolve_dir
+    from vllm_deepthink.format.hub import HubResolutionError
+    from vllm_deepthink.producers.base_model import resolve_model
     from vllm_deepthink.producers.compress import CompressError, compress_adapter, teachers
     from vllm_deepthink.producers.compress.distill import DistillSettings
 
     try:
         adapter = DeepThinkAdapter.from_pretrained(args.source)
-        model_dir = resolve_dir(args.model, allow_patterns=MODEL_FILES)
+        model_dir, _ = resolve_model(args.model)
     except (AdapterFormatError, HubResolutionError) as exc:
         _fail(str(exc))
     texts, info, choices, task = _queries(args, adapter)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    settings = (DistillSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                eval_every=args.eval_every, patience=args.patience,
-                                top_k=args.top_k, positions=args.distill_positions,
-                                seed=args.seed) if args.distill else None)
+    try:
+        settings = (DistillSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                    eval_every=args.eval_every, patience=args.patience,
+                                    top_k=args.top_k, positions=args.distill_positions,
+                                    seed=args.seed) if args.distill else None)
+    except ValueError as exc:
+        _fail(str(exc))
     teacher = args.teacher
     build_args = {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
@@ -210,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed, batch_size=args.batch_size, queries_info=info,
             build_args=json.loads(json.dumps(build_args, default=str)), on_step=report)
     except (CompressError, teachers.TeacherError) as exc:
-        _fail(_with_flag(str(exc)))
+        _fail(str(exc))
     out = Path(args.out)
     compressed.save_pretrained(out)
     result = summary(compressed, out, time.perf_counter() - start)

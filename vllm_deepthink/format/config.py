@@ -80,7 +80,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "optimizer_params": (dict, type(None)), "position_mode": (str, type(None)),
     "iterations_run": (int, type(None)), "selected_iteration": (int, type(None)),
     "selection_trace": (list,), "selection": (dict,), "label_calibration": (dict, type(None)),
-    "task": (dict, type(None)), "build_args": (dict,), "builder_version": (str,),
+    "task": (dict, type(None)), "compression": (dict, type(None)), "build_args": (dict,),
+    "builder_version": (str,),
 }
 
 _DTYPES = {
@@ -359,8 +360,6 @@ class DeepThinkConfig:
                 f"(`vllm-deepthink import peft --task-id N`).")
 
 
-_JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
-
     def _check_compression(self, source: str) -> None:
         """The compression record: present exactly on method "compressed", with every
         key of COMPRESSION_KEYS and its k equal to prefix_len."""
@@ -388,10 +387,13 @@ _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an obj
                 f"{source_len!r} source positions; expected k == prefix_len "
                 f"({self.prefix_len}) < the source's. Compress the adapter again.")
         if not (isinstance(record["source_digest"], str)
-                and _SHA256.fullmatch(record["source_digest"])):
+                and SHA256_HEX.fullmatch(record["source_digest"])):
             raise AdapterFormatError(
                 f"{source}: compression.source_digest must be the sha256 of the source "
                 f"adapter's weights, found {record['source_digest']!r}.")
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
 
 
 def config_data_digest(data: dict[str, Any]) -> str:

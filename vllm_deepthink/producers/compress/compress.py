@@ -41,10 +41,10 @@ def resolve_prefix_len(source_len: int, prefix_len: int | None = None,
                        ratio: float | None = None) -> int:
     """k from prefix_len or ratio (k = round(L / ratio)), checked: 2 <= k < L."""
     if (prefix_len is None) == (ratio is None):
-        raise CompressError("give exactly one of prefix_len (k positions) or ratio (L / k)")
+        raise CompressError("give exactly one of `prefix_len` (k positions) or `ratio` (L / k)")
     if ratio is not None:
         if not ratio > 1:
-            raise CompressError(f"ratio must be > 1 (k = L / ratio < L), found {ratio!r}")
+            raise CompressError(f"`ratio` must be > 1 (k = L / ratio < L), found {ratio!r}")
         prefix_len = int(round(source_len / ratio))
     try:
         selection.check_prefix_len(prefix_len, source_len)
@@ -59,7 +59,7 @@ def split_queries(count: int, dev_size: int | None, seed: int) -> tuple[list[int
         raise CompressError(f"queries: at least 2 are needed (train and dev), found {count}")
     dev_size = min(MAX_DEV, max(1, count // 4)) if dev_size is None else dev_size
     if not 1 <= dev_size < count:
-        raise CompressError(f"dev_size must be in [1, {count - 1}] for {count} queries, "
+        raise CompressError(f"`dev_size` must be in [1, {count - 1}] for {count} queries, "
                             f"found {dev_size}")
     order = list(range(count))
     random.Random(seed).shuffle(order)
@@ -122,7 +122,7 @@ def _make_teacher(teacher, adapter, source_prefix, calibration_prior) -> teacher
     if teacher == "calibrated":
         return teachers.calibrated_teacher(source_prefix, adapter.config.label_calibration,
                                            calibration_prior)
-    raise CompressError(f"teacher must be 'source', 'calibrated' or a teachers.Teacher (e.g. "
+    raise CompressError(f"`teacher` must be 'source', 'calibrated' or a teachers.Teacher (e.g. "
                         f"teachers.ensemble_teacher of several seeds), found {teacher!r}")
 
 

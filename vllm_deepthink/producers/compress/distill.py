@@ -48,13 +48,13 @@ class DistillSettings:
         for name in ("steps", "batch_size", "eval_every", "top_k"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
-                raise ValueError(f"{name} must be a positive integer, found {value!r}")
+                raise ValueError(f"`{name}` must be a positive integer, found {value!r}")
         if type(self.patience) is not int or self.patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, found {self.patience!r}")
+            raise ValueError(f"`patience` must be an integer >= 0, found {self.patience!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, found {self.lr!r}")
+            raise ValueError(f"`lr` must be > 0, found {self.lr!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, found {self.positions!r}")
+            raise ValueError(f"`positions` must be one of {POSITIONS}, found {self.positions!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

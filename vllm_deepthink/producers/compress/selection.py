@@ -34,7 +34,7 @@ def check_prefix_len(k: int, source_len: int) -> None:
     """k keeps the sink and at least one more position, and fewer than the source's L."""
     if type(k) is not int or not 2 <= k < source_len:
         raise SelectionError(
-            f"prefix_len must be an integer in [2, {source_len - 1}]: the sink and at least "
+            f"`prefix_len` must be an integer in [2, {source_len - 1}]: the sink and at least "
             f"one more position, fewer than the source's {source_len}; found {k!r}")
 
 
