@@ -184,6 +184,8 @@ def finished_state(out: Path, entry: ManifestEntry) -> str | None:
     why it is built (again)."""
     if not out.exists():
         return "new"
+    if not out.is_dir():
+        return "not a directory"
     try:
         config = DeepThinkAdapter.from_pretrained(out).config
     except (AdapterFormatError, OSError, ValueError) as exc:
@@ -230,7 +232,7 @@ class ManifestSummary:
     manifest: str
     out_dir: str
     workers: int
-    threads: int | None          # torch threads per worker (None: torch's default)
+    threads: int | None          # torch threads per worker
     ray: bool
     wall_seconds: float = 0.0
     results: list[TaskResult] = field(default_factory=list)
@@ -303,10 +305,12 @@ def build_manifest(manifest: str | Path, out_dir: str | Path, *,
     if threads is not None and threads < 1:
         raise ManifestError(f"`threads` must be >= 1, found {threads}")
     entries = read_manifest(manifest, defaults)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # never read as a hub id
     out_dir.mkdir(parents=True, exist_ok=True)
     if threads is None and not ray:
-        threads = default_threads(workers)
+        import torch
+
+        threads = default_threads(workers) or torch.get_num_threads()
     summary = ManifestSummary(str(manifest), str(out_dir), workers, threads, ray)
     summary.machine["at_start"] = _machine()
     started = time.perf_counter()
