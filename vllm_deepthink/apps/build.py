@@ -1,6 +1,7 @@
 """`vllm-deepthink build`: build a Deep-Thinking adapter with HF transformers (no vLLM).
 
-This module parses the flags; `producers.deepthink.from_task.build_from_task` builds.
+This module parses the flags; `producers.deepthink.from_task.build_from_task` builds one
+adapter, `producers.deepthink.manifest.build_manifest` every task of `--manifest`.
 """
 
 from __future__ import annotations
@@ -11,18 +12,27 @@ from pathlib import Path
 
 from vllm_deepthink.apps.errors import UsageError
 
-DTYPES = ("float32", "bfloat16", "float16")
+# The flags of the policy (`--iterations` ...) -> SelectionPolicy's fields.
+POLICY_FLAGS = {"iterations": "max_iterations", "min_iterations": "min_iterations",
+                "patience": "patience", "guard_k": "guard_k", "collapse_drop": "collapse_drop"}
+# Flags of one build that --manifest refuses: each line says them for its task.
+ONE_BUILD_FLAGS = ("task_dir", "dataset", "demos_text", "out")
+# Flags of a manifest build only (not build_from_task's parameters).
+MANIFEST_FLAGS = ("manifest", "out_dir", "workers", "threads", "ray", "ray_address",
+                  "no_progress")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    from vllm_deepthink.producers.deepthink import search
-    from vllm_deepthink.producers.deepthink.from_task import DEFAULT_DEV_SIZE
+    from vllm_deepthink.producers.deepthink import builder, search
+    from vllm_deepthink.producers.deepthink.from_task import DEFAULT_DEV_SIZE, DTYPES, SELECT_ON
     from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
+    from vllm_deepthink.tasks.task import SPLITS
 
     defaults = SelectionPolicy()
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model",
                         help="HF model: a local directory or a hub id (ORG/NAME, resolved "
-                             "through the Hugging Face cache; HF_HUB_OFFLINE is honoured)")
+                             "through the Hugging Face cache; HF_HUB_OFFLINE is honoured); "
+                             "required, except with --manifest when every line names one")
     parser.add_argument("--revision", default=None, help="hub revision of --model")
     parser.add_argument("--demos-text", help="file holding the exact demonstration string")
     parser.add_argument("--task-dir", help="task directory (train.jsonl, ...) to sample demos "
@@ -38,7 +48,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=defaults.max_iterations,
                         help="maximum Deep-Thinking iterations T (1 = plain ICL); "
                              f"default {defaults.max_iterations}")
-    parser.add_argument("--optimizer", choices=("momentum", "ema"), default=None,
+    parser.add_argument("--optimizer", choices=builder.OPTIMIZERS, default=None,
                         help="default momentum (the published v1 code)")
     parser.add_argument("--step-size", type=float,
                         help=f"momentum step size (default {search.DEFAULT_STEP_SIZE})")
@@ -46,7 +56,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help=f"momentum coefficient (default {search.DEFAULT_BETA})")
     parser.add_argument("--eta", type=float,
                         help=f"ema weight of the new K/V (default {search.DEFAULT_EMA_ETA})")
-    parser.add_argument("--position-mode", choices=("published", "aligned"), default=None,
+    parser.add_argument("--position-mode", choices=builder.POSITION_MODES, default=None,
                         help="aligned: rotate the new keys back by L positions so the update "
                              "sees content only (RoPE models); published: the published code "
                              "exactly (the default; the two are the same for learned positions)")
@@ -54,13 +64,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="select the update strength on dev too: momentum step {0.01, "
                              "0.03} x beta {0.9, 0}, ema eta {0.05, 0.1, 0.2}, each in "
                              "position mode published and (RoPE models) aligned")
-    parser.add_argument("--select-on", choices=("dev", "none"),
+    parser.add_argument("--select-on", choices=SELECT_ON,
                         help="dev: keep the iteration chosen on a dev split (default with "
                              "--task-dir); none: keep the last (default with --demos-text)")
     parser.add_argument("--dev-size", type=int, default=DEFAULT_DEV_SIZE,
                         help="dev rows drawn at random from the --dev-split (train: disjoint "
                              f"from the demos) (default {DEFAULT_DEV_SIZE})")
-    parser.add_argument("--dev-split", choices=("train", "validation", "test"), default="train",
+    parser.add_argument("--dev-split", choices=SPLITS, default="train",
                         help="where the dev rows come from: train (default; disjoint from the "
                              "demos) or a held-out split of the task that is not its "
                              "evaluation split, e.g. validation when the task evaluates on "
@@ -86,6 +96,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", help="adapter directory (default adapters_store/TASK-MODEL)")
     parser.add_argument("--output-json", help="also write a JSON summary of the build here")
+    many = parser.add_argument_group(
+        "many adapters", "--manifest FILE: one JSON object per line, {\"name\": ..., "
+        "\"task_dir\": ..., \"seed\": ...} (build_from_task's parameter names); the flags "
+        "above that are given apply to every line that does not set them")
+    many.add_argument("--manifest", help="JSONL file of the tasks to build (docs/building.md, "
+                                         "\"Building many adapters\")")
+    many.add_argument("--out-dir", help="with --manifest: the store, one adapter per "
+                                        "OUT_DIR/NAME, and OUT_DIR/_manifest_summary.json")
+    many.add_argument("--workers", type=int, default=1,
+                      help="worker processes (Ray actors with --ray), each opening the model "
+                           "once (default 1: in this process)")
+    many.add_argument("--threads", type=int,
+                      help="torch threads per worker (default: the cores shared among the "
+                           "workers; with --ray, the cluster's CPUs)")
+    many.add_argument("--ray", action="store_true",
+                      help="build on Ray actors (pip install 'vllm-deepthink[ray]')")
+    many.add_argument("--ray-address",
+                      help="ray.init address of the cluster (default: a local instance, or "
+                           "RAY_ADDRESS)")
+    many.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def policy_from_args(args):
@@ -130,15 +160,71 @@ def read_demos_text(path: str | None) -> str | None:
         return handle.read()
 
 
-def main(args: argparse.Namespace) -> int:
+def builder_errors() -> tuple[type[Exception], ...]:
+    """The library's errors of input a command cannot use (printed as usage errors)."""
     from vllm_deepthink import tasks
     from vllm_deepthink.format.hub import HubResolutionError
     from vllm_deepthink.producers.deepthink import builder
+
+    return builder.BuildError, tasks.TaskError, HubResolutionError
+
+
+def manifest_defaults(args) -> dict:
+    """The build flags given on the command line (those that differ from their
+    defaults), as build_from_task's parameters: they apply to every line."""
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    flags = {a.dest for a in parser._actions if a.option_strings} - {
+        "help", "output_json", *MANIFEST_FLAGS}
+    given = {dest: getattr(args, dest) for dest in flags
+             if getattr(args, dest) != parser.get_default(dest)}
+    policy = policy_from_args(args).to_dict()
+    chosen = {POLICY_FLAGS[flag]: policy[POLICY_FLAGS[flag]]
+              for flag in POLICY_FLAGS if flag in given and given.pop(flag) is not None}
+    return {**given, **({"policy": chosen} if chosen else {})}
+
+
+def main_manifest(args: argparse.Namespace) -> int:
+    from vllm_deepthink.producers.deepthink.manifest import FAILED, build_manifest, write_summary
+
+    wrong = [f"--{flag.replace('_', '-')}" for flag in ONE_BUILD_FLAGS if getattr(args, flag)]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: one build's flags; with --manifest each line "
+                         f"gives its task (\"task_dir\", \"dataset\", \"demos_text\") and "
+                         f"its adapter goes to --out-dir/NAME")
+    if not args.out_dir:
+        raise UsageError("--manifest needs --out-dir, the directory of the adapters")
+    try:
+        summary = build_manifest(args.manifest, args.out_dir,
+                                 defaults=manifest_defaults(args), workers=args.workers,
+                                 threads=args.threads, ray=args.ray,
+                                 ray_address=args.ray_address, progress=not args.no_progress)
+    except builder_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(summary.table())
+    if args.output_json:
+        write_summary(summary, args.output_json)
+    return 1 if summary.of(FAILED) else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.manifest:
+        return main_manifest(args)
+    if not args.model:
+        raise UsageError("--model is required (or --manifest with a \"model\" per line)")
+    for flag in MANIFEST_FLAGS[1:]:
+        if getattr(args, flag) not in (None, False, 1):
+            raise UsageError(f"--{flag.replace('_', '-')} applies to --manifest only")
+    return main_one(args)
+
+
+def main_one(args: argparse.Namespace) -> int:
     from vllm_deepthink.producers.deepthink.from_task import build_from_task, build_summary
 
     policy = policy_from_args(args)
     out = Path(args.out) if args.out else default_out(args)
-    build_args = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    build_args = {k: v for k, v in vars(args).items()
+                  if not k.startswith("_") and k not in MANIFEST_FLAGS}
     build_args["out"] = str(out)
     try:
         adapter = build_from_task(
@@ -150,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
             dev_size=args.dev_size, dev_split=args.dev_split,
             stratify_dev=args.stratify_dev, batch_size=args.batch_size, dtype=args.dtype,
             build_args=build_args)
-    except (builder.BuildError, tasks.TaskError, HubResolutionError) as exc:
+    except builder_errors() as exc:
         raise UsageError(str(exc)) from None
     adapter.save_pretrained(out)
     cfg = adapter.config

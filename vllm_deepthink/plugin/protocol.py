@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_deepthink.format.names import ADAPTER_NAME_RULE, is_adapter_name
+
 # SamplingParams.extra_args key naming the adapter of a request (offline API).
 ADAPTER_ARG = "deepthink_adapter"
 # SamplingParams.extra_args key of a plain prompt-logprob request that only needs the
@@ -43,7 +45,6 @@ EXTRA_CONFIG_ADAPTER_DIRS = "adapter_dirs"      # [dir]: unknown names resolve t
 EXTRA_CONFIG_RESIDENT_GIB = "resident_gib"      # worker memory for resident adapters
 DEFAULT_RESIDENT_GIB = 4.0
 
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
@@ -54,13 +55,11 @@ class AdapterNameError(ValueError):
 def check_adapter_name(name: Any) -> str:
     """Return name if it can name an adapter (an OpenAI model name), else raise.
 
-    Names are plain identifiers: letters, digits, '.', '_' and '-', starting with a
-    letter or digit, at most 128 characters, never '..'. A name is never a path.
+    Names are plain identifiers (format.names.ADAPTER_NAME_RULE). A name is never a path.
     """
-    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name) or ".." in name:
+    if not is_adapter_name(name):
         raise AdapterNameError(
-            f"invalid Deep-Thinking adapter name {name!r}: expected letters, digits, '.', "
-            f"'_' or '-' (starting with a letter or digit, at most 128 characters, no '..'); "
+            f"invalid Deep-Thinking adapter name {name!r}: expected {ADAPTER_NAME_RULE}; "
             f"a name is never a path. Give the path separately, e.g. "
             f"--deepthink-adapter sst2=adapters_store/sst2.")
     return name
@@ -151,7 +150,7 @@ def transfer_entry(kv_transfer_params: Any) -> TransferEntry | None:
         return None
     name, path, digest = entry.get("name"), entry.get("path"), entry.get("digest")
     prefix_len, token = entry.get("prefix_len"), entry.get("frontend", "")
-    if not (isinstance(name, str) and _NAME_PATTERN.fullmatch(name) and ".." not in name
+    if not (is_adapter_name(name)
             and isinstance(path, str) and path and isinstance(digest, str)
             and _DIGEST_PATTERN.fullmatch(digest) and is_int(prefix_len) and prefix_len > 0
             and isinstance(token, str)):

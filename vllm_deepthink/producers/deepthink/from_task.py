@@ -20,6 +20,9 @@ from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
 from vllm_deepthink.tasks import calibration, scoring
 
 DEFAULT_DEV_SIZE = 300
+# The values of build_from_task's choice parameters (the flags of `build` offer the same).
+SELECT_ON = ("dev", "none")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -196,7 +199,45 @@ def build_summary(config, out: str | Path | None = None) -> dict[str, Any]:
             "label_calibration": config.label_calibration}
 
 
-def build_from_task(model: str | Path, *, task_dir: str | Path | None = None,
+@dataclass
+class LoadedModel:
+    """A base model opened once for many builds (`load_base_model`): its directory, the
+    name adapters record, its HF config and tokenizer, and its weights, loaded on first
+    use (`weights()`), so a build checks everything before they load."""
+    directory: Path
+    name: str
+    revision: str | None
+    dtype: str
+    config: Any
+    tokenizer: Any
+    _weights: Any = None
+
+    def weights(self):
+        if self._weights is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            self._weights = AutoModelForCausalLM.from_pretrained(
+                self.directory, dtype=getattr(torch, self.dtype))
+            self._weights.eval()
+        return self._weights
+
+
+def load_base_model(model: str | Path, revision: str | None = None,
+                    dtype: str = "float32") -> LoadedModel:
+    """`model` (a directory, or a hub id at `revision`) resolved, its config and tokenizer
+    read; the weights load on the first `weights()`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vllm_deepthink.producers.base_model import resolve_model
+
+    model_dir, model_name = resolve_model(model, revision)
+    return LoadedModel(model_dir, model_name, revision, dtype,
+                       AutoConfig.from_pretrained(model_dir),
+                       AutoTokenizer.from_pretrained(model_dir))
+
+
+def build_from_task(model: str | Path | LoadedModel, *, task_dir: str | Path | None = None,
                     dataset: str | None = None, demos_text: str | None = None,
                     revision: str | None = None, shots_per_class: int | None = None,
                     seed: int = 0, search: bool = False, optimizer: str | None = None,
@@ -207,27 +248,33 @@ def build_from_task(model: str | Path, *, task_dir: str | Path | None = None,
                     stratify_dev: bool = False, batch_size: int = 16, dtype: str = "float32",
                     build_args: dict[str, Any] | None = None, progress: bool = True
                     ) -> DeepThinkAdapter:
-    """A Deep-Thinking adapter of `model` (a directory, or a hub id at `revision`), built
+    """A Deep-Thinking adapter of `model` (a directory, or a hub id at `revision`, or a
+    LoadedModel of load_base_model opened for many builds at that revision and dtype), built
     from the task of `task_dir` and/or `dataset` (demonstrations sampled and fitted to
     the model, the iteration chosen on a dev split: task_build_inputs) or from the exact
     `demos_text` (the last iteration kept), with the candidates of `candidates()` under
     `policy` (default SelectionPolicy()). Everything is checked before the weights load;
-    `progress` reports the plan, every scored iteration and the choice on stderr. Raises
-    BuildError, tasks.TaskError or format.hub.HubResolutionError for input it cannot use.
-    The adapter is not saved (`save_pretrained`)."""
+    `progress` reports the plan, every scored iteration (and a bar) and the choice on
+    stderr. Raises BuildError, tasks.TaskError or format.hub.HubResolutionError for input
+    it cannot use. The adapter is not saved (`save_pretrained`)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_deepthink.producers.base_model import resolve_model
     from vllm_deepthink.tasks.datasets import open_task
 
     select_on = check_sources(demos_text=demos_text, task_dir=task_dir, dataset=dataset,
                               shots_per_class=shots_per_class, select_on=select_on,
                               search=search, dev_size=dev_size, dev_split=dev_split)
     policy = policy or SelectionPolicy()
-    model_dir, model_name = resolve_model(model, revision)
-    config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if isinstance(model, LoadedModel):
+        for param, wanted, opened in (("revision", revision, model.revision),
+                                      ("dtype", dtype, model.dtype)):
+            if wanted != opened:
+                raise builder.BuildError(f"`{param}` {wanted} differs from the {opened} the "
+                                         f"base model was opened with (load_base_model)")
+        base = model
+    else:
+        base = load_base_model(model, revision, dtype)
+    config, tokenizer = base.config, base.tokenizer
     runs = candidates(config, search=search, optimizer=optimizer, step_size=step_size,
                       beta=beta, eta=eta, position_mode=position_mode)
     inputs = None
@@ -251,17 +298,15 @@ def build_from_task(model: str | Path, *, task_dir: str | Path | None = None,
     recorded = dict(build_args or {})
     recorded.update(select_on=select_on, policy=policy.to_dict(),
                     candidates=[c.to_dict() for c in runs])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    model.eval()
     with torch.inference_mode():
         adapter = builder.build_adapter(
-            model, tokenizer, demos_text, candidates=runs,
+            base.weights(), tokenizer, demos_text, candidates=runs,
             dev_items=dev_items if select_on == "dev" else None,
             content_free_items=inputs.content_free_items if inputs is not None else [],
             policy=policy, label_words=inputs.label_words if inputs is not None else None,
             task=inputs.info if inputs is not None else None,
             build_args=json.loads(json.dumps(recorded, default=str)),
-            base_model_name_or_path=model_name, score_batch_size=batch_size,
+            base_model_name_or_path=base.name, score_batch_size=batch_size, progress=progress,
             on_iteration=(lambda entry: _log(format_entry(entry))) if progress else None)
     if progress:
         _log(format_selection(adapter.config.selection))
