@@ -210,6 +210,24 @@ def test_flags_become_the_connector_config(tiny, monkeypatch):
         serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
 
 
+def test_pin_flags_become_the_connector_config(tiny, monkeypatch):
+    vllm = pytest.importorskip("vllm")
+    from vllm_deepthink.plugin import protocol
+
+    monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
+    for name in ("good", "other"):
+        build_adapter(tiny.model, tiny.tokenizer, tiny.root / name, 24)
+    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}",
+                  json.dumps({"name": "other", "path": str(tiny.root / "other"), "pin": True}),
+                  "--deepthink-pin", "good"])
+    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+    extra = engine_args.kv_transfer_config.kv_connector_extra_config
+    assert extra[protocol.EXTRA_CONFIG_PINNED] == ["other", "good"]
+    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}", "--deepthink-pin", "x"])
+    with pytest.raises(ValueError, match="--deepthink-pin: no adapter named 'x'"):
+        serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+
+
 def test_an_adapter_larger_than_the_resident_budget_stops_the_server(tiny, monkeypatch):
     vllm = pytest.importorskip("vllm")
     monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)

@@ -145,7 +145,8 @@ class DeepThinkConnector(KVConnectorBase_V1):
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
                            per_engine_labelvalues) -> DeepThinkPromMetrics:
-        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        kv_config = getattr(vllm_config, "kv_transfer_config", None)
+        extra = kv_config.kv_connector_extra_config if kv_config is not None else {}
         pinned = pins.footprints(vllm_config, pins.pinned_paths(extra))
         return DeepThinkPromMetrics(vllm_config, metric_types, labelnames,
                                     per_engine_labelvalues,

@@ -49,6 +49,8 @@ def pinned_paths(extra_config: dict[str, Any]) -> dict[str, str]:
 
 def footprints(vllm_config: Any, paths: dict[str, str]) -> dict[str, Footprint]:
     """{name: footprint on one worker of this engine} of adapters {name: path}."""
+    if not paths:
+        return {}
     shape = ModelShape.of(vllm_config)
     return {name: shape.footprint(load_config(path).prefix_len)
             for name, path in paths.items()}
