@@ -22,7 +22,9 @@ from vllm.v1.engine.output_processor import RequestState  # noqa: E402
 import vllm_deepthink  # noqa: E402
 from vllm_deepthink import plugin  # noqa: E402
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter  # noqa: E402
-from vllm_deepthink.plugin import frontend, protocol  # noqa: E402
+from vllm_deepthink.plugin import protocol, request_checks, rewrite  # noqa: E402
+from vllm_deepthink.plugin import registry as adapter_registry  # noqa: E402
+from vllm_deepthink.plugin.serving import models as serving_models  # noqa: E402
 from vllm_deepthink.plugin.resolvers import DirectoryResolver  # noqa: E402
 from tests.plugin.test_security_units import processor, run, tokens  # noqa: E402
 
@@ -56,7 +58,7 @@ def test_the_registry_refuses_each_hostile_adapter_naming_the_field(tiny, case):
     """Runtime load endpoint and add_adapter: register() raises AdapterFormatError (a 400
     there); before the fix several cases raised TypeError / ValueError / RecursionError
     (a 500) or were served (float ids: the engine hung)."""
-    registry = frontend.AdapterRegistry(tiny.model_dir)
+    registry = adapter_registry.AdapterRegistry(tiny.model_dir)
     with pytest.raises(AdapterFormatError) as info:
         registry.register(case, tiny.hostile[case])
     assert CASES[case][1] in str(info.value)
@@ -67,14 +69,15 @@ def test_the_registry_refuses_each_hostile_adapter_naming_the_field(tiny, case):
 def test_a_hostile_adapter_in_an_adapter_dir_is_refused_once(tiny, case, monkeypatch):
     """--deepthink-adapter-dir: the first request naming it gets the reason (a 400); the
     refusal is remembered until the files change, so the next one reads nothing."""
-    registry = frontend.AdapterRegistry(tiny.model_dir, resolvers=[DirectoryResolver(tiny.store)])
-    with pytest.raises(frontend.AdapterRequestError) as info:
+    registry = adapter_registry.AdapterRegistry(tiny.model_dir,
+                                                resolvers=[DirectoryResolver(tiny.store)])
+    with pytest.raises(request_checks.AdapterRequestError) as info:
         registry.get(case)
     assert CASES[case][1] in str(info.value) and info.value.param in (None, "model")
     reads = []
     monkeypatch.setattr(DeepThinkAdapter, "from_pretrained",
                         lambda *a, **k: reads.append(a))
-    with pytest.raises(frontend.AdapterRequestError, match="cannot be served"):
+    with pytest.raises(request_checks.AdapterRequestError, match="cannot be served"):
         registry.get(case)
     assert reads == []
 
@@ -84,11 +87,11 @@ def test_hostile_start_adapters_stop_the_server_naming_each_field(tiny, served, 
     field (vLLM prints the ValueError of init_static_loras and exits)."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
-    registry = frontend.AdapterRegistry(tiny.model_dir)
+    registry = adapter_registry.AdapterRegistry(tiny.model_dir)
     registry.register_at_start({"good": str(tiny.good),
                                 **{case: str(path) for case, path in tiny.hostile.items()}})
     assert registry.names() == ["good"]
-    monkeypatch.setattr(frontend, "registry_for", lambda vllm_config: registry)
+    monkeypatch.setattr(serving_models, "registry_for", lambda vllm_config: registry)
     models = SimpleNamespace(static_lora_modules=None,
                              engine_client=SimpleNamespace(vllm_config=served.vllm_config))
     with pytest.raises(ValueError) as info:
@@ -102,9 +105,9 @@ def test_hostile_start_adapters_stop_the_server_naming_each_field(tiny, served, 
 def test_placeholder_ids_enter_the_prompt_as_ints():
     """The engine core decodes prompt_token_ids as list[int]: ids that compare equal (5.0,
     True) but are not ints killed its input thread."""
-    info = frontend.AdapterInfo(name="a", path="/x", digest="0" * 64, prefix_len=2,
+    info = adapter_registry.AdapterInfo(name="a", path="/x", digest="0" * 64, prefix_len=2,
                                 placeholder_ids=(5.0, True))
-    engine_input, _ = frontend.rewrite_request(
+    engine_input, _ = rewrite.rewrite_request(
         info, tokens([7, 8]), vllm.SamplingParams(), None, 512)
     assert engine_input["prompt_token_ids"] == [5, 1, 7, 8]
     assert [type(i) for i in engine_input["prompt_token_ids"]] == [int] * 4
@@ -116,9 +119,9 @@ def test_placeholder_ids_enter_the_prompt_as_ints():
 def test_wrote_never_raises_on_a_hostile_frontend_token(token):
     """compare_digest raised TypeError on a non-ASCII str (and on non-str values)."""
     entry = protocol.TransferEntry("a", "/x", "0" * 64, 2, token)
-    assert frontend.wrote(entry) is False
-    assert frontend.wrote(protocol.TransferEntry("a", "/x", "0" * 64, 2,
-                                                 frontend.FRONTEND_TOKEN)) is True
+    assert rewrite.wrote(entry) is False
+    assert rewrite.wrote(protocol.TransferEntry("a", "/x", "0" * 64, 2,
+                                                 adapter_registry.FRONTEND_TOKEN)) is True
 
 
 def test_the_request_state_patch_is_inert_without_our_connector(served, monkeypatch):
@@ -133,10 +136,10 @@ def test_the_request_state_patch_is_inert_without_our_connector(served, monkeypa
             tokenizer=None, request=request, prompt=None, parent_req=None, request_index=0,
             queue=None, log_stats=False, stream_interval=1)
 
-    assert frontend.connector_configured()
+    assert adapter_registry.connector_configured()
     assert list(state().prompt_token_ids) == [5, 6, 7]
-    monkeypatch.setattr(frontend, "_registries", {})
-    assert not frontend.connector_configured()
+    monkeypatch.setattr(adapter_registry, "_registries", {})
+    assert not adapter_registry.connector_configured()
     plain = state()
     assert type(plain) is RequestState and list(plain.prompt_token_ids) == placeholders + [5, 6, 7]
 

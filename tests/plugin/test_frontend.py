@@ -10,7 +10,8 @@ import pytest
 
 from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
-from vllm_deepthink.plugin import frontend, protocol
+from vllm_deepthink.plugin import protocol, request_checks, rewrite
+from vllm_deepthink.plugin import registry as adapter_registry
 from vllm_deepthink.plugin.protocol import AdapterNameError
 from vllm_deepthink.format import AdapterFormatError
 
@@ -35,14 +36,15 @@ def adapters(llama, tmp_path_factory):
 
 
 def test_import_does_not_import_vllm():
-    code = ("import sys, vllm_deepthink, vllm_deepthink.plugin.frontend, "
+    code = ("import sys, vllm_deepthink, vllm_deepthink.plugin.registry, "
+            "vllm_deepthink.plugin.request_checks, vllm_deepthink.plugin.rewrite, "
             "vllm_deepthink.plugin.protocol, vllm_deepthink.plugin.connector.kv_layout; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_registry_register_get_unregister(llama, adapters):
-    registry = frontend.AdapterRegistry(llama[0])
+    registry = adapter_registry.AdapterRegistry(llama[0])
     info = registry.register("a", adapters / "a")
     assert info.prefix_len == 12 and len(info.placeholder_ids) == 12
     assert info.path == str((adapters / "a").resolve()) and len(info.digest) == 64
@@ -53,14 +55,14 @@ def test_registry_register_get_unregister(llama, adapters):
     replaced = registry.register("a", adapters / "b")
     assert replaced.digest != info.digest and registry.get("a") == replaced
     assert registry.unregister("a") == replaced and registry.names() == []
-    with pytest.raises(frontend.AdapterRequestError, match="unknown adapter 'a'"):
+    with pytest.raises(request_checks.AdapterRequestError, match="unknown adapter 'a'"):
         registry.get("a")
-    with pytest.raises(frontend.AdapterRequestError, match="no adapter named 'a'"):
+    with pytest.raises(request_checks.AdapterRequestError, match="no adapter named 'a'"):
         registry.unregister("a")
 
 
 def test_registry_refuses_foreign_adapter_and_records_start_failures(llama, adapters):
-    registry = frontend.AdapterRegistry(llama[0])
+    registry = adapter_registry.AdapterRegistry(llama[0])
     with pytest.raises(AdapterFormatError, match="embedding_sha256"):
         registry.register("foreign", adapters / "foreign")
     assert registry.names() == []
@@ -68,13 +70,13 @@ def test_registry_refuses_foreign_adapter_and_records_start_failures(llama, adap
                                 "missing": str(adapters / "nope")})
     assert registry.names() == ["a"]
     assert set(registry.failed()) == {"foreign", "missing"}
-    with pytest.raises(frontend.AdapterRequestError,
+    with pytest.raises(request_checks.AdapterRequestError,
                        match="'foreign' failed to load at engine start.*embedding_sha256"):
         registry.get("foreign")
 
 
 def test_registry_is_thread_safe(llama, adapters):
-    registry = frontend.AdapterRegistry(llama[0])
+    registry = adapter_registry.AdapterRegistry(llama[0])
     names = [f"n{i}" for i in range(8)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda n: registry.register(n, adapters / "a"), names))
@@ -87,21 +89,21 @@ def test_query_token_ids(llama):
     plain = tokenizer.encode(text, add_special_tokens=False)
     with_bos = tokenizer.encode(text, add_special_tokens=True)
     assert with_bos[0] == tokenizer.bos_token_id and with_bos[1:] == plain
-    assert frontend.query_token_ids(text, tokenizer)[0] == plain
+    assert rewrite.query_token_ids(text, tokenizer)[0] == plain
     # A rendered text prompt (the renderer added BOS) is tokenized again without it.
     rendered = {"type": "token", "prompt_token_ids": with_bos, "prompt": text}
-    assert frontend.query_token_ids(rendered, tokenizer) == (plain, text, None)
+    assert rewrite.query_token_ids(rendered, tokenizer) == (plain, text, None)
     # Token ids are used as given, BOS included.
-    assert frontend.query_token_ids({"type": "token", "prompt_token_ids": with_bos},
+    assert rewrite.query_token_ids({"type": "token", "prompt_token_ids": with_bos},
                                     tokenizer)[0] == with_bos
-    assert frontend.query_token_ids({"prompt": text, "cache_salt": "s"}, tokenizer)[2] == "s"
+    assert rewrite.query_token_ids({"prompt": text, "cache_salt": "s"}, tokenizer)[2] == "s"
     # The renderer keeps no text for an empty prompt, only the special tokens.
     rendered_empty = {"type": "token", "prompt_token_ids": [tokenizer.bos_token_id]}
     for empty in ("", {"type": "token", "prompt_token_ids": []}, rendered_empty):
-        with pytest.raises(frontend.AdapterRequestError, match="zero tokens"):
-            frontend.query_token_ids(empty, tokenizer)
-    with pytest.raises(frontend.AdapterRequestError, match="'embeds'"):
-        frontend.query_token_ids({"type": "embeds"}, tokenizer)
+        with pytest.raises(request_checks.AdapterRequestError, match="zero tokens"):
+            rewrite.query_token_ids(empty, tokenizer)
+    with pytest.raises(request_checks.AdapterRequestError, match="'embeds'"):
+        rewrite.query_token_ids({"type": "embeds"}, tokenizer)
 
 
 def test_rewrite_request(llama, adapters):
@@ -109,12 +111,12 @@ def test_rewrite_request(llama, adapters):
     from vllm import SamplingParams
 
     tokenizer = llama[2]
-    info = frontend.AdapterRegistry(llama[0]).register("a", adapters / "a")
+    info = adapter_registry.AdapterRegistry(llama[0]).register("a", adapters / "a")
     user_params = SamplingParams(prompt_logprobs=0, max_tokens=3,
                                  extra_args={protocol.ADAPTER_ARG: "a",
                                              "kv_transfer_params": {"other": 1}})
     assert user_params.skip_reading_prefix_cache
-    engine_input, params = frontend.rewrite_request(
+    engine_input, params = rewrite.rewrite_request(
         info, {"type": "token", "prompt_token_ids": [5, 6], "arrival_time": 1.0,
                "cache_salt": "u"}, user_params, tokenizer, max_model_len=64)
     assert engine_input == {"type": "token", "prompt_token_ids": list(info.placeholder_ids) + [5, 6],
@@ -123,12 +125,12 @@ def test_rewrite_request(llama, adapters):
                                                        "deepthink": info.transfer_params()}
     assert params.skip_reading_prefix_cache is False
     assert user_params.extra_args["kv_transfer_params"] == {"other": 1}, "caller's params changed"
-    with pytest.raises(frontend.AdapterRequestError, match="max_model_len=14"):
-        frontend.rewrite_request(info, "Review: a", user_params, tokenizer, max_model_len=14)
+    with pytest.raises(request_checks.AdapterRequestError, match="max_model_len=14"):
+        rewrite.rewrite_request(info, "Review: a", user_params, tokenizer, max_model_len=14)
     # Only the rewrite writes our kv_transfer_params entry: a request carrying it is refused.
-    with pytest.raises(frontend.AdapterRequestError, match="reserved"):
-        frontend.check_request({"type": "token", "prompt_token_ids": [5, 6]}, params)
-    assert frontend.check_request({"type": "token", "prompt_token_ids": [5, 6]},
+    with pytest.raises(request_checks.AdapterRequestError, match="reserved"):
+        request_checks.check_request({"type": "token", "prompt_token_ids": [5, 6]}, params)
+    assert request_checks.check_request({"type": "token", "prompt_token_ids": [5, 6]},
                                   user_params) == "a"
 
 
@@ -174,14 +176,31 @@ def test_registry_for_builds_one_registry_per_engine(llama, adapters):
         kv = SimpleNamespace(kv_connector=connector, engine_id=engine_id,
                              kv_connector_extra_config={"adapters": {"a": str(adapters / "a")}})
         return SimpleNamespace(kv_transfer_config=kv,
-                               model_config=SimpleNamespace(model=str(model_dir), revision=None))
+                               model_config=SimpleNamespace(model=str(model_dir), revision=None),
+                               parallel_config=SimpleNamespace(tensor_parallel_size=1))
 
-    with pytest.raises(frontend.AdapterRequestError, match="not started for Deep-Thinking"):
-        frontend.registry_for(config(llama[0], connector="ExampleConnector"))
-    first = frontend.registry_for(config(llama[0]))
-    assert first.names() == ["a"] and frontend.registry_for(config(llama[0])) is first
-    other = frontend.registry_for(config(llama[0], engine_id="e2"))
-    assert other is not first and frontend.registry_for(config(llama[0])) is first
+    with pytest.raises(request_checks.AdapterRequestError, match="not started for Deep-Thinking"):
+        adapter_registry.registry_for(config(llama[0], connector="ExampleConnector"))
+    first = adapter_registry.registry_for(config(llama[0]))
+    assert first.names() == ["a"] and adapter_registry.registry_for(config(llama[0])) is first
+    other = adapter_registry.registry_for(config(llama[0], engine_id="e2"))
+    assert other is not first and adapter_registry.registry_for(config(llama[0])) is first
+
+
+def test_registry_for_refuses_adapters_over_the_resident_budget(llama, adapters):
+    """--deepthink-resident-gib reaches the registry: an adapter loaded at runtime that
+    a worker could never hold is refused, naming the budget (a 400 on the load endpoint)."""
+    from types import SimpleNamespace
+
+    kv = SimpleNamespace(kv_connector=protocol.CONNECTOR_NAME, engine_id="tiny-budget",
+                         kv_connector_extra_config={"resident_gib": 1 / (1 << 30)})
+    registry = adapter_registry.registry_for(SimpleNamespace(
+        kv_transfer_config=kv, model_config=SimpleNamespace(model=str(llama[0]), revision=None),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1)))
+    with pytest.raises(request_checks.AdapterRequestError,
+                       match="'a' .* more than the resident-adapter budget of 1 bytes"):
+        registry.register("a", adapters / "a")
+    assert registry.names() == []
 
 
 def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
@@ -198,16 +217,17 @@ def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
     kv = SimpleNamespace(kv_connector=protocol.CONNECTOR_NAME, engine_id="resolver-test",
                          kv_connector_extra_config={})
     config = SimpleNamespace(kv_transfer_config=kv,
-                             model_config=SimpleNamespace(model=str(llama[0]), revision=None))
+                             model_config=SimpleNamespace(model=str(llama[0]), revision=None),
+                             parallel_config=SimpleNamespace(tensor_parallel_size=1))
     with pytest.raises(TypeError, match="resolve\\(name\\) method"):
         resolvers.register_resolver("bad", object())
     resolvers.register_resolver("test-mapping", Mapping())
     try:
-        registry = frontend.registry_for(config)
+        registry = adapter_registry.registry_for(config)
         assert registry.names() == [] and registry.lookup("nosuch") is None
         assert registry.lookup("fresh").prefix_len == 20
-        with pytest.raises(frontend.AdapterRequestError, match="'alien' found at .* cannot be "
-                                                                "served"):
+        with pytest.raises(request_checks.AdapterRequestError,
+                           match="'alien' found at .* cannot be served"):
             registry.lookup("alien")
     finally:
         resolvers._registered.pop("test-mapping")
@@ -227,7 +247,7 @@ def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(llama, adapters, t
     v2 = publish(adapters / "b", cache, "org/sst2", refs=("v2",))
     publish(llama_dir, cache, "org/not-an-adapter")  # a model repository
     code = ("from vllm_deepthink.plugin.resolvers import HubResolver\n"
-            "from vllm_deepthink.plugin.frontend import AdapterRegistry\n"
+            "from vllm_deepthink.plugin.registry import AdapterRegistry\n"
             "r, pinned = HubResolver('org'), HubResolver('org', revision='v2')\n"
             "print(r.resolve('sst2'), pinned.resolve('sst2'), r.resolve('missing'),\n"
             "      r.resolve('not-an-adapter'), r.resolve('../x'), r.cached_names())\n"

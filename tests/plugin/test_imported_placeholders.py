@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from tests.helpers.adapter_factory import build_adapter, write_v1_adapter
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import PLACEHOLDER_TOKEN_ID, ModelFingerprint
-from vllm_deepthink.plugin import frontend
+from vllm_deepthink.plugin import registry as adapter_registry
 from vllm_deepthink.producers.past_kv import import_past_kv
 
 
@@ -31,7 +31,7 @@ def test_registry_uses_the_configs_placeholder_ids(llama, tmp_path):
     import_past_kv(tmp_path / "kv.safetensors", model_dir).save_pretrained(tmp_path / "kv")
     built = build_adapter(model, tokenizer, tmp_path / "dt", 9)
     write_v1_adapter(built, tmp_path / "v1")
-    registry = frontend.AdapterRegistry(model_dir)
+    registry = adapter_registry.AdapterRegistry(model_dir)
     kv = registry.register("kv", tmp_path / "kv")
     assert kv.placeholder_ids == (PLACEHOLDER_TOKEN_ID,) * 7 and kv.prefix_len == 7
     assert registry.register("dt", tmp_path / "dt").placeholder_ids == tuple(

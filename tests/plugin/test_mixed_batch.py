@@ -17,7 +17,7 @@ from tests.helpers.adapter_factory import (
 )
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 import vllm_deepthink
-from vllm_deepthink.plugin import frontend
+from vllm_deepthink.plugin import registry as adapter_registry
 from vllm_deepthink.plugin.api import connector_stats
 
 pytestmark = pytest.mark.engine
@@ -161,7 +161,7 @@ def test_request_errors_are_clear_and_the_engine_keeps_serving(setup, llm, adapt
 
 def test_runtime_registration_and_changed_weights(setup, llm, tmp_path):
     _, model, tokenizer, _, _ = setup
-    registry = frontend.registry_for(llm.llm_engine.vllm_config)
+    registry = adapter_registry.registry_for(llm.llm_engine.vllm_config)
     ids = tokenizer.encode(QUERIES[1], add_special_tokens=False)
 
     first = build_adapter(model, tokenizer, tmp_path / "late", 40, seed=7)
@@ -185,7 +185,7 @@ def test_runtime_registration_and_changed_weights(setup, llm, tmp_path):
 
 def test_weights_changed_before_first_load_fail_the_request(setup, llm, tmp_path):
     _, model, tokenizer, _, _ = setup
-    registry = frontend.registry_for(llm.llm_engine.vllm_config)
+    registry = adapter_registry.registry_for(llm.llm_engine.vllm_config)
     build_adapter(model, tokenizer, tmp_path / "swapped", 40, seed=9)
     registry.register("swapped", tmp_path / "swapped")
     # The files change after validation and before any worker loaded them: the

@@ -10,7 +10,9 @@ snapshot_download calls of the API server (one per hub lookup) in a log file."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +29,10 @@ from vllm_deepthink.plugin.resolvers import DEFAULT_MAX_LOOKUPS
 pytestmark = pytest.mark.engine
 
 QUERY = "Review: a charming film\nSentiment:"
+# The workers' resident budget: 1 MiB holds the small adapters (about 0.2 MiB each to
+# load, counting the transient peak of a read), not one of BIG_PREFIX_LEN positions.
+BUDGET_GIB = 1 / 1024
+BIG_PREFIX_LEN = 200
 
 PLUGIN = '''"""Test resolver plugin: HubResolver('org'), hub lookups counted in $FAKE_HUB_LOG."""
 import os
@@ -86,10 +92,13 @@ def server(tmp_path_factory):
                 for n, (name, path) in enumerate({
                     "good": root / "good", "folder": root / "store" / "folder",
                     "hubbed": root / "hubbed"}.items())}
+    # Over the server's resident budget (BUDGET_GIB), kept out of the directory at start.
+    big = build_adapter(model, tokenizer, root / "big", BIG_PREFIX_LEN, seed=5)
     (root / "store" / "broken").mkdir()
     (root / "store" / "broken" / "deepthink_config.json").write_text("{}")
     cache = root / "hub"
     publish(root / "hubbed", cache, "org/published")
+    publish(root / "big", cache, "org/bighub")
     lookups = root / "lookups.log"
     lookups.touch()
     env = {**offline_env(cache), "FAKE_HUB_LOG": str(lookups),
@@ -98,6 +107,7 @@ def server(tmp_path_factory):
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
     args = ["--deepthink-adapter", f"good={root / 'good'}",
             "--deepthink-adapter-dir", str(root / "store"),
+            "--deepthink-resident-gib", str(BUDGET_GIB),
             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
             "--lora-modules", f"lora1={make_tiny_lora(root / 'tiny', root / 'lora1')}"]
     # broken is in the directory: the server must not start with it; it is added later
@@ -108,7 +118,8 @@ def server(tmp_path_factory):
         proc.wait_until_healthy()
         with httpx.Client(base_url=proc.base_url, timeout=180.0) as http:
             yield SimpleNamespace(http=http, proc=proc, root=root, adapters=adapters,
-                                  lookups=lookups, lora=root / "lora1")
+                                  lookups=lookups, lora=root / "lora1", big=big,
+                                  model=model, tokenizer=tokenizer)
     finally:
         proc.stop()
 
@@ -207,3 +218,41 @@ def test_unloading_a_directory_adapter_sticks_until_loaded_again(server):
     assert response.status_code == 200, response.text
     assert complete(server, "folder").status_code == 200
     assert re.fullmatch(r"folder@sha256:[0-9a-f]{64}", models(server)["folder"]["root"])
+
+
+def test_an_adapter_over_the_resident_budget_is_refused_by_every_route(server):
+    """The load endpoint, --deepthink-adapter-dir and the hub resolver refuse an adapter
+    no worker could hold with a 400 naming the bytes needed and the budget, and the
+    server serves the next request (before: loaded and listed, and every request naming
+    it ended with finish reason `error`)."""
+    wanted = ("adapter 'big' (200 positions) needs", "resident-adapter budget of "
+              f"{int(BUDGET_GIB * (1 << 30))} bytes", "--deepthink-resident-gib")
+    response = server.http.post("/v1/load_deepthink_adapter", json={
+        "adapter_name": "big", "adapter_path": str(server.root / "big")})
+    assert_error(response, 400, *wanted)
+    assert complete(server, "good").status_code == 200
+    shutil.copytree(server.root / "big", server.root / "store" / "big")
+    for model in ("big", "bighub"):  # the adapter directory, the hub resolver
+        for _ in range(2):
+            assert_error(complete(server, model), 400, *wanted[1:], f"'{model}' found at")
+    assert not {"big", "bighub"} & set(models(server))
+    response = complete(server, "good")
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] \
+        != "error"
+
+
+def test_an_edited_directory_adapter_is_served_with_its_new_weights(server):
+    """--deepthink-adapter-dir: an adapter rebuilt in place is registered again (its
+    files' mtime changed) and served with its new digest (before: the first digest was
+    kept, /v1/models showed it, and the workers refused the changed files)."""
+    path = server.root / "store" / "edited"
+    first = build_adapter(server.model, server.tokenizer, path, 30, seed=21)
+    assert complete(server, "edited").status_code == 200
+    assert models(server)["edited"]["root"] == f"edited@sha256:{first.digest}"
+    second = build_adapter(server.model, server.tokenizer, path, 34, seed=22)
+    for file in path.iterdir():  # a clock tick later than the first build
+        os.utime(file, (file.stat().st_atime, file.stat().st_mtime + 5))
+    response = complete(server, "edited")
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] != "error"
+    assert models(server)["edited"]["root"] == f"edited@sha256:{second.digest}"

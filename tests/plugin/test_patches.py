@@ -211,15 +211,16 @@ def test_client_errors_contract():
     from vllm.entrypoints.serve import create_error_response
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from vllm_deepthink.plugin import frontend
+    from vllm_deepthink.plugin import request_checks, rewrite
+    from vllm_deepthink.plugin import registry as adapter_registry
 
     assert_source_has(AsyncLLM.generate, "except (VLLMClientError, GracefulHTTPError) as e:",
                       "AdapterRequestError is raised as a VLLMClientError")
     # vllm/entrypoints/serve/exception_handling/error_response.py: status and message.
-    for exc, status in ((frontend.AdapterRequestError("bad", param="prompt"), 400),
-                        (frontend.UnknownAdapterError("nosuch"), 404)):
+    for exc, status in ((request_checks.AdapterRequestError("bad", param="prompt"), 400),
+                        (request_checks.UnknownAdapterError("nosuch"), 404)):
         error = engine_patches.client_error(exc)
-        assert isinstance(error, frontend.AdapterRequestError)
+        assert isinstance(error, request_checks.AdapterRequestError)
         info = create_error_response(error).error
         assert info.code == status and info.message.startswith(str(exc)), info
 
@@ -236,7 +237,7 @@ def test_static_lora_init_contract():
 
 def test_beam_search_contract():
     # vllm/entrypoints/generate/beam_search/utils.py: each step re-submits the rendered
-    # prompt's text with the grown ids (frontend.query_token_ids strips BOS by prefix).
+    # prompt's text with the grown ids (rewrite.query_token_ids strips BOS by prefix).
     from vllm.entrypoints.generate.beam_search.utils import BeamSearchSequence
 
     assert_source_has(BeamSearchSequence.get_prompt,
@@ -314,12 +315,13 @@ def adapter_params(prefix_len, prompt_logprobs=None):
     """SamplingParams as the frontend rewrite leaves them for an adapter of L=prefix_len."""
     from vllm import SamplingParams
 
-    from vllm_deepthink.plugin import frontend
+    from vllm_deepthink.plugin import request_checks, rewrite
+    from vllm_deepthink.plugin import registry as adapter_registry
 
     params = SamplingParams(prompt_logprobs=prompt_logprobs)
     params.extra_args = {"kv_transfer_params": {protocol.PARAMS_KEY: {
         "name": "a", "path": "/x", "digest": "0" * 64, "prefix_len": prefix_len,
-        "frontend": frontend.FRONTEND_TOKEN}}}
+        "frontend": adapter_registry.FRONTEND_TOKEN}}}
     return params
 
 

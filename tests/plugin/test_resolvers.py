@@ -6,6 +6,7 @@ adapters without the server's paths. The hub API is monkeypatched (no network)."
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -19,8 +20,11 @@ from huggingface_hub.hf_api import HfApi, RepoSibling
 from tests.helpers.adapter_factory import build_adapter
 from tests.helpers.hub_cache import publish
 from tests.helpers.tiny_models import load_tiny
-from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME
-from vllm_deepthink.plugin import frontend, resolvers
+from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, load_config
+from vllm_deepthink.plugin import request_checks, resolvers
+from vllm_deepthink.plugin import registry as adapter_registry
+from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE
+from vllm_deepthink.plugin.connector.resident import config_footprint
 from vllm_deepthink.plugin.resolvers import (AdapterRefused, DirectoryResolver, HubResolver,
                                              ResolverUnavailable)
 
@@ -226,11 +230,11 @@ def store(llama, tmp_path):
 
 
 def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, monkeypatch):
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     registry.model_fingerprint()
     burst, claims, validations = 8, [], []
     all_claimed = threading.Event()
-    claim, load = registry.claim_lookup, frontend.DeepThinkAdapter.from_pretrained
+    claim, load = registry.claim_lookup, adapter_registry.DeepThinkAdapter.from_pretrained
 
     def counting_claim(name):
         claims.append(name)
@@ -244,7 +248,7 @@ def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, mo
         return load(*args, **kwargs)
 
     monkeypatch.setattr(registry, "claim_lookup", counting_claim)
-    monkeypatch.setattr(frontend.DeepThinkAdapter, "from_pretrained", counting_load)
+    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained", counting_load)
     with ThreadPoolExecutor(burst) as pool:
         infos = list(pool.map(registry.lookup, ["a"] * burst))
     assert len(validations) == 1 and len({id(i) for i in infos}) == 1
@@ -252,7 +256,7 @@ def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, mo
 
 
 def test_async_callers_share_one_future_per_name(llama, store):
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     claims = [registry.claim_lookup("a") for _ in range(4)]
     assert [owner for _, owner in claims] == [True, False, False, False]
     assert len({id(future) for future, _ in claims}) == 1
@@ -263,12 +267,12 @@ def test_async_callers_share_one_future_per_name(llama, store):
 
 
 def test_unloading_a_directory_adapter_sticks_until_it_is_loaded_again(llama, store):
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
     assert registry.get("a").prefix_len == 12 and registry.holds("a")
     registry.unregister("a")
     assert registry.lookup("a") is None  # the directory still holds it
     assert not registry.holds("a")  # a LoRA may take the name now
-    with pytest.raises(frontend.UnknownAdapterError, match="unknown adapter 'a'"):
+    with pytest.raises(request_checks.UnknownAdapterError, match="unknown adapter 'a'"):
         registry.get("a")
     registry.register("a", store / "a")
     assert registry.names() == ["a"]
@@ -280,8 +284,8 @@ def test_unloading_a_directory_adapter_sticks_until_it_is_loaded_again(llama, st
 def test_errors_name_the_adapter_not_the_server_path(llama, store):
     (store / "broken").mkdir()
     (store / "broken" / CONFIG_NAME).write_text("{}")
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
-    with pytest.raises(frontend.AdapterRequestError) as caught:
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    with pytest.raises(request_checks.AdapterRequestError) as caught:
         registry.get("broken")
     message = str(caught.value)
     assert "'broken' found at <adapter-dir>/broken cannot be served" in message
@@ -295,7 +299,77 @@ def test_unavailable_resolvers_are_a_retry_later_error_and_others_still_answer(l
         def resolve(self, name):
             raise ResolverUnavailable("rate limited")
 
-    registry = frontend.AdapterRegistry(llama[0], resolvers=[Down(), DirectoryResolver(store)])
+    registry = adapter_registry.AdapterRegistry(llama[0],
+                                                resolvers=[Down(), DirectoryResolver(store)])
     assert registry.get("a").prefix_len == 12
-    with pytest.raises(frontend.AdapterLookupUnavailable, match="could not be looked up now"):
+    with pytest.raises(request_checks.AdapterLookupUnavailable, match="could not be looked up now"):
         registry.get("nosuch")
+
+
+def count_reads(monkeypatch) -> list:
+    """The adapter reads of the registry from now on (one entry per from_pretrained)."""
+    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
+    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
+                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    return reads
+
+
+def footprint_of(path) -> int:
+    """Bytes the registration check counts for the adapter at `path` (tensor parallel 1)."""
+    return config_footprint(load_config(path), 1, 0, MAX_FILE_ITEMSIZE).total
+
+
+def test_an_adapter_larger_than_the_resident_budget_is_refused_at_registration(
+        llama, store, monkeypatch):
+    """Runtime load endpoint, add_adapter and the resolvers: refused from the config
+    before the weights are read, naming the bytes needed and the budget (before: served,
+    and only refused by the workers when a request named it, finish reason `error`)."""
+    _, model, tokenizer = llama
+    build_adapter(model, tokenizer, store / "big", 40, seed=2)
+    budget = footprint_of(store / "a")  # "a" (12 positions) fits exactly, "big" does not
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)],
+                                        resident_budget=budget)
+    reads = count_reads(monkeypatch)
+    need = footprint_of(store / "big")
+    for attempt in (lambda: registry.register("big", store / "big"),  # load endpoint
+                    lambda: registry.get("big")):                      # --deepthink-adapter-dir
+        with pytest.raises(request_checks.AdapterRequestError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert f"adapter 'big' (40 positions) needs {need} bytes" in message
+        assert f"budget of {budget} bytes" in message and "--deepthink-resident-gib" in message
+    assert reads == [] and registry.names() == []
+    assert registry.get("a").prefix_len == 12 and registry.names() == ["a"]
+
+
+def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, monkeypatch):
+    """--deepthink-adapter-dir: the registration follows the files (their latest mtime),
+    checked with a stat and no read while they are unchanged (before: the digest of the
+    first registration was served forever, and every worker load failed its digest
+    check)."""
+    _, model, tokenizer = llama
+    registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)])
+    first = registry.get("a")
+    reads = count_reads(monkeypatch)
+    assert registry.get("a") is first and reads == []
+
+    def edit(**kwargs):
+        adapter = build_adapter(model, tokenizer, store / "a", **kwargs)
+        for path in (store / "a").iterdir():  # a clock tick later than the first build
+            os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5 * len(reads) + 5))
+        return adapter
+
+    second = edit(prefix_len=16, seed=9)
+    assert second.digest != first.digest
+    with ThreadPoolExecutor(4) as pool:  # one validation for a burst after the edit
+        infos = list(pool.map(registry.get, ["a"] * 4))
+    assert {(i.digest, i.prefix_len) for i in infos} == {(second.digest, 16)}
+    assert len(reads) == 1 and registry.names() == ["a"]
+    assert registry.get("a").digest == second.digest and len(reads) == 1
+
+    (store / "a" / WEIGHTS_NAME).write_bytes(b"broken")  # edited into a bad adapter
+    os.utime(store / "a" / WEIGHTS_NAME, (0, (store / "a" / CONFIG_NAME).stat().st_mtime + 60))
+    with pytest.raises(request_checks.AdapterRequestError,
+                       match="'a' found at .* cannot be served"):
+        registry.get("a")
+    assert registry.names() == []  # the stale registration is not served either

@@ -19,7 +19,7 @@ from tests.helpers.adapter_factory import (
 from tests.helpers.tiny_models import load_tiny
 import vllm_deepthink
 from vllm_deepthink.plugin import api
-from vllm_deepthink.plugin.frontend import AdapterRequestError
+from vllm_deepthink.plugin.request_checks import AdapterRequestError
 
 pytestmark = pytest.mark.engine
 

@@ -35,7 +35,9 @@ from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 import vllm_deepthink  # noqa: E402
 from vllm_deepthink import plugin  # noqa: E402
 from vllm_deepthink.format import AdapterFormatError  # noqa: E402
-from vllm_deepthink.plugin import frontend, patches, protocol  # noqa: E402
+from vllm_deepthink.plugin import patches, protocol, request_checks, rewrite  # noqa: E402
+from vllm_deepthink.plugin import registry as adapter_registry  # noqa: E402
+from vllm_deepthink.plugin.serving import models as serving_models  # noqa: E402
 from vllm_deepthink.plugin.patches import engine as engine_patches  # noqa: E402
 
 GENERATE = ("generate",)
@@ -88,7 +90,7 @@ def refusal(call) -> tuple[int, str, str | None]:
     """(HTTP status, message, param) vLLM's server answers for the exception of call()."""
     with pytest.raises(VLLMClientError) as info:
         call()
-    assert isinstance(info.value, frontend.AdapterRequestError), "offline callers catch this"
+    assert isinstance(info.value, request_checks.AdapterRequestError), "offline callers catch this"
     error = create_error_response(info.value).error
     return error.code, error.message, error.param
 
@@ -412,9 +414,9 @@ def test_item7_bos_strip_is_a_prefix_match(tiny):
     ]
     for ids, expected in cases:
         prompt = {"type": "token", "prompt": QUERY, "prompt_token_ids": ids}
-        assert frontend.query_token_ids(prompt, tok)[0] == expected
+        assert rewrite.query_token_ids(prompt, tok)[0] == expected
     # Token ids without text are used as given, BOS included.
-    assert frontend.query_token_ids(tokens(with_bos + [7]), tok)[0] == with_bos + [7]
+    assert rewrite.query_token_ids(tokens(with_bos + [7]), tok)[0] == with_bos + [7]
 
 
 # ------------------------------------------------------------------ item 8
@@ -495,14 +497,14 @@ def test_item9_an_adapter_overflowing_fp16_is_a_load_error(huge):
 
 
 def test_item9_the_frontend_reports_an_adapter_overflowing_the_engine_dtype(tiny, huge):
-    registry = frontend.AdapterRegistry(tiny.model_dir, dtype=torch.float16)
+    registry = adapter_registry.AdapterRegistry(tiny.model_dir, dtype=torch.float16)
     with pytest.raises(AdapterFormatError, match="overflow torch.float16"):
         registry.register("huge", huge)
     registry.register_at_start({"huge": str(huge), "a1": str(tiny.a1)})
     assert registry.names() == ["a1"] and "overflow" in registry.failed()["huge"]
-    with pytest.raises(frontend.AdapterRequestError, match="failed to load at engine start"):
+    with pytest.raises(request_checks.AdapterRequestError, match="failed to load at engine start"):
         registry.get("huge")
-    frontend.AdapterRegistry(tiny.model_dir, dtype=torch.float32).register("huge", huge)
+    adapter_registry.AdapterRegistry(tiny.model_dir, dtype=torch.float32).register("huge", huge)
 
 
 @pytest.mark.parametrize("field,what", [
@@ -539,27 +541,28 @@ def test_item9_registry_is_built_at_startup_off_the_event_loop(served, monkeypat
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
     threads = []
-    vllm_registry_for = frontend.registry_for
+    vllm_registry_for = adapter_registry.registry_for
 
     def recording(vllm_config):
         threads.append(threading.current_thread())
         return vllm_registry_for(vllm_config)
 
-    monkeypatch.setattr(frontend, "registry_for", recording)
-    monkeypatch.setattr(frontend, "_registries", {})
+    monkeypatch.setattr(serving_models, "registry_for", recording)
+    monkeypatch.setattr(adapter_registry, "_registries", {})
     models = SimpleNamespace(static_lora_modules=None,
                              engine_client=SimpleNamespace(vllm_config=served.vllm_config))
     asyncio.run(OpenAIServingModels.init_static_loras(models))
     assert threads and threads[0] is not threading.main_thread()
-    assert frontend._registries and next(iter(frontend._registries.values())).names() == ["a1"]
+    registries = adapter_registry._registries
+    assert registries and next(iter(registries.values())).names() == ["a1"]
 
 
 def test_item9_a_start_adapter_that_fails_stops_the_server(served, huge, monkeypatch):
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
-    registry = frontend.AdapterRegistry(served.model_config.model, dtype=torch.float16)
+    registry = adapter_registry.AdapterRegistry(served.model_config.model, dtype=torch.float16)
     registry.register_at_start({"huge": str(huge)})
-    monkeypatch.setattr(frontend, "registry_for", lambda vllm_config: registry)
+    monkeypatch.setattr(serving_models, "registry_for", lambda vllm_config: registry)
     models = SimpleNamespace(static_lora_modules=None,
                              engine_client=SimpleNamespace(vllm_config=served.vllm_config))
     with pytest.raises(ValueError, match="huge: .*overflow"):

@@ -319,7 +319,7 @@ def test_builder_cli_and_frontend_import_without_peft(tmp_path):
         sys.path.insert(0, {str(REPO_ROOT)!r})
         import vllm_deepthink.producers.deepthink.builder
         import vllm_deepthink.producers.past_kv
-        import vllm_deepthink.plugin.frontend
+        import vllm_deepthink.plugin.registry, vllm_deepthink.plugin.rewrite
         import vllm_deepthink.apps.cli, vllm_deepthink.apps.importers
         from vllm_deepthink.producers import peft as importer
         from vllm_deepthink.producers.kv_import import ImportRefusedError

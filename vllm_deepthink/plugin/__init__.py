@@ -5,7 +5,9 @@ every process it starts (API server, engine core, workers), sometimes more than
 once: it only registers (the KV connector and the patches), and is re-entrant.
 
 - protocol.py: the keys frontend, scheduler and workers share;
-- frontend.py: the adapter registry and the rewrite of adapter requests;
+- registry.py: the adapter registry of the frontend process;
+- request_checks.py: the checks of every client value of the plugin;
+- rewrite.py: an adapter request rewritten into a plain vLLM request;
 - request_state.py: outputs of an adapter request show the query alone;
 - connector/: the KV connector (scheduler side, worker side, resident adapters, stats);
 - patches/: every patch of vLLM internals (engine, OpenAI server);

@@ -14,8 +14,7 @@ from typing import Any
 from vllm_deepthink.format import load_config
 from vllm_deepthink.format.adapter import resolve_adapter_dir
 from vllm_deepthink.plugin import protocol
-from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE, budget_error
-from vllm_deepthink.plugin.connector.resident import config_footprint
+from vllm_deepthink.plugin.connector.resident import resident_budget_error
 from vllm_deepthink.plugin.resolvers import DirectoryResolver
 
 
@@ -113,9 +112,9 @@ def list_adapters(llm) -> list[str]:
 
 def registry(llm):
     """The adapter registry of a `vllm.LLM` built with engine_args(...)."""
-    from vllm_deepthink.plugin import frontend
+    from vllm_deepthink.plugin.registry import registry_for
 
-    return frontend.registry_for(llm.llm_engine.vllm_config)
+    return registry_for(llm.llm_engine.vllm_config)
 
 
 def sampling_params(adapter: str, **kwargs: Any):
@@ -156,15 +155,6 @@ def check_resident_budget(adapters: Mapping[str, str | Path], budget: int,
         message = resident_budget_error(name, load_config(path), budget, tp_size)
         if message is not None:
             raise ValueError(message)
-
-
-def resident_budget_error(name: str, config: Any, budget: int, tp_size: int = 1) -> str | None:
-    """Why adapter `name` (its DeepThinkConfig) can never be loaded by a worker whose
-    resident budget is `budget` bytes, or None when it can: its footprint
-    (residency.load_footprint, the model dtype counted as float32, its widest) is more
-    than the budget. What registration checks before an adapter is served."""
-    return budget_error(f"adapter {name!r} ({config.prefix_len} positions)",
-                        config_footprint(config, tp_size, 0, MAX_FILE_ITEMSIZE), budget)
 
 
 def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):

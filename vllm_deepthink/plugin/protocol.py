@@ -1,6 +1,6 @@
 """The request protocol between the plugin's frontend, scheduler and workers.
 
-The frontend (`frontend.py`) turns a request for adapter NAME into a plain vLLM
+The frontend (`rewrite.py`) turns a request for adapter NAME into a plain vLLM
 request; everything after it reads only what is defined here:
 
     SamplingParams.extra_args[ADAPTER_ARG] = NAME      (offline API; the frontend's input)
@@ -143,7 +143,7 @@ class TransferEntry:
     path: str
     digest: str
     prefix_len: int
-    # The writing frontend's token (frontend.py): outputs are cut back to the query only
+    # The writing frontend's token (registry.FRONTEND_TOKEN): outputs are cut back to the query only
     # for entries this process's frontend wrote.
     frontend: str = ""
 

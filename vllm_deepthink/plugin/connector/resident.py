@@ -33,7 +33,8 @@ import torch
 
 from vllm_deepthink.format import DeepThinkAdapter, DeepThinkConfig, load_config
 from vllm_deepthink.plugin.connector import kv_layout
-from vllm_deepthink.plugin.connector.residency import Footprint, budget_error, load_footprint
+from vllm_deepthink.plugin.connector.residency import (MAX_FILE_ITEMSIZE, Footprint, budget_error,
+                                                       load_footprint)
 
 # How long a failed read is remembered (unless the adapter's files change).
 FAILURE_TTL_SECONDS = 30.0
@@ -74,6 +75,17 @@ def config_footprint(config: DeepThinkConfig, tp_size: int, tp_rank: int,
     first, last = kv_layout.kv_head_range(fp.num_kv_heads, tp_size, tp_rank)
     return load_footprint(config.prefix_len, fp.num_layers, fp.num_kv_heads, fp.head_dim,
                           last - first, itemsize)
+
+
+def resident_budget_error(name: str, config: DeepThinkConfig, budget: int,
+                          tp_size: int = 1) -> str | None:
+    """Why adapter `name` (its DeepThinkConfig) can never be loaded by a worker whose
+    resident budget is `budget` bytes, or None when it can: its footprint
+    (residency.load_footprint, the model dtype counted as float32, its widest) is more
+    than the budget. What registration checks (api.engine_args, the adapter registry) before an
+    adapter is served."""
+    return budget_error(f"adapter {name!r} ({config.prefix_len} positions)",
+                        config_footprint(config, tp_size, 0, MAX_FILE_ITEMSIZE), budget)
 
 
 def files_mtime(location: str | Path) -> float:

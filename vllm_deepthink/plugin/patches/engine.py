@@ -21,7 +21,11 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
-from vllm_deepthink.plugin import frontend, protocol
+from vllm_deepthink.plugin import protocol
+from vllm_deepthink.plugin.registry import connector_configured, registry_for
+from vllm_deepthink.plugin.request_checks import (AdapterRequestError, UnknownAdapterError,
+                                                  check_request)
+from vllm_deepthink.plugin.rewrite import rewrite_request, wrote
 from vllm_deepthink.plugin.patches.base import PatchSpec, is_patched, original, replace
 from vllm_deepthink.plugin.request_state import QueryOnlyLogprobsProcessor, QueryOnlyRequestState
 
@@ -46,21 +50,21 @@ def patch_specs() -> tuple[PatchSpec, ...]:
     )
 
 
-class AdapterValidationError(VLLMValidationError, frontend.AdapterRequestError):
-    """frontend.AdapterRequestError as vLLM's validation error: HTTP 400 with the message
+class AdapterValidationError(VLLMValidationError, AdapterRequestError):
+    """AdapterRequestError as vLLM's validation error: HTTP 400 with the message
     (AsyncLLM.generate re-raises VLLMClientError as is; any other exception becomes
     EngineGenerateError, a 500 with an empty message)."""
 
 
-class AdapterNotFoundError(VLLMNotFoundError, frontend.AdapterRequestError):
-    """frontend.UnknownAdapterError as vLLM's not-found error: HTTP 404."""
+class AdapterNotFoundError(VLLMNotFoundError, AdapterRequestError):
+    """UnknownAdapterError as vLLM's not-found error: HTTP 404."""
 
 
-def client_error(exc: frontend.AdapterRequestError) -> frontend.AdapterRequestError:
+def client_error(exc: AdapterRequestError) -> AdapterRequestError:
     """The vLLM client error (also an AdapterRequestError) carrying exc's message."""
     if isinstance(exc, (AdapterValidationError, AdapterNotFoundError)):
         return exc
-    if isinstance(exc, frontend.UnknownAdapterError):
+    if isinstance(exc, UnknownAdapterError):
         error = AdapterNotFoundError(str(exc))
     else:
         error = AdapterValidationError(str(exc), parameter=exc.param)
@@ -74,9 +78,9 @@ def patch_input_processor() -> None:
     The one frontend entry both `LLM` and `AsyncLLM` pass through (AsyncLLM's
     process_inputs_async wraps the bound method at construction, after plugins
     load). On an engine with our connector: validates the plugin's request fields
-    (frontend.check_request) and rewrites an adapter request into placeholder +
+    (request_checks.check_request) and rewrites an adapter request into placeholder +
     query token ids, the adapter's cache salt and kv_transfer_params
-    (frontend.rewrite_request), then lets vLLM validate and build the
+    (rewrite.rewrite_request), then lets vLLM validate and build the
     EngineCoreRequest as usual. Errors are vLLM client errors (400, 404 for an
     unknown adapter). Without our connector: vLLM's own method, untouched.
     """
@@ -96,16 +100,16 @@ def patch_input_processor() -> None:
             return vllm_process_inputs(self, request_id, prompt, params, *args, **kwargs)
         lora_request = kwargs.get("lora_request", args[2] if len(args) > 2 else None)
         try:
-            name = frontend.check_request(prompt, params, lora_request)
+            name = check_request(prompt, params, lora_request)
             if name is not None:
                 if kwargs.get("resumable"):
-                    raise frontend.AdapterRequestError(
+                    raise AdapterRequestError(
                         "streaming-input (resumable) requests cannot use a Deep-Thinking "
                         "adapter")
-                info = frontend.registry_for(self.vllm_config).get(name)
-                prompt, params = frontend.rewrite_request(
+                info = registry_for(self.vllm_config).get(name)
+                prompt, params = rewrite_request(
                     info, prompt, params, self.tokenizer, self.model_config.max_model_len)
-        except frontend.AdapterRequestError as exc:
+        except AdapterRequestError as exc:
             raise client_error(exc) from None
         return vllm_process_inputs(self, request_id, prompt, params, *args, **kwargs)
 
@@ -120,8 +124,8 @@ def patch_request_state() -> None:
     prompt_len), prompt logprobs drop the placeholder rows and num_cached_tokens
     counts the query only. The request sent to the engine core is not touched. Inert
     unless an engine of this process runs our connector (the output processor has no
-    VllmConfig: frontend.connector_configured), and then only entries this process's
-    frontend wrote count (frontend.wrote): a kv_transfer_params entry a client sends to
+    VllmConfig: registry.connector_configured), and then only entries this process's
+    frontend wrote count (rewrite.wrote): a kv_transfer_params entry a client sends to
     an engine without our connector changes nothing.
     """
     if is_patched(RequestState, "from_new_request"):
@@ -131,9 +135,9 @@ def patch_request_state() -> None:
     def from_new_request(cls, tokenizer, request, prompt, parent_req, request_index,
                          queue, log_stats, stream_interval):
         entry = (protocol.params_transfer_entry(request.sampling_params)
-                 if request.sampling_params is not None and frontend.connector_configured()
+                 if request.sampling_params is not None and connector_configured()
                  else None)
-        if not frontend.wrote(entry):
+        if not wrote(entry):
             return vllm_from_new_request(
                 cls, tokenizer=tokenizer, request=request, prompt=prompt,
                 parent_req=parent_req, request_index=request_index, queue=queue,

@@ -17,7 +17,8 @@ from typing import Any
 
 from vllm_deepthink.format import AdapterFormatError
 from vllm_deepthink.plugin import api, protocol
-from vllm_deepthink.plugin.frontend import AdapterRegistry, AdapterRequestError
+from vllm_deepthink.plugin.registry import AdapterRegistry
+from vllm_deepthink.plugin.request_checks import AdapterRequestError
 from vllm_deepthink.plugin.protocol import (
     DEFAULT_RESIDENT_GIB,
     AdapterNameError,

@@ -13,7 +13,7 @@
 
 Servers without the DeepThink connector: every function here is a no-op.
 
-The adapter registry of the API server process (plugin/frontend.py) is the one
+The adapter registry of the API server process (plugin/registry.py) is the one
 source of truth: loading is `register`, unloading is `unregister`; the engine is
 untouched and requests already running finish with the adapter they started with.
 """
@@ -27,8 +27,10 @@ from vllm.lora.request import LoRARequest
 
 from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError
 from vllm_deepthink.format.hub import HubUnavailable, fetch_hub_files, is_hub_id_shape
-from vllm_deepthink.plugin import frontend, protocol
-from vllm_deepthink.plugin.frontend import AdapterRequestError
+from vllm_deepthink.plugin import protocol
+from vllm_deepthink.plugin.registry import registry_for, without_path
+from vllm_deepthink.plugin.request_checks import (AdapterLookupUnavailable,
+                                                  AdapterRequestError, reserved_client_field)
 from vllm_deepthink.plugin.protocol import ADAPTER_ARG, AdapterNameError, check_adapter_name
 from vllm_deepthink.plugin.serving.flags import (
     ADAPTER_DIR_FLAG,
@@ -43,7 +45,7 @@ def registry_of(models: Any):
     vllm_config = getattr(getattr(models, "engine_client", None), "vllm_config", None)
     if vllm_config is None or not protocol.uses_deepthink_connector(vllm_config):
         return None
-    return frontend.registry_for(vllm_config)
+    return registry_for(vllm_config)
 
 
 def pinned_names(models: Any) -> list[str]:
@@ -54,13 +56,12 @@ def pinned_names(models: Any) -> list[str]:
 
 
 def _served(registry: Any, model_name: str | None) -> Any:
-    """The AdapterInfo served as model_name, or None."""
-    if registry is None or not model_name or model_name not in registry.names():
+    """The AdapterInfo served as model_name, or None (also for a folder adapter edited
+    since it was registered: resolve_adapter_model registers it again, off the event
+    loop)."""
+    if registry is None or not model_name:
         return None
-    try:
-        return registry.get(model_name)
-    except AdapterRequestError:  # unloaded meanwhile
-        return None
+    return registry.current(model_name)
 
 
 def reserved_field_error(models: Any, request: Any):
@@ -78,7 +79,7 @@ def reserved_field_error(models: Any, request: Any):
     extra = getattr(sampling, "extra_args", None)
     if isinstance(extra, dict):
         xargs.update(extra)
-    problem = frontend.reserved_client_field(
+    problem = reserved_client_field(
         xargs, getattr(request, "kv_transfer_params", None),
         getattr(request, "cache_salt", None))
     if problem is None:
@@ -97,7 +98,7 @@ async def build_registry_at_start(models: Any) -> None:
     vllm_config = getattr(getattr(models, "engine_client", None), "vllm_config", None)
     if vllm_config is None or not protocol.uses_deepthink_connector(vllm_config):
         return
-    registry = await asyncio.to_thread(frontend.registry_for, vllm_config)
+    registry = await asyncio.to_thread(registry_for, vllm_config)
     failed = registry.failed()
     if failed:
         raise ValueError(
@@ -128,7 +129,7 @@ async def resolve_adapter_model(models: Any, model_name: str | None):
             _lookup_pool(), registry.run_lookup, model_name, future)
     try:
         info = await asyncio.wrap_future(future)
-    except frontend.AdapterLookupUnavailable as exc:
+    except AdapterLookupUnavailable as exc:
         return _error(str(exc), HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError",
                       "model")
     except AdapterRequestError as exc:
@@ -291,7 +292,7 @@ async def load_adapter(models: Any, name: str, path: str, replace: bool = False)
                           HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError",
                           "adapter_path")
         except (AdapterFormatError, AdapterRequestError, OSError, ValueError) as exc:
-            message = frontend.without_path(str(exc), location if location else path, path)
+            message = without_path(str(exc), location if location else path, path)
             return _error(f"Deep-Thinking adapter '{name}' was refused: {message}",
                           HTTPStatus.BAD_REQUEST, "BadRequestError", "adapter_path")
     return f"Success: Deep-Thinking adapter '{name}' added successfully."
