@@ -272,7 +272,8 @@ def server(tiny):
     httpx = pytest.importorskip("httpx")
     good = tiny.root / "served-good"
     build_adapter(tiny.model, tiny.tokenizer, good, 24, seed=7)
-    proc = VllmServer(tiny.model_dir, ["--deepthink-adapter", f"good={good}"],
+    proc = VllmServer(tiny.model_dir, ["--deepthink-adapter", f"good={good}",
+                                       "--deepthink-pin", "good"],
                       log_path=tiny.root / "server.log",
                       env={serving.RUNTIME_UPDATING_ENV: "True"})
     try:
@@ -322,6 +323,25 @@ def assert_matches_hf(tiny, response, adapter) -> None:
     assert logprobs[0] is None
     assert max_abs_diff(logprobs[1:len(ids)], reference.prompt_logprobs) < TOLERANCE
     assert choice["token_ids"] == reference.greedy_tokens
+
+
+@pytest.mark.engine
+def test_a_pinned_adapter_is_shown_kept_and_served(tiny, server):
+    cards = served_models(server)
+    assert cards["good"]["pinned"] is True
+    assert "pinned" not in cards[server.base]  # vLLM's own card is unchanged
+    assert_openai_error(unload(server, "good"), 400, "'good' is pinned")
+    assert_openai_error(load(server, "good", tiny.root / "served-good", load_inplace=True),
+                        400, "'good' is pinned")
+    assert complete(server, "good").status_code == 200
+    metrics = server.http.get("/metrics").text
+    pinned = [line for line in metrics.splitlines()
+              if line.startswith("vllm:deepthink_pinned_adapters{")]
+    assert pinned and all(line.endswith(" 1.0") for line in pinned), pinned
+    reads = [line for line in metrics.splitlines()
+             if line.startswith("vllm:deepthink_adapter_reads_total{")
+             and 'adapter="good"' in line]
+    assert reads and reads[0].endswith(" 1.0"), reads  # at engine start only
 
 
 @pytest.mark.engine
