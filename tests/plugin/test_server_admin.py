@@ -462,6 +462,24 @@ def test_server_refuses_to_start_with_a_bad_adapter(tiny):
 
 
 @pytest.mark.engine
+def test_server_refuses_to_start_when_the_pinned_set_leaves_no_room_to_read(tiny):
+    from vllm_deepthink.plugin.connector.residency import load_footprint
+
+    for name in ("good", "other"):
+        adapter = build_adapter(tiny.model, tiny.tokenizer, tiny.root / name, 24)
+    fp = adapter.config.fingerprint
+    one = load_footprint(24, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.num_kv_heads, 4)
+    # Each adapter fits alone; the pinned copy plus a read of the other does not.
+    code, log = start_and_expect_exit(tiny, [
+        "--deepthink-adapter", f"good={tiny.root / 'good'}", f"other={tiny.root / 'other'}",
+        "--deepthink-pin", "good", "--deepthink-resident-gib", str(one.total / (1 << 30))],
+        "start-pinned.log")
+    assert code != 0
+    assert f"the pinned adapters (good) need {one.resident} bytes" in log
+    assert f"budget of {one.total} bytes" in log and "pin fewer adapters" in log
+
+
+@pytest.mark.engine
 def test_server_refuses_a_path_like_adapter_name(tiny):
     code, log = start_and_expect_exit(
         tiny, ["--deepthink-adapter", f"../good={tiny.root / 'good'}"], "start-name.log")
