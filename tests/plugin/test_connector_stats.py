@@ -46,13 +46,18 @@ def test_prometheus_counters_are_labelled_by_adapter():
     def counter(**kwargs):
         return Counter(registry=registry, **kwargs)
 
+    def gauge(**kwargs):
+        return Gauge(registry=registry, **kwargs)
+
     metrics = DeepThinkConnector.build_prom_metrics(
-        SimpleNamespace(kv_transfer_config=None), {Counter: counter, Gauge: Gauge, Histogram: Histogram},
+        SimpleNamespace(kv_transfer_config=None), {Counter: counter, Gauge: gauge, Histogram: Histogram},
         ["model_name", "engine"], {0: ["m", "0"]})
     stats = DeepThinkConnectorStats()
     value = registry.get_sample_value
     engine = {"model_name": "m", "engine": "0"}
     assert value("vllm:deepthink_forward_path_load_steps_total", engine) == 0  # from the start
+    assert value("vllm:deepthink_pinned_adapters", engine) == 0     # no pin configured
+    assert value("vllm:deepthink_pinned_bytes", engine) == 0
     stats.record_load("sst2", 45)
     stats.record_load("sst2", 45)
     stats.record_read("sst2")

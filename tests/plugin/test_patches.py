@@ -465,13 +465,15 @@ def test_engine_flags_reach_vllm_serve_parser():
     args = parser.parse_args(["m", "--deepthink-adapter", "a=/x", "c=/z", "--deepthink-adapter",
                               '{"name": "b", "path": "/y", "base_model_name": "m"}',
                               "--deepthink-adapter-dir", "/store",
-                              "--deepthink-resident-gib", "0.5"])
+                              "--deepthink-resident-gib", "0.5", "--deepthink-pin", "a"])
     assert [(s.name, s.path, s.base_model_name) for s in args.deepthink_adapter] == [
         ("a", "/x", None), ("c", "/z", None), ("b", "/y", "m")]
     assert args.deepthink_adapter_dir == ["/store"]
     assert args.deepthink_resident_gib == 0.5
+    assert args.deepthink_pin == ["a"]
     help_text = parser.format_help()
-    for flag in ("--deepthink-adapter", "--deepthink-adapter-dir", "--deepthink-resident-gib"):
+    for flag in ("--deepthink-adapter", "--deepthink-adapter-dir", "--deepthink-resident-gib",
+                 "--deepthink-pin"):
         assert flag in help_text
 
 

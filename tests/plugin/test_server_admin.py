@@ -210,6 +210,24 @@ def test_flags_become_the_connector_config(tiny, monkeypatch):
         serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
 
 
+def test_pin_flags_become_the_connector_config(tiny, monkeypatch):
+    vllm = pytest.importorskip("vllm")
+    from vllm_deepthink.plugin import protocol
+
+    monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
+    for name in ("good", "other"):
+        build_adapter(tiny.model, tiny.tokenizer, tiny.root / name, 24)
+    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}",
+                  json.dumps({"name": "other", "path": str(tiny.root / "other"), "pin": True}),
+                  "--deepthink-pin", "good"])
+    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+    extra = engine_args.kv_transfer_config.kv_connector_extra_config
+    assert extra[protocol.EXTRA_CONFIG_PINNED] == ["other", "good"]
+    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}", "--deepthink-pin", "x"])
+    with pytest.raises(ValueError, match="--deepthink-pin: no adapter named 'x'"):
+        serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+
+
 def test_an_adapter_larger_than_the_resident_budget_stops_the_server(tiny, monkeypatch):
     vllm = pytest.importorskip("vllm")
     monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
@@ -254,7 +272,8 @@ def server(tiny):
     httpx = pytest.importorskip("httpx")
     good = tiny.root / "served-good"
     build_adapter(tiny.model, tiny.tokenizer, good, 24, seed=7)
-    proc = VllmServer(tiny.model_dir, ["--deepthink-adapter", f"good={good}"],
+    proc = VllmServer(tiny.model_dir, ["--deepthink-adapter", f"good={good}",
+                                       "--deepthink-pin", "good"],
                       log_path=tiny.root / "server.log",
                       env={serving.RUNTIME_UPDATING_ENV: "True"})
     try:
@@ -304,6 +323,25 @@ def assert_matches_hf(tiny, response, adapter) -> None:
     assert logprobs[0] is None
     assert max_abs_diff(logprobs[1:len(ids)], reference.prompt_logprobs) < TOLERANCE
     assert choice["token_ids"] == reference.greedy_tokens
+
+
+@pytest.mark.engine
+def test_a_pinned_adapter_is_shown_kept_and_served(tiny, server):
+    cards = served_models(server)
+    assert cards["good"]["pinned"] is True
+    assert "pinned" not in cards[server.base]  # vLLM's own card is unchanged
+    assert_openai_error(unload(server, "good"), 400, "'good' is pinned")
+    assert_openai_error(load(server, "good", tiny.root / "served-good", load_inplace=True),
+                        400, "'good' is pinned")
+    assert complete(server, "good").status_code == 200
+    metrics = server.http.get("/metrics").text
+    pinned = [line for line in metrics.splitlines()
+              if line.startswith("vllm:deepthink_pinned_adapters{")]
+    assert pinned and all(line.endswith(" 1.0") for line in pinned), pinned
+    reads = [line for line in metrics.splitlines()
+             if line.startswith("vllm:deepthink_adapter_reads_total{")
+             and 'adapter="good"' in line]
+    assert reads and reads[0].endswith(" 1.0"), reads  # at engine start only
 
 
 @pytest.mark.engine
@@ -421,6 +459,24 @@ def test_server_refuses_to_start_with_a_bad_adapter(tiny):
     assert "cannot serve 2 of 3 Deep-Thinking adapters" in log
     assert "broken (" in log and BAD_ADAPTERS["nan"] in log
     assert "alien (" in log and BAD_ADAPTERS["wrong-base"] in log
+
+
+@pytest.mark.engine
+def test_server_refuses_to_start_when_the_pinned_set_leaves_no_room_to_read(tiny):
+    from vllm_deepthink.plugin.connector.residency import load_footprint
+
+    for name in ("good", "other"):
+        adapter = build_adapter(tiny.model, tiny.tokenizer, tiny.root / name, 24)
+    fp = adapter.config.fingerprint
+    one = load_footprint(24, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.num_kv_heads, 4)
+    # Each adapter fits alone; the pinned copy plus a read of the other does not.
+    code, log = start_and_expect_exit(tiny, [
+        "--deepthink-adapter", f"good={tiny.root / 'good'}", f"other={tiny.root / 'other'}",
+        "--deepthink-pin", "good", "--deepthink-resident-gib", str(one.total / (1 << 30))],
+        "start-pinned.log")
+    assert code != 0
+    assert f"the pinned adapters (good) need {one.resident} bytes" in log
+    assert f"budget of {one.total} bytes" in log and "pin fewer adapters" in log
 
 
 @pytest.mark.engine

@@ -22,6 +22,7 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
                 adapter_dirs: Sequence[str | Path] | None = None,
                 resident_gib: float | None = None,
                 parents: Mapping[str, str] | None = None,
+                pin: Sequence[str] | None = None,
                 **engine_kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` / `EngineArgs` that serve Deep-Thinking adapters.
 
@@ -35,6 +36,10 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
             it is refused here (ValueError).
         parents: {name: served model name} /v1/models reports as an adapter's parent
             (`vllm serve`; default: the first served name).
+        pin: names of adapters in `adapters` to keep resident: every worker reads them
+            at engine start and never evicts them; their bytes count against
+            `resident_gib`, and the engine refuses to start (with the sizes) when they
+            leave no room to read the largest other adapter (docs/serving.md, Pinning).
         engine_kwargs: passed through (prefix caching is turned on unless given).
 
     Adds the DeepThink KV connector with this configuration. Pipeline parallel and
@@ -45,6 +50,8 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
     on a running engine: `add_adapter(llm, name, path)`, `remove_adapter(llm, name)`.
     """
     from vllm.config import KVTransferConfig
+
+    from vllm_deepthink.plugin.connector import pins
 
     protocol.check_parallelism(engine_kwargs)
     resolved = _resolve_adapters(adapters or {})
@@ -58,6 +65,8 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
         plugin_config[protocol.EXTRA_CONFIG_RESIDENT_GIB] = float(resident_gib)
     if parents:
         plugin_config[protocol.EXTRA_CONFIG_PARENTS] = dict(parents)
+    if pin is not None:
+        plugin_config[protocol.EXTRA_CONFIG_PINNED] = _checked_pins(pin)
     user_config = engine_kwargs.pop("kv_transfer_config", None)
     if user_config is None:
         kv_config = KVTransferConfig(
@@ -68,6 +77,7 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
             kv_connector_extra_config=plugin_config)
     else:
         kv_config = _merge_kv_config(user_config, plugin_config)
+    pins.pinned_paths(kv_config.kv_connector_extra_config)  # pins name served adapters
     engine_kwargs["kv_transfer_config"] = kv_config
     engine_kwargs.setdefault("enable_prefix_caching", True)
     return engine_kwargs
@@ -76,14 +86,23 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
 def add_adapter(llm, name: str, path: str | Path) -> None:
     """Serve the adapter at `path` (a directory or hub id) as `name` on a running
     `vllm.LLM` built with engine_args(...); replaces an adapter of that name (new
-    requests use the new weights; their digest salts the prefix cache)."""
+    requests use the new weights; their digest salts the prefix cache). A pinned adapter
+    cannot be replaced (ValueError)."""
+    _refuse_pinned(llm, name)
     registry(llm).register(name, path)
 
 
 def remove_adapter(llm, name: str) -> None:
     """Stop serving adapter `name` on a running `vllm.LLM`; requests already running
-    finish with it."""
+    finish with it. A pinned adapter cannot be removed (ValueError)."""
+    _refuse_pinned(llm, name)
     registry(llm).unregister(name)
+
+
+def _refuse_pinned(llm, name: str) -> None:
+    extra = llm.llm_engine.vllm_config.kv_transfer_config.kv_connector_extra_config
+    if name in protocol.pinned_names(extra):
+        raise ValueError(protocol.pinned_change_error(name))
 
 
 def list_adapters(llm) -> list[str]:
@@ -106,6 +125,14 @@ def sampling_params(adapter: str, **kwargs: Any):
     extra_args = dict(kwargs.pop("extra_args", None) or {})
     extra_args[protocol.ADAPTER_ARG] = adapter
     return SamplingParams(extra_args=extra_args, **kwargs)
+
+
+def _checked_pins(pin: Any) -> list[str]:
+    """engine_args(pin=...): a list of adapter names, duplicates dropped."""
+    if isinstance(pin, str) or not isinstance(pin, Sequence | set | frozenset):
+        raise TypeError(f"pin must be a list of adapter names (e.g. pin=[\"sst2\"]), found "
+                        f"{type(pin).__name__} {pin!r}")
+    return list(dict.fromkeys(protocol.check_adapter_name(name) for name in pin))
 
 
 def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
@@ -159,6 +186,9 @@ def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
                 f"kv_transfer_config and {path} in adapters=")
         merged[name] = path
     extra[protocol.EXTRA_CONFIG_ADAPTERS] = _resolve_adapters(merged)
+    if protocol.EXTRA_CONFIG_PINNED in plugin_config:
+        plugin_config[protocol.EXTRA_CONFIG_PINNED] = list(dict.fromkeys(
+            [*protocol.pinned_names(extra), *plugin_config[protocol.EXTRA_CONFIG_PINNED]]))
     extra.update(plugin_config)
     user_config.kv_connector_extra_config = extra
     if user_config.kv_connector_module_path is None:
@@ -172,16 +202,19 @@ def connector_stats(llm) -> dict[str, Any]:
     """Adapter loads so far in `llm` (a `vllm.LLM` built with `disable_log_stats=False`).
 
     Returns {"adapter_loads": total, "adapter_tokens_loaded": total, "adapter_reads":
-    total, "forward_path_load_steps": total, "by_adapter": {name: {"loads": n,
-    "tokens": n, "reads": n}}}, read from the connector's Prometheus counters
-    (plugin/connector/stats.py). forward_path_load_steps counts the steps during which a
-    worker read an adapter on the forward path (expected 0: reads run in the background).
+    total, "forward_path_load_steps": total, "pinned_adapters": n, "pinned_bytes": n,
+    "by_adapter": {name: {"loads": n, "tokens": n, "reads": n}}}, read from the
+    connector's Prometheus metrics (plugin/connector/stats.py). forward_path_load_steps
+    counts the steps during which a worker read an adapter on the forward path (expected
+    0: reads run in the background); the pinned figures are gauges (one worker's bytes).
     """
-    from vllm.v1.metrics.reader import Counter
+    from vllm.v1.metrics.reader import Counter, Gauge
 
     from vllm_deepthink.plugin.connector.stats import (
         FORWARD_PATH_METRIC,
         LOADS_METRIC,
+        PINNED_BYTES_METRIC,
+        PINNED_METRIC,
         READS_METRIC,
         TOKENS_METRIC,
     )
@@ -189,7 +222,10 @@ def connector_stats(llm) -> dict[str, Any]:
     fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens", READS_METRIC: "reads"}
     by_adapter: dict[str, dict[str, float]] = {}
     forward_path_steps = 0
+    gauges = {PINNED_METRIC: 0, PINNED_BYTES_METRIC: 0}
     for metric in llm.get_metrics():
+        if isinstance(metric, Gauge) and metric.name in gauges:
+            gauges[metric.name] += metric.value
         if not isinstance(metric, Counter):
             continue
         if metric.name == FORWARD_PATH_METRIC:
@@ -202,4 +238,6 @@ def connector_stats(llm) -> dict[str, Any]:
             "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
             "adapter_reads": sum(e["reads"] for e in by_adapter.values()),
             "forward_path_load_steps": forward_path_steps,
+            "pinned_adapters": gauges[PINNED_METRIC],
+            "pinned_bytes": gauges[PINNED_BYTES_METRIC],
             "by_adapter": by_adapter}

@@ -43,6 +43,7 @@ EXTRA_CONFIG_ADAPTERS = "adapters"              # {name: path} served from start
 EXTRA_CONFIG_PARENTS = "adapter_parents"        # {name: base model name} for /v1/models
 EXTRA_CONFIG_ADAPTER_DIRS = "adapter_dirs"      # [dir]: unknown names resolve to dir/name
 EXTRA_CONFIG_RESIDENT_GIB = "resident_gib"      # worker memory for resident adapters
+EXTRA_CONFIG_PINNED = "pinned"                  # [name]: resident for the engine's life
 DEFAULT_RESIDENT_GIB = 4.0
 
 _DIGEST_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -106,6 +107,21 @@ def resident_budget_bytes(gib: Any) -> int:
                          f"(--deepthink-resident-gib / engine_args(resident_gib=...)), "
                          f"found {gib!r}")
     return int(value * (1 << 30))
+
+
+def pinned_names(extra_config: Any) -> list[str]:
+    """The adapters pinned by an engine's kv_connector_extra_config (engine_args(pin=...),
+    --deepthink-pin): names of engine-start adapters, checked by engine_args."""
+    names = extra_config.get(EXTRA_CONFIG_PINNED) if isinstance(extra_config, dict) else None
+    return list(names or [])
+
+
+def pinned_change_error(name: str) -> str:
+    """The refusal of unloading or replacing pinned adapter `name` at runtime."""
+    return (f"Deep-Thinking adapter {name!r} is pinned (--deepthink-pin / "
+            f"engine_args(pin=...)): every worker holds its weights from engine start for "
+            f"the engine's life, so it cannot be unloaded or replaced at runtime. Restart "
+            f"the engine without pinning it to change it.")
 
 
 def is_reserved_salt(salt: Any) -> bool:

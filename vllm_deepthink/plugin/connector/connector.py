@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from vllm_deepthink.plugin import protocol
+from vllm_deepthink.plugin.connector import pins
 from vllm_deepthink.plugin.connector.scheduler import (
     DeepThinkConnectorMetadata,
     DeepThinkWorkerMetadata,
@@ -62,8 +63,11 @@ class DeepThinkConnector(KVConnectorBase_V1):
             protocol.EXTRA_CONFIG_RESIDENT_GIB)
         self._scheduler = (
             SchedulerSide(block_size, protocol.resident_budget_bytes(resident_gib),
-                          model_shape(vllm_config), vllm_config.parallel_config.world_size)
+                          ModelShape.of(vllm_config), vllm_config.parallel_config.world_size)
             if role == KVConnectorRole.SCHEDULER else None)
+        if self._scheduler is not None:
+            self._scheduler.pins_pending = set(
+                protocol.pinned_names(self._kv_transfer_config.kv_connector_extra_config))
         self._worker = (WorkerSide(vllm_config, block_size, resident_gib)
                         if role == KVConnectorRole.WORKER else None)
 
@@ -100,6 +104,19 @@ class DeepThinkConnector(KVConnectorBase_V1):
         if self._worker is not None:
             self._worker.shutdown()
 
+    def get_handshake_metadata(self) -> pins.PinnedSet | None:
+        """The adapters this worker pinned at engine start (None without pins)."""
+        if self._worker is None or not self._worker.pinned.adapters:
+            return None
+        return self._worker.pinned
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        """The pinned sets every worker read at engine start -> the scheduler's plan."""
+        if self._scheduler is None:
+            return
+        for name, (digest, prefix_len) in pins.agreed_pins(metadata).items():
+            self._scheduler.pin(name, digest, prefix_len)
+
     # ------------------------------------------------------------- scheduler side
 
     def get_num_new_matched_tokens(self, request: Request,
@@ -128,19 +145,15 @@ class DeepThinkConnector(KVConnectorBase_V1):
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
                            per_engine_labelvalues) -> DeepThinkPromMetrics:
+        kv_config = getattr(vllm_config, "kv_transfer_config", None)
+        extra = kv_config.kv_connector_extra_config if kv_config is not None else {}
+        pinned = pins.footprints(vllm_config, pins.pinned_paths(extra))
         return DeepThinkPromMetrics(vllm_config, metric_types, labelnames,
-                                    per_engine_labelvalues)
+                                    per_engine_labelvalues,
+                                    pinned={n: f.resident for n, f in pinned.items()})
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler.request_finished(request)
         return False, None
 
-
-def model_shape(vllm_config: VllmConfig) -> ModelShape:
-    """The served model's shape, as an adapter's footprint on one worker needs it."""
-    model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    return ModelShape(num_layers=model.get_num_layers(parallel),
-                      total_kv_heads=model.get_total_num_kv_heads(),
-                      rank_kv_heads=model.get_num_kv_heads(parallel),
-                      head_dim=model.get_head_size(), itemsize=model.dtype.itemsize)

@@ -19,12 +19,14 @@ content this side decides (residency.py):
   fails the request.
 The workers report each read's end per digest in the worker metadata
 (`DeepThinkWorkerMetadata`, summed over ranks), and this side turns it into residency.
+Pinned adapters (pins.py) were read by every worker at engine start: the workers report
+them once through the connector handshake (`pin`), and they stay RESIDENT.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
@@ -112,6 +114,15 @@ class ModelShape:
         return load_footprint(prefix_len, self.num_layers, self.total_kv_heads,
                               self.head_dim, self.rank_kv_heads, self.itemsize)
 
+    @classmethod
+    def of(cls, vllm_config: Any) -> ModelShape:
+        """The served model's shape (a VllmConfig), as a worker's footprint needs it."""
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        return cls(num_layers=model.get_num_layers(parallel),
+                   total_kv_heads=model.get_total_num_kv_heads(),
+                   rank_kv_heads=model.get_num_kv_heads(parallel),
+                   head_dim=model.get_head_size(), itemsize=model.dtype.itemsize)
+
 
 class SchedulerSide:
     """Decides, per adapter request, which adapter positions the workers write, and
@@ -127,6 +138,15 @@ class SchedulerSide:
         # Per adapter request: (local prefix-cache hit, whether the load offered is
         # asynchronous), from get_num_new_matched_tokens to update_state_after_alloc.
         self._offers: dict[str, tuple[int, bool]] = {}
+        # Pinned names configured but not yet reported by the workers' handshake.
+        self.pins_pending: set[str] = set()
+
+    def pin(self, name: str, digest: str, prefix_len: int) -> None:
+        """Adapter `name` (weights `digest`) was read by every worker at engine start
+        and stays resident; the read is counted like any other."""
+        self.plan.pin(digest, self.shape.footprint(prefix_len))
+        self._stats.record_read(name)
+        self.pins_pending.discard(name)
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -137,7 +157,7 @@ class SchedulerSide:
         is_async = num_external > 0 and not self.plan.is_resident(entry.digest)
         if is_async and not self.plan.is_loading(entry.digest):
             footprint = self.shape.footprint(entry.prefix_len)
-            if footprint.total <= self.plan.budget and not self.plan.can_start(footprint):
+            if footprint.total <= self.plan.room() and not self.plan.can_start(footprint):
                 return None, False  # no room until a running read ends: asked next step
         self._offers[request.request_id] = (num_computed_tokens, is_async)
         return num_external, is_async
@@ -168,7 +188,8 @@ class SchedulerSide:
         else:
             load.is_async = True
             footprint = self.shape.footprint(prefix_len)
-            load.refused = budget_error(f"adapter {entry.name!r}", footprint, self.plan.budget)
+            load.refused = budget_error(f"adapter {entry.name!r}", footprint,
+                                        self.plan.budget, self.plan.pinned_bytes())
             if load.refused is None and not self.plan.is_loading(entry.digest):
                 self._evict.extend(self.plan.start(entry.digest, footprint))
                 self._stats.record_read(entry.name)
@@ -176,6 +197,11 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput
                              ) -> DeepThinkConnectorMetadata:
+        if self.pins_pending:  # the handshake never came: a vLLM change, say so once
+            logger.error("vllm-deepthink: the workers never reported the pinned adapters "
+                         "%s; they are served as unpinned adapters.",
+                         sorted(self.pins_pending))
+            self.pins_pending.clear()
         scheduled = scheduler_output.num_scheduled_tokens
         # Hits run with this step's tokens; asynchronous loads are sent when allocated
         # (their request computes nothing until the load is done).

@@ -12,6 +12,12 @@ them as Prometheus counters (`/metrics` of `vllm serve`, `LLM.get_metrics()` off
     vllm:deepthink_adapter_tokens_loaded_total{adapter=NAME}  adapter positions written
     vllm:deepthink_adapter_reads_total{adapter=NAME}          reads of it from disk
     vllm:deepthink_forward_path_load_steps_total              steps that waited on a read
+
+and two gauges of the pinned adapters (pins.py), set when the metrics are built (the
+engine has started, so every worker holds them) and constant for the engine's life:
+
+    vllm:deepthink_pinned_adapters                            how many are pinned
+    vllm:deepthink_pinned_bytes                               their bytes on each worker
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ LOADS_METRIC = "vllm:deepthink_adapter_loads"
 TOKENS_METRIC = "vllm:deepthink_adapter_tokens_loaded"
 READS_METRIC = "vllm:deepthink_adapter_reads"
 FORWARD_PATH_METRIC = "vllm:deepthink_forward_path_load_steps"
+PINNED_METRIC = "vllm:deepthink_pinned_adapters"
+PINNED_BYTES_METRIC = "vllm:deepthink_pinned_bytes"
 _FIELDS = ("loads", "tokens", "reads")  # per adapter
 _STEPS = "forward_path_load_steps"       # a count
 
@@ -79,11 +87,26 @@ class DeepThinkConnectorStats(KVConnectorStats):
 
 
 class DeepThinkPromMetrics(KVConnectorPromMetrics):
-    """Counters labelled by engine (and adapter name, for the per-adapter ones)."""
+    """Counters labelled by engine (and adapter name, for the per-adapter ones), and the
+    pinned gauges (`pinned`: {name: resident bytes on one worker})."""
 
     def __init__(self, vllm_config, metric_types, labelnames: list[str],
-                 per_engine_labelvalues: dict[int, list[object]]):
+                 per_engine_labelvalues: dict[int, list[object]],
+                 pinned: dict[str, int] | None = None):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        pinned = pinned or {}
+        gauges = (
+            (PINNED_METRIC, len(pinned), "Deep-Thinking adapters pinned resident "
+                                         "(--deepthink-pin), never evicted."),
+            (PINNED_BYTES_METRIC, sum(pinned.values()),
+             "Bytes of worker memory the pinned Deep-Thinking adapters hold (each worker), "
+             "counted against --deepthink-resident-gib."))
+        for name, value, documentation in gauges:
+            gauge = self._gauge_cls(name=name, labelnames=list(labelnames),
+                                    documentation=documentation,
+                                    multiprocess_mode="mostrecent")
+            for labels in per_engine_labelvalues.values():
+                gauge.labels(*labels).set(value)
         names = [*labelnames, "adapter"]
         self._counters = {
             "loads": self._counter_cls(

@@ -9,7 +9,8 @@ store. The scheduler (scheduler.py, residency.py) decides what the store holds:
   (one per adapter, on a thread of this worker) while the steps go on; the step after
   the read ends writes it and reports the request through `get_finished`, and the
   read's end (per digest) through the worker metadata;
-- evictions are applied after the step's hits and before its new reads.
+- evictions are applied after the step's hits and before its new reads;
+- pinned adapters (pins.py) are read here at engine start, before any step.
 Any failure is reported as failed blocks (and the request as finished receiving), so
 vLLM fails the request instead of running it with a missing prefix. A hit whose
 adapter is missing (never, if the plan holds) is read on the forward path, and the
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 
 from vllm_deepthink.plugin.connector import kv_layout
+from vllm_deepthink.plugin.connector.pins import PinnedSet, check_pin_set
 from vllm_deepthink.plugin.connector.resident import (
     AdapterLoadError,
     ResidentAdapter,
@@ -75,6 +77,7 @@ class WorkerSide:
             tp_rank=get_tensor_model_parallel_rank(),
             max_bytes=resident_budget_bytes(resident_gib),
             pin_memory=pin_memory_for(current_platform)), block_size)
+        self.pinned = self.read_pins(check_pin_set(vllm_config))
 
     def _start(self, store: ResidentAdapters, block_size: int) -> None:
         """The state of a worker over `store` (the tests start one without vLLM)."""
@@ -88,6 +91,19 @@ class WorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._meta = DeepThinkWorkerMetadata()
+        self.pinned = PinnedSet()
+
+    def read_pins(self, paths: dict[str, str]) -> PinnedSet:
+        """Read the pinned adapters {name: path} into the store, before any step (the
+        engine refuses to start when one cannot be read); what the scheduler pins."""
+        pinned = PinnedSet()
+        for name, path in paths.items():
+            try:
+                adapter = self.store.load(name, path)
+            except AdapterLoadError as exc:
+                raise ValueError(f"vllm-deepthink cannot start: pinned {exc}") from exc
+            pinned.adapters[name] = (adapter.digest, adapter.prefix_len)
+        return pinned
 
     def _attention_layers(self, forward_context: ForwardContext,
                           num_layers: int) -> dict[str, tuple[Any, int]]:

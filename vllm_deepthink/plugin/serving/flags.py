@@ -1,5 +1,5 @@
 """`vllm serve` flags: `--deepthink-adapter SPEC...`, `--deepthink-adapter-dir DIR`,
-`--deepthink-resident-gib GIB`.
+`--deepthink-resident-gib GIB`, `--deepthink-pin NAME...`.
 
 `add_cli_args` adds them to vLLM's engine parser (patches.openai_server) and
 `apply_adapter_args` folds them into the engine arguments, exactly as
@@ -31,16 +31,20 @@ ADAPTER_DIR_FLAG = "--deepthink-adapter-dir"
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_DEEPTHINK_UPDATING"
 
 RESIDENT_GIB_FLAG = "--deepthink-resident-gib"
+PIN_FLAG = "--deepthink-pin"
+_JSON_KEYS = {"name", "path", "base_model_name", "pin"}
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     """One --deepthink-adapter value: NAME=PATH or the JSON form of --lora-modules,
-    {"name": ..., "path": ..., "base_model_name": ...} (PATH may be a hub id)."""
+    {"name": ..., "path": ..., "base_model_name": ..., "pin": true} (PATH may be a hub
+    id; pin keeps it resident, like --deepthink-pin NAME)."""
 
     name: str
     path: str
     base_model_name: str | None = None
+    pin: bool = False
 
 
 def parse_adapter_spec(spec: str) -> AdapterSpec:
@@ -50,25 +54,34 @@ def parse_adapter_spec(spec: str) -> AdapterSpec:
             data = json.loads(spec)
         except json.JSONDecodeError as exc:
             raise argparse.ArgumentTypeError(f"invalid JSON {spec!r}: {exc}") from None
-        unknown = sorted(set(data) - {"name", "path", "base_model_name"})
-        if unknown or not isinstance(data.get("name"), str) \
-                or not isinstance(data.get("path"), str) or not data["path"]:
+        unknown = sorted(set(data) - _JSON_KEYS) if isinstance(data, dict) else []
+        if not isinstance(data, dict) or unknown or not isinstance(data.get("name"), str) \
+                or not isinstance(data.get("path"), str) or not data["path"] \
+                or not isinstance(data.get("pin", False), bool):
             raise argparse.ArgumentTypeError(
-                f'expected {{"name": NAME, "path": PATH[, "base_model_name": MODEL]}}, found '
-                f"{spec!r}" + (f" (unknown keys {unknown})" if unknown else ""))
+                f'expected {{"name": NAME, "path": PATH[, "base_model_name": MODEL]'
+                f'[, "pin": true|false]}}, found {spec!r}'
+                + (f" (unknown keys {unknown})" if unknown else "")
+                + (" (pin must be true or false)" if isinstance(data, dict)
+                   and not isinstance(data.get("pin", False), bool) else ""))
         name, path, base = data["name"], data["path"], data.get("base_model_name")
+        pin = data.get("pin", False)
     else:
         name, sep, path = spec.partition("=")
         if not sep or not path:
             raise argparse.ArgumentTypeError(
                 f"expected NAME=PATH (e.g. sst2=adapters_store/sst2) or a JSON object "
-                f'{{"name", "path", "base_model_name"}}, found {spec!r}')
-        base = None
+                f'{{"name", "path", "base_model_name", "pin"}}, found {spec!r}')
+        base, pin = None, False
+    return AdapterSpec(_arg_name(name), path, base, pin)
+
+
+def _arg_name(name: str) -> str:
+    """An adapter name of a flag value, or argparse's error."""
     try:
-        check_adapter_name(name)
+        return check_adapter_name(name)
     except AdapterNameError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return AdapterSpec(name, path, base)
 
 
 def adapters_in_dir(directory: str | Path) -> dict[str, str]:
@@ -106,6 +119,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              f"counting the transient peak of a read; the least recently used beyond it "
              f"are read from disk again, in the background, when needed. An adapter "
              f"whose read cannot fit it is refused at start.")
+    group.add_argument(
+        PIN_FLAG, dest="deepthink_pin", action="extend", nargs="+", default=None,
+        type=_arg_name, metavar="NAME",
+        help=f"Keep these adapters (served from start) resident: every worker reads them "
+             f"at start and never evicts them. They count against {RESIDENT_GIB_FLAG}; "
+             f"the server refuses to start when they leave no room to read the largest "
+             f"other adapter. Same as \"pin\": true in the JSON form of {ADAPTER_FLAG}.")
     return parser
 
 
@@ -126,6 +146,19 @@ def adapters_from_args(args: argparse.Namespace) -> dict[str, str]:
         for name, path in adapters_in_dir(directory).items():
             add(name, path, f"{ADAPTER_DIR_FLAG} {directory}")
     return adapters
+
+
+def pins_from_args(args: argparse.Namespace, adapters: dict[str, str]) -> list[str]:
+    """The pinned names of --deepthink-pin and of "pin": true, each an adapter served
+    from start (`adapters`, of adapters_from_args)."""
+    pins = [spec.name for spec in getattr(args, "deepthink_adapter", None) or [] if spec.pin]
+    pins += getattr(args, "deepthink_pin", None) or []
+    missing = [name for name in pins if name not in adapters]
+    if missing:
+        raise AdapterNameError(
+            f"{PIN_FLAG}: no adapter named {missing[0]!r} is served from start; pin one "
+            f"of {sorted(adapters)} (given with {ADAPTER_FLAG} or {ADAPTER_DIR_FLAG}).")
+    return list(dict.fromkeys(pins))
 
 
 def served_names(args: argparse.Namespace) -> list[str]:
@@ -198,9 +231,11 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
     resident_gib = getattr(args, "deepthink_resident_gib", None)
     runtime = runtime_updating_allowed()
     if not adapters and not adapter_dirs and not runtime:
-        if resident_gib is not None:
-            raise ValueError(f"{RESIDENT_GIB_FLAG} needs adapters to serve ({ADAPTER_FLAG}, "
-                             f"{ADAPTER_DIR_FLAG} or {RUNTIME_UPDATING_ENV}=True)")
+        for flag, value in ((RESIDENT_GIB_FLAG, resident_gib),
+                            (PIN_FLAG, getattr(args, "deepthink_pin", None))):
+            if value is not None:
+                raise ValueError(f"{flag} needs adapters to serve ({ADAPTER_FLAG}, "
+                                 f"{ADAPTER_DIR_FLAG} or {RUNTIME_UPDATING_ENV}=True)")
         return engine_args
     if runtime and (getattr(args, "api_server_count", None) or 0) > 1:
         raise ValueError(
@@ -209,6 +244,7 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
     protocol.check_parallelism(engine_args)
     check_names_are_free(adapters, args)
     parents = parents_from_args(args)
+    pins = pins_from_args(args, adapters)
     check_adapters_at_start(engine_args.model, adapters, revision=engine_args.revision)
     # tensor_parallel_size: the budget check counts each rank's share of the KV heads.
     overrides = {"kv_transfer_config": engine_args.kv_transfer_config,
@@ -217,6 +253,7 @@ def apply_adapter_args(engine_args: Any, args: argparse.Namespace) -> Any:
         overrides["enable_prefix_caching"] = engine_args.enable_prefix_caching
     for key, value in api.engine_args(adapters, adapter_dirs=adapter_dirs,
                                       resident_gib=resident_gib, parents=parents,
+                                      pin=pins or None,
                                       **overrides).items():
         setattr(engine_args, key, value)
     return engine_args

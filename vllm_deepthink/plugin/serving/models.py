@@ -3,7 +3,8 @@
 - model-name resolution: a request whose `model` is an adapter name runs on the base
   model with the adapter (`adapter_model_request`, `to_engine_request`), and its
   response carries the adapter name as `model`;
-- the `/v1/models` cards of the adapters (`model_cards`);
+- the `/v1/models` cards of the adapters (`model_cards`), each saying whether it is
+  pinned;
 - runtime load/unload (`load_adapter`, `unload_adapter`), used by routes.py;
 - the HTTP request checks (`reserved_field_error`): over HTTP a client chooses an
   adapter by `model` only and cannot reach into the plugin's namespace;
@@ -45,6 +46,13 @@ def registry_of(models: Any):
     if vllm_config is None or not protocol.uses_deepthink_connector(vllm_config):
         return None
     return registry_for(vllm_config)
+
+
+def pinned_names(models: Any) -> list[str]:
+    """The adapters pinned by the configuration of the engine behind `models`."""
+    vllm_config = getattr(getattr(models, "engine_client", None), "vllm_config", None)
+    kv_config = getattr(vllm_config, "kv_transfer_config", None)
+    return protocol.pinned_names(getattr(kv_config, "kv_connector_extra_config", None))
 
 
 def _served(registry: Any, model_name: str | None) -> Any:
@@ -196,13 +204,15 @@ def model_cards(models: Any) -> list[Any]:
     """/v1/models entries of the registered adapters, shaped like LoRA modules' cards:
     id = adapter name, parent = base model, root = NAME@sha256:DIGEST (its weights, never
     a server path); max_model_len is what is left for the query and the completion after
-    the adapter's prefix."""
+    the adapter's prefix; `pinned` (an extra field, which ModelCard allows) says whether
+    the workers keep it resident for the engine's life (--deepthink-pin)."""
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
 
     registry = registry_of(models)
     if registry is None:
         return []
     base_model_name = models.base_model_paths[0].name
+    pinned = set(pinned_names(models))
     cards = []
     for name in registry.names():
         info = _served(registry, name)
@@ -210,7 +220,7 @@ def model_cards(models: Any) -> list[Any]:
             cards.append(ModelCard(
                 id=name, root=public_root(info), parent=info.parent or base_model_name,
                 max_model_len=models.model_config.max_model_len - info.prefix_len,
-                permission=[ModelPermission()]))
+                permission=[ModelPermission()], pinned=name in pinned))
     return cards
 
 
@@ -264,6 +274,9 @@ async def load_adapter(models: Any, name: str, path: str, replace: bool = False)
         return _error(f"The Deep-Thinking adapter name '{name}' is already the name of a "
                       f"served model or LoRA adapter; choose another name.",
                       HTTPStatus.BAD_REQUEST, "InvalidUserInput", "adapter_name")
+    if name in pinned_names(models):
+        return _error(protocol.pinned_change_error(name), HTTPStatus.BAD_REQUEST,
+                      "InvalidUserInput", "adapter_name")
     async with _lock():
         if not replace and name in registry.names():
             return _error(f"The Deep-Thinking adapter '{name}' is already loaded. Unload it "
@@ -292,6 +305,9 @@ async def unload_adapter(models: Any, name: str):
         return _error("'adapter_name' needs to be provided to unload a Deep-Thinking adapter.",
                       HTTPStatus.BAD_REQUEST, "InvalidUserInput")
     registry = registry_of(models)
+    if registry is not None and name in pinned_names(models):
+        return _error(protocol.pinned_change_error(name), HTTPStatus.BAD_REQUEST,
+                      "InvalidUserInput", "adapter_name")
     async with _lock():
         if registry is None or name not in registry.names():
             return _error(f"The Deep-Thinking adapter '{name}' cannot be found.",
