@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vllm_deepthink.format.compression import COMPRESSED, check_compression_record
 from vllm_deepthink.format.errors import AdapterFormatError, describe, read_json
 from vllm_deepthink.format.fingerprint import SHA256_HEX, ModelFingerprint
 
@@ -54,10 +55,6 @@ METHODS = {
     "past-kv": "raw per-layer K/V (past_key_values) from a safetensors file",
     "compressed": "another adapter's K/V compressed to fewer positions: vllm-deepthink compress",
 }
-COMPRESSED = "compressed"
-# What every compression record holds (DeepThinkConfig.compression).
-COMPRESSION_KEYS = ("source_method", "source_digest", "source_prefix_len", "prefix_len",
-                    "selection", "queries", "distill")
 # Fields that only Deep-Thinking adapters carry (None / empty for every other method).
 DEEPTHINK_FIELDS = ("demos_text", "demo_token_ids", "optimizer", "optimizer_params",
                     "position_mode", "iterations_run", "selected_iteration")
@@ -272,7 +269,7 @@ class DeepThinkConfig:
             self._check_deepthink(source)
         else:
             self._check_imported(source)
-        self._check_compression(source)
+        check_compression_record(self.method, self.compression, self.prefix_len, source)
 
     def _check_deepthink(self, source: str) -> None:
         missing = [name for name in DEEPTHINK_FIELDS if getattr(self, name) is None]
@@ -358,39 +355,6 @@ class DeepThinkConfig:
                 f"provenance.task_id must be an integer, found "
                 f"{self.provenance.get('task_id')!r}. Import it again with a task id "
                 f"(`vllm-deepthink import peft --task-id N`).")
-
-
-    def _check_compression(self, source: str) -> None:
-        """The compression record: present exactly on method "compressed", with every
-        key of COMPRESSION_KEYS and its k equal to prefix_len."""
-        record = self.compression
-        if self.method != COMPRESSED:
-            if record is not None:
-                raise AdapterFormatError(
-                    f"{source}: a {self.method!r} adapter has a compression record; only "
-                    f"method 'compressed' carries one. Compress the adapter again.")
-            return
-        if not isinstance(record, dict):
-            raise AdapterFormatError(
-                f"{source}: method 'compressed' needs a compression record (an object), "
-                f"found {record!r}. Compress the adapter again.")
-        missing = [key for key in COMPRESSION_KEYS if key not in record]
-        if missing:
-            raise AdapterFormatError(
-                f"{source}: the compression record lacks {missing}; expected "
-                f"{list(COMPRESSION_KEYS)}. Compress the adapter again.")
-        source_len = record["source_prefix_len"]
-        if (record["prefix_len"] != self.prefix_len or type(source_len) is not int
-                or source_len <= self.prefix_len):
-            raise AdapterFormatError(
-                f"{source}: the compression record says k={record['prefix_len']!r} of "
-                f"{source_len!r} source positions; expected k == prefix_len "
-                f"({self.prefix_len}) < the source's. Compress the adapter again.")
-        if not (isinstance(record["source_digest"], str)
-                and SHA256_HEX.fullmatch(record["source_digest"])):
-            raise AdapterFormatError(
-                f"{source}: compression.source_digest must be the sha256 of the source "
-                f"adapter's weights, found {record['source_digest']!r}.")
 
 
 _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
