@@ -23,10 +23,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from vllm_deepthink.apps.bench.run import BenchError, BenchOptions, failed_systems, run_benchmark
+from vllm_deepthink.apps.bench.scale import SCALE_SYSTEMS, ScaleError, ScaleOptions
 from vllm_deepthink.apps.bench.systems import SYSTEMS
 from vllm_deepthink.apps.errors import UsageError
 
 _DEFAULTS = BenchOptions(model="")
+_SCALE_DEFAULTS = ScaleOptions(model="")
 
 
 def _int_list(text: str) -> list[int]:
@@ -47,6 +49,14 @@ def _system_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown systems {unknown or text!r}; expected a comma-separated subset of "
             f"{','.join(SYSTEMS)}")
+    return names
+
+
+def _scale_systems(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names or any(n not in SCALE_SYSTEMS for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(SCALE_SYSTEMS)}, found {text!r}")
     return names
 
 
@@ -122,11 +132,89 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="server mode: timed requests per system and workload")
     group.add_argument("--server-start-timeout", type=float, default=d.server_start_timeout,
                        help="server mode: seconds to wait for /health")
+    scale = parser.add_argument_group(
+        "scale mode (many registered adapters, Zipf popularity; scale.py)",
+        "Runs instead of the throughput benchmark. It also reads --prefix-len (one value; "
+        "128 unless given), --output-len (one value; 8 unless given), --query-len, "
+        "--server-requests (timed requests), --warmup-requests, --request-rate, "
+        "--kv-cache-gib (2 unless given), --reserved-cpus, --block-size, --max-num-seqs, "
+        "--seed, --work-dir (keep it to resume), --output-json (written after every step, "
+        "resumed from), --plot, --note, --server-start-timeout.")
+    s = _SCALE_DEFAULTS
+    scale.add_argument("--scale", action="store_true",
+                       help="serve N synthetic adapters per N of --scale-adapters behind "
+                            "`vllm serve` and measure deepthink and icl-apc with "
+                            "`vllm bench serve`")
+    scale.add_argument("--scale-adapters", type=_int_list, default=s.adapters,
+                       help="numbers of registered adapters, comma-separated")
+    scale.add_argument("--scale-systems", type=_scale_systems, default=s.systems,
+                       help="subset of deepthink,icl-apc")
+    scale.add_argument("--zipf-s", type=float, default=s.zipf_s,
+                       help="Zipf exponent of adapter popularity")
+    scale.add_argument("--plain-share", type=float, default=s.plain_share,
+                       help="share of requests that name the base model (no adapter)")
+    scale.add_argument("--resident-gib", type=float, default=s.resident_gib,
+                       help="deepthink's resident budget (--deepthink-resident-gib)")
+    scale.add_argument("--no-memory-baseline", dest="memory_baseline", action="store_false",
+                       help="skip the 0-adapter server (no per-adapter memory, no start-up "
+                            "difference)")
+
+
+def _one(values: list[int], default_values: list[int], scale_default: int, flag: str) -> int:
+    """A bench list flag read by the scale mode: its scale default when not given."""
+    if values == default_values:
+        return scale_default
+    if len(values) != 1:
+        raise UsageError(f"{flag}: the scale mode takes one value, found {values}")
+    return values[0]
+
+
+def scale_options(args: argparse.Namespace) -> ScaleOptions:
+    s, d = _SCALE_DEFAULTS, _DEFAULTS
+    return ScaleOptions(
+        model=args.model, adapters=args.scale_adapters, systems=args.scale_systems,
+        prefix_len=_one(args.prefix_len, d.prefix_len, s.prefix_len, "--prefix-len"),
+        query_len=args.query_len,
+        output_len=_one(args.output_len, d.output_len, s.output_len, "--output-len"),
+        requests=args.server_requests, warmup_requests=args.warmup_requests,
+        zipf_s=args.zipf_s, plain_share=args.plain_share, request_rate=args.request_rate,
+        kv_cache_gib=args.kv_cache_gib or s.kv_cache_gib, resident_gib=args.resident_gib,
+        memory_baseline=args.memory_baseline, seed=args.seed,
+        reserved_cpus=args.reserved_cpus, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, work_dir=args.work_dir,
+        output_json=args.output_json, server_start_timeout=args.server_start_timeout,
+        note=args.note)
+
+
+def main_scale(args: argparse.Namespace) -> int:
+    from vllm_deepthink.apps.bench import scale
+
+    try:
+        report = scale.run_scale(scale_options(args))
+    except ScaleError as exc:
+        raise UsageError(str(exc)) from None
+    for line in scale.summary_lines(report):
+        print(line)
+    if args.output_json:
+        print(f"wrote {args.output_json}")
+    if args.plot:
+        from vllm_deepthink.apps.bench.plot import plot_scale
+
+        try:
+            print(f"wrote {plot_scale(report, args.plot)}")
+        except ValueError as exc:
+            print(f"no plot: {exc}", file=sys.stderr)
+    failed = scale.failed(report)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(args: argparse.Namespace) -> int:
     from vllm_deepthink.apps.bench.report import summary_lines
 
+    if args.scale:
+        return main_scale(args)
     options = BenchOptions(**{f.name: getattr(args, f.name) for f in fields(BenchOptions)})
     try:
         report = run_benchmark(options)

@@ -78,6 +78,50 @@ def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> Path:
     fig.suptitle(f"vllm-deepthink: requests/s relative to icl-apc\n"
                  f"{reports[0]['settings']['model']}, "
                  f"{env.get('cpu_affinity')} CPUs, vLLM {env.get('vllm_version')}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_scale(report: dict[str, Any], path: str | Path) -> Path:
+    """`bench --scale`: requests/s (left) and p99 TTFT (right) of each system against the
+    number of registered adapters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, dict[str, float]]] = {}
+    for n, systems in report["runs"].items():
+        for name, fig in systems.items():
+            if fig.get("request_throughput"):
+                series.setdefault(name, {})[int(n)] = fig
+    if not series:
+        raise ValueError("no (N, system) of the scale report has a request_throughput")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, points in sorted(series.items()):
+        color, marker = SYSTEM_STYLE.get(name, ("black", "x"))
+        ns = sorted(points)
+        for ax, key in zip(axes, ("request_throughput", "p99_ttft_ms")):
+            ax.plot(ns, [points[n][key] for n in ns], marker=marker, color=color, label=name)
+    all_ns = sorted({n for points in series.values() for n in points})
+    for ax, label in zip(axes, ("requests/s", "TTFT p99 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_ns, [str(n) for n in all_ns])
+        ax.set_xlabel("registered adapters (Zipf popularity)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    s, env = report["settings"], report.get("environment", {})
+    fig.suptitle(f"vllm-deepthink --scale: {Path(s['model']).name}, L={s['prefix_len']}, "
+                 f"query {s['query_len']}, out {s['output_len']}, Zipf({s['zipf_s']}), "
+                 f"{s['plain_share']:.0%} plain, KV {s['kv_cache_gib']} GiB, resident "
+                 f"{s['resident_gib']} GiB, {env.get('cpu_affinity')} CPUs", fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

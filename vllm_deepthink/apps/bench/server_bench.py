@@ -44,6 +44,7 @@ from vllm_deepthink.apps.bench.workload import max_model_len
 
 BASE_NAME = "base"
 LOADS_METRIC = "vllm:deepthink_adapter_loads"   # plugin/connector/stats.py
+READS_METRIC = "vllm:deepthink_adapter_reads"   # plugin/connector/stats.py
 # The figures copied from `vllm bench serve`'s result JSON (its names and units).
 FIELDS = ("completed", "failed", "duration", "request_rate", "burstiness",
           "request_throughput", "output_throughput", "total_token_throughput",
@@ -150,15 +151,21 @@ def run_bench_serve(argv: list[str], log_path: Path) -> dict[str, Any]:
         return main(args)
 
 
-def adapter_loads(server: Server) -> float:
-    """Adapter loads so far, summed over adapters, from the server's /metrics."""
+def counter_total(server: Server, metric: str) -> float:
+    """A Prometheus counter of the server's /metrics so far, summed over its labels
+    (engines, adapters); `metric` without the `_total` suffix."""
     from prometheus_client.parser import text_string_to_metric_families
 
     return sum(sample.value for family in text_string_to_metric_families(server.metrics())
-               for sample in family.samples if sample.name == LOADS_METRIC + "_total")
+               for sample in family.samples if sample.name == metric + "_total")
 
 
-def _write_dataset(path: Path, texts: list[str]) -> Path:
+def adapter_loads(server: Server) -> float:
+    """Adapter loads so far, summed over adapters, from the server's /metrics."""
+    return counter_total(server, LOADS_METRIC)
+
+
+def write_dataset(path: Path, texts: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     return path
@@ -175,7 +182,7 @@ def measure(server: Server, system: str, workload, options, model_dir: Path, inp
     warm, _ = prompts(tokenizer, system, inputs.warmups[workload.key], workload.num_tasks,
                       options.warmup_requests)
     run_bench_serve(bench_serve_argv(
-        server, model_dir, _write_dataset(phase_dir / "warmup.jsonl", warm), len(warm),
+        server, model_dir, write_dataset(phase_dir / "warmup.jsonl", warm), len(warm),
         workload.output_len, request_rate=float("inf"), seed=options.seed, adapters=names,
         result=None), log)
     server.reset_prefix_cache()
@@ -183,7 +190,7 @@ def measure(server: Server, system: str, workload, options, model_dir: Path, inp
                                 workload.num_tasks, options.server_requests)
     result_path = phase_dir / "result.json"
     argv = bench_serve_argv(
-        server, model_dir, _write_dataset(phase_dir / "timed.jsonl", texts), len(texts),
+        server, model_dir, write_dataset(phase_dir / "timed.jsonl", texts), len(texts),
         workload.output_len, request_rate=options.request_rate, seed=options.seed,
         adapters=names, result=result_path)
     loads_before = adapter_loads(server) if names else None
