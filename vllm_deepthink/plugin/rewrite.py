@@ -108,8 +108,7 @@ def rewrite_request(info: AdapterInfo, prompt: Any, params: Any, tokenizer: Any,
             param="prompt")
     engine_input: dict[str, Any] = {
         "type": "token",
-        # int(): the engine core decodes list[int] (a float or bool kills its input thread).
-        "prompt_token_ids": [int(i) for i in info.placeholder_ids] + query_ids,
+        "prompt_token_ids": [*info.placeholder_ids, *query_ids],  # ints (AdapterInfo)
         "cache_salt": info.cache_salt(user_salt),
     }
     if text is not None:
