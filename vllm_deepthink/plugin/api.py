@@ -173,13 +173,20 @@ def connector_stats(llm) -> dict[str, Any]:
 
     Returns {"adapter_loads": total, "adapter_tokens_loaded": total, "adapter_reads":
     total, "forward_path_load_steps": total, "by_adapter": {name: {"loads": n,
-    "tokens": n, "reads": n}}}, read from the connector's Prometheus counters
+    "tokens": n, "reads": n}}, "plugin_cost": {part: {"microseconds", "requests", "steps",
+    "us_per_request", "us_per_step"}}}, read from the connector's Prometheus counters
     (plugin/connector/stats.py). forward_path_load_steps counts the steps during which a
     worker read an adapter on the forward path (expected 0: reads run in the background).
+    plugin_cost is the time spent in the plugin's own code per part (frontend,
+    scheduler, worker, worker_read, output; the workers' summed over ranks), per adapter
+    request and per engine step it ran in (None where it counts none).
     """
     from vllm.v1.metrics.reader import Counter
 
     from vllm_deepthink.plugin.connector.stats import (
+        COST_REQUESTS_METRIC,
+        COST_MICROSECONDS_METRIC,
+        COST_STEPS_METRIC,
         FORWARD_PATH_METRIC,
         LOADS_METRIC,
         READS_METRIC,
@@ -187,7 +194,10 @@ def connector_stats(llm) -> dict[str, Any]:
     )
 
     fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens", READS_METRIC: "reads"}
+    costs = {COST_MICROSECONDS_METRIC: "microseconds", COST_REQUESTS_METRIC: "requests",
+             COST_STEPS_METRIC: "steps"}
     by_adapter: dict[str, dict[str, float]] = {}
+    by_part: dict[str, dict[str, float]] = {}
     forward_path_steps = 0
     for metric in llm.get_metrics():
         if not isinstance(metric, Counter):
@@ -198,8 +208,15 @@ def connector_stats(llm) -> dict[str, Any]:
             name = metric.labels.get("adapter", "?")
             entry = by_adapter.setdefault(name, {"loads": 0, "tokens": 0, "reads": 0})
             entry[fields[metric.name]] += metric.value
+        elif metric.name in costs:
+            part = by_part.setdefault(metric.labels.get("part", "?"),
+                                      {"microseconds": 0, "requests": 0, "steps": 0})
+            part[costs[metric.name]] += metric.value
+    for part in by_part.values():
+        for count, key in (("requests", "us_per_request"), ("steps", "us_per_step")):
+            part[key] = part["microseconds"] / part[count] if part[count] else None
     return {"adapter_loads": sum(e["loads"] for e in by_adapter.values()),
             "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
             "adapter_reads": sum(e["reads"] for e in by_adapter.values()),
             "forward_path_load_steps": forward_path_steps,
-            "by_adapter": by_adapter}
+            "by_adapter": by_adapter, "plugin_cost": by_part}
