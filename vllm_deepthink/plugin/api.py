@@ -47,9 +47,9 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
     from vllm.config import KVTransferConfig
 
     protocol.check_parallelism(engine_kwargs)
-    resolved = _resolve_adapters(adapters or {})
     budget = protocol.resident_budget_bytes(resident_gib)  # a bad value fails here
-    check_resident_budget(resolved, budget, engine_kwargs.get("tensor_parallel_size") or 1)
+    resolved = _resolve_adapters(adapters or {}, budget,
+                                 engine_kwargs.get("tensor_parallel_size") or 1)
     plugin_config = {protocol.EXTRA_CONFIG_ADAPTERS: resolved}
     if adapter_dirs:
         plugin_config[protocol.EXTRA_CONFIG_ADAPTER_DIRS] = [
@@ -108,7 +108,11 @@ def sampling_params(adapter: str, **kwargs: Any):
     return SamplingParams(extra_args=extra_args, **kwargs)
 
 
-def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
+def _resolve_adapters(adapters: Mapping[str, str | Path], budget: int | None = None,
+                      tp_size: int = 1) -> dict[str, str]:
+    """{name: local directory}; each config read once: a missing or malformed adapter,
+    or (given `budget`) one whose read on a worker can never fit `budget` bytes, fails
+    here (ValueError), not in a worker."""
     if not isinstance(adapters, Mapping):
         raise TypeError(
             f"adapters must map names to adapter directories, found {type(adapters).__name__}")
@@ -116,18 +120,13 @@ def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
     for name, path in adapters.items():
         protocol.check_adapter_name(name)
         path = resolve_adapter_dir(path)  # a local directory or a hub id
-        load_config(path)  # a missing or malformed adapter fails here, not in a worker
-        resolved[name] = str(path)
-    return resolved
-
-
-def check_resident_budget(adapters: Mapping[str, str | Path], budget: int,
-                          tp_size: int = 1) -> None:
-    """Refuse (ValueError) an adapter whose read on a worker can never fit `budget` bytes."""
-    for name, path in adapters.items():
-        message = resident_budget_error(name, load_config(path), budget, tp_size)
+        config = load_config(path)
+        message = (None if budget is None
+                   else resident_budget_error(name, config, budget, tp_size))
         if message is not None:
             raise ValueError(message)
+        resolved[name] = str(path)
+    return resolved
 
 
 def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
