@@ -15,6 +15,8 @@ imports vLLM.
 
 from __future__ import annotations
 
+import copy
+
 import re
 import secrets
 from typing import Any
@@ -123,7 +125,10 @@ def adapter_sampling_params(params: Any, info: AdapterInfo) -> Any:
         raise AdapterRequestError(
             "prompt_logprob_token_ids is not supported with Deep-Thinking adapters; "
             "use prompt_logprobs", param="prompt_logprob_token_ids")
-    params = params.clone()
+    # A shallow copy whose changed fields are new objects: the caller's params (shared by
+    # many prompts) stay untouched, and vLLM deep-copies these next
+    # (InputProcessor.process_inputs), so a deep copy here would be a second one.
+    params = copy.copy(params)
     extra = dict(params.extra_args or {})
     kv_params = dict(extra.get("kv_transfer_params") or {})
     kv_params[PARAMS_KEY] = info.transfer_params()
