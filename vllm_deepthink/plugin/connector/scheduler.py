@@ -157,9 +157,11 @@ class SchedulerSide:
         entry = protocol.transfer_entry(request.kv_transfer_params)
         if entry is None:
             return
-        self.costs.add("scheduler", 0, requests=1)
         prefix_len = entry.prefix_len
-        local_hit, is_async = self._offers.pop(request.request_id, (prefix_len, False))
+        offer = self._offers.pop(request.request_id, None)
+        if offer is not None:  # once per request (not again when its async load ended)
+            self.costs.add("scheduler", 0, requests=1)
+        local_hit, is_async = offer if offer is not None else (prefix_len, False)
         if num_external_tokens == 0:
             if local_hit < prefix_len:
                 logger.error(
