@@ -107,8 +107,9 @@ def test_the_plugins_own_costs_advance_per_request_and_per_step(setup, llm):
         (s0, r0, t0), (s1, r1, t1) = counts(before, part), counts(after, part)
         assert s1 > s0 and r1 >= r0 + 2 and t1 > t0, (part, after)
         assert after[part]["us_per_request"] > 0 and after[part]["us_per_step"] > 0
+    # Both were read; a request whose load arrives after its read ended is a plain write.
     (s0, r0, _), (s1, r1, _) = counts(before, "worker_read"), counts(after, "worker_read")
-    assert s1 > s0 and r1 >= r0 + 2, after
+    assert s1 > s0 and r1 > r0, after
 
 
 def test_requests_aborted_while_their_adapters_are_read(setup, llm):
