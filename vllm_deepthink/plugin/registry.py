@@ -155,7 +155,9 @@ class AdapterRegistry:
             if too_large is not None:
                 raise AdapterRequestError(too_large, param="model")
         checked = check_adapter(path, config, written_digest)
-        if self._dtype is not None:  # the largest value fits, so every value does
+        # The largest value fits the engine's dtype, so every value does (float32 holds
+        # any finite value of an adapter file).
+        if self._dtype is not None and self._dtype != torch.float32:
             try:
                 kv_layout.to_cache_dtype(torch.tensor([checked.max_abs]), self._dtype,
                                          f"adapter {name!r}")
