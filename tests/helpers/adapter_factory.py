@@ -65,6 +65,17 @@ def build_adapter(model, tokenizer, out_dir: str | Path, prefix_len: int, *,
     return adapter
 
 
+def count_reads(monkeypatch) -> list[Path]:
+    """The reads of adapter weights files in this process from now on: one entry (the
+    file's path) per read (the format's one reader of a weights file)."""
+    from vllm_deepthink.format import adapter as adapter_module
+
+    reads, read = [], adapter_module._read_weights
+    monkeypatch.setattr(adapter_module, "_read_weights",
+                        lambda path, config: reads.append(Path(path)) or read(path, config))
+    return reads
+
+
 # Keys a format_version 1 config has (written by vllm-deepthink before methods existed).
 V1_KEYS = ("base_model_name_or_path", "fingerprint", "prefix_len", "dtype", "demos_text",
            "demo_token_ids", "optimizer", "optimizer_params", "position_mode", "iterations_run",

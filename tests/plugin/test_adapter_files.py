@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import build_adapter, count_reads
 from tests.helpers.hostile_adapters import CASES, make_hostile
 from tests.helpers.tiny_models import load_tiny
 
@@ -21,7 +21,7 @@ from vllm.v1.engine.output_processor import RequestState  # noqa: E402
 
 import vllm_deepthink  # noqa: E402
 from vllm_deepthink import plugin  # noqa: E402
-from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter  # noqa: E402
+from vllm_deepthink.format import AdapterFormatError  # noqa: E402
 from vllm_deepthink.plugin import protocol, request_checks, rewrite  # noqa: E402
 from vllm_deepthink.plugin import registry as adapter_registry  # noqa: E402
 from vllm_deepthink.plugin.serving import models as serving_models  # noqa: E402
@@ -74,8 +74,8 @@ def test_a_hostile_adapter_in_an_adapter_dir_is_refused_once(tiny, case, monkeyp
     with pytest.raises(request_checks.AdapterRequestError) as info:
         registry.get(case)
     assert CASES[case][1] in str(info.value) and info.value.param in (None, "model")
-    reads = []
-    monkeypatch.setattr(DeepThinkAdapter, "from_pretrained",
+    reads = count_reads(monkeypatch)
+    monkeypatch.setattr(adapter_registry, "load_config_and_digest",
                         lambda *a, **k: reads.append(a))
     with pytest.raises(request_checks.AdapterRequestError, match="cannot be served"):
         registry.get(case)

@@ -86,6 +86,32 @@ def test_the_same_adapter_again_is_a_hit_without_a_read(setup, llm):
     assert after["forward_path_load_steps"] == 0
 
 
+def test_the_plugins_own_costs_advance_per_request_and_per_step(setup, llm):
+    """connector_stats' plugin_cost: every part of our code counts its time, the adapter
+    requests it handled and the steps it ran in (frontend and output: per request; the
+    scheduler side and the workers: per step too)."""
+    def counts(cost, part):
+        entry = cost.get(part, {"microseconds": 0, "requests": 0, "steps": 0})
+        return entry["microseconds"], entry["requests"], entry["steps"]
+
+    before = connector_stats(llm)["plugin_cost"]
+    requests = [("c", QUERIES[0]), ("d", QUERIES[1])]  # not resident: read, then written
+    outputs = llm.generate([q for _, q in requests], [parity_params(n) for n, _ in requests],
+                           use_tqdm=False)
+    check_parity(setup, requests, outputs, "costs")
+    after = connector_stats(llm)["plugin_cost"]
+    for part in ("frontend", "output"):
+        (s0, r0, _), (s1, r1, _) = counts(before, part), counts(after, part)
+        assert s1 > s0 and r1 == r0 + 2, (part, after)
+    for part in ("scheduler", "worker"):
+        (s0, r0, t0), (s1, r1, t1) = counts(before, part), counts(after, part)
+        assert s1 > s0 and r1 >= r0 + 2 and t1 > t0, (part, after)
+        assert after[part]["us_per_request"] > 0 and after[part]["us_per_step"] > 0
+    # Both were read; a request whose load arrives after its read ended is a plain write.
+    (s0, r0, _), (s1, r1, _) = counts(before, "worker_read"), counts(after, "worker_read")
+    assert s1 > s0 and r1 > r0, after
+
+
 def test_requests_aborted_while_their_adapters_are_read(setup, llm):
     """Aborted while waiting for a read (or for room in the budget): vLLM frees their
     blocks once every worker reported them, the reads still end, nothing is written for

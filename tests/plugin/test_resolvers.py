@@ -17,7 +17,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import HfApi, RepoSibling
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import build_adapter, count_reads
 from tests.helpers.hub_cache import publish
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, load_config
@@ -234,7 +234,7 @@ def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, mo
     registry.model_fingerprint()
     burst, claims, validations = 8, [], []
     all_claimed = threading.Event()
-    claim, load = registry.claim_lookup, adapter_registry.DeepThinkAdapter.from_pretrained
+    claim, load = registry.claim_lookup, adapter_registry.check_adapter
 
     def counting_claim(name):
         claims.append(name)
@@ -248,7 +248,7 @@ def test_a_burst_of_first_requests_validates_a_new_adapter_once(llama, store, mo
         return load(*args, **kwargs)
 
     monkeypatch.setattr(registry, "claim_lookup", counting_claim)
-    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained", counting_load)
+    monkeypatch.setattr(adapter_registry, "check_adapter", counting_load)
     with ThreadPoolExecutor(burst) as pool:
         infos = list(pool.map(registry.lookup, ["a"] * burst))
     assert len(validations) == 1 and len({id(i) for i in infos}) == 1
@@ -304,14 +304,6 @@ def test_unavailable_resolvers_are_a_retry_later_error_and_others_still_answer(l
     assert registry.get("a").prefix_len == 12
     with pytest.raises(request_checks.AdapterLookupUnavailable, match="could not be looked up now"):
         registry.get("nosuch")
-
-
-def count_reads(monkeypatch) -> list:
-    """The adapter reads of the registry from now on (one entry per from_pretrained)."""
-    reads, load = [], adapter_registry.DeepThinkAdapter.from_pretrained
-    monkeypatch.setattr(adapter_registry.DeepThinkAdapter, "from_pretrained",
-                        lambda *a, **k: reads.append(a) or load(*a, **k))
-    return reads
 
 
 def footprint_of(path) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,21 +168,20 @@ class DeepThinkAdapter:
         config, written_digest = load_config_and_digest(directory)
         if expected_fingerprint is not None:
             check_fingerprint(config, expected_fingerprint, str(directory))
-        weights_path = directory / WEIGHTS_NAME
-        if not weights_path.is_file():
-            raise AdapterFormatError(
-                f"{directory}: {WEIGHTS_NAME} is missing; expected it next to {CONFIG_NAME}. "
-                f"Rebuild the adapter with `vllm-deepthink build`.")
+        return cls._load_weights(_weights_path(directory), config, written_digest)
+
+    @classmethod
+    def _load_weights(cls, weights_path: Path, config: DeepThinkConfig,
+                      written_digest: str) -> DeepThinkAdapter:
+        """The adapter whose config is `config` (written with digest `written_digest`)
+        from its weights file, every check after the config's."""
         source = str(weights_path)
         data, header = _read_weights(weights_path, config)
         metadata = header.get("__metadata__")
         found_digest = metadata.get(CONFIG_DIGEST_KEY) if isinstance(metadata, dict) else None
         # The digest of the config as written (before a format upgrade on read).
         if found_digest != written_digest:
-            raise AdapterFormatError(
-                f"{source}: header {CONFIG_DIGEST_KEY} is {found_digest!r:.80} but "
-                f"{CONFIG_NAME} hashes to {written_digest!r}: the config was edited or "
-                f"belongs to other weights. Rebuild the adapter or restore the config.")
+            raise _config_mismatch(source, found_digest, written_digest)
         n = config.fingerprint.num_layers
         expected_names = {f"layers.{i}.{kind}" for i in range(n) for kind in ("key", "value")}
         names = set(header) - {"__metadata__"}
@@ -202,6 +203,79 @@ class DeepThinkAdapter:
                       digest=_weights_digest(data))
         adapter._validate_tensors(source)
         return adapter
+
+
+def _weights_path(directory: Path) -> Path:
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterFormatError(
+            f"{directory}: {WEIGHTS_NAME} is missing; expected it next to {CONFIG_NAME}. "
+            f"Rebuild the adapter with `vllm-deepthink build`.")
+    return weights_path
+
+
+def _config_mismatch(source: str, found_digest: object, written_digest: str
+                     ) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{source}: header {CONFIG_DIGEST_KEY} is {found_digest!r:.80} but "
+        f"{CONFIG_NAME} hashes to {written_digest!r}: the config was edited or "
+        f"belongs to other weights. Rebuild the adapter or restore the config.")
+
+
+@dataclass(frozen=True)
+class WeightsCheck:
+    """What a full check of an adapter's weights file leaves behind (no tensor): its
+    sha256, the config digest its header holds, and the largest magnitude of its values
+    (finite: whether they fit a narrower dtype follows from it)."""
+
+    digest: str
+    config_digest: str
+    max_abs: float
+
+
+# Weights files checked in this process: (path, size, mtime_ns) -> WeightsCheck. A file
+# is read and hashed once; registering it again (another name, another registry, a
+# restart of the registry) costs a stat. Bounded, least recently used out first.
+_CHECKED: OrderedDict[tuple[str, int, int], WeightsCheck] = OrderedDict()
+_CHECKED_LOCK = threading.Lock()
+MAX_CHECKED_FILES = 1 << 16  # about 250 bytes each
+
+
+def check_adapter(directory: str | Path, config: DeepThinkConfig, written_digest: str
+                  ) -> WeightsCheck:
+    """Every check of `DeepThinkAdapter.from_pretrained` on the weights of the adapter in
+    `directory` (local), whose config `config` (read with `load_config_and_digest`, its
+    fingerprint already checked) was written with digest `written_digest`, without
+    keeping a tensor: what the serving frontend needs (the digest) at the cost of a stat
+    once the file was checked in this process, keyed by (path, size, mtime). A file
+    rewritten in place gets a new mtime and is checked again."""
+    weights_path = _weights_path(Path(directory))
+    stat = weights_path.stat()
+    # A rewrite of the same size within the same mtime tick would go unseen here; the
+    # workers hash what they read and refuse weights other than the registered digest.
+    key = (str(weights_path), stat.st_size, stat.st_mtime_ns)
+    with _CHECKED_LOCK:
+        checked = _CHECKED.get(key)
+        if checked is not None:
+            _CHECKED.move_to_end(key)
+    if checked is None:
+        adapter = DeepThinkAdapter._load_weights(weights_path, config, written_digest)
+        max_abs = max((float(t.abs().max()) for t in (*adapter.keys, *adapter.values)
+                       if t.numel()), default=0.0)
+        checked = WeightsCheck(adapter.digest, written_digest, max_abs)
+        with _CHECKED_LOCK:
+            _CHECKED[key] = checked
+            while len(_CHECKED) > MAX_CHECKED_FILES:
+                _CHECKED.popitem(last=False)
+    elif checked.config_digest != written_digest:  # the config changed, the weights not
+        raise _config_mismatch(str(weights_path), checked.config_digest, written_digest)
+    return checked
+
+
+def clear_checked_files() -> None:
+    """Forget every weights file checked in this process (check_adapter)."""
+    with _CHECKED_LOCK:
+        _CHECKED.clear()
 
 
 def _read_weights(path: Path, config: DeepThinkConfig) -> tuple[bytes, dict]:

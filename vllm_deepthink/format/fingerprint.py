@@ -83,6 +83,8 @@ class ModelFingerprint:
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
         """Human-readable differences, 'field: adapter X, model Y'; empty if equal."""
+        if self == other:  # equal values normalise equal: every registration's case
+            return []
         diffs = []
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)

@@ -54,9 +54,9 @@ def engine_args(adapters: Mapping[str, str | Path] | None = None, *,
     from vllm_deepthink.plugin.connector import pins
 
     protocol.check_parallelism(engine_kwargs)
-    resolved = _resolve_adapters(adapters or {})
     budget = protocol.resident_budget_bytes(resident_gib)  # a bad value fails here
-    check_resident_budget(resolved, budget, engine_kwargs.get("tensor_parallel_size") or 1)
+    resolved = _resolve_adapters(adapters or {}, budget,
+                                 engine_kwargs.get("tensor_parallel_size") or 1)
     plugin_config = {protocol.EXTRA_CONFIG_ADAPTERS: resolved}
     if adapter_dirs:
         plugin_config[protocol.EXTRA_CONFIG_ADAPTER_DIRS] = [
@@ -135,7 +135,11 @@ def _checked_pins(pin: Any) -> list[str]:
     return list(dict.fromkeys(protocol.check_adapter_name(name) for name in pin))
 
 
-def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
+def _resolve_adapters(adapters: Mapping[str, str | Path], budget: int | None = None,
+                      tp_size: int = 1) -> dict[str, str]:
+    """{name: local directory}; each config read once: a missing or malformed adapter,
+    or (given `budget`) one whose read on a worker can never fit `budget` bytes, fails
+    here (ValueError), not in a worker."""
     if not isinstance(adapters, Mapping):
         raise TypeError(
             f"adapters must map names to adapter directories, found {type(adapters).__name__}")
@@ -143,18 +147,13 @@ def _resolve_adapters(adapters: Mapping[str, str | Path]) -> dict[str, str]:
     for name, path in adapters.items():
         protocol.check_adapter_name(name)
         path = resolve_adapter_dir(path)  # a local directory or a hub id
-        load_config(path)  # a missing or malformed adapter fails here, not in a worker
-        resolved[name] = str(path)
-    return resolved
-
-
-def check_resident_budget(adapters: Mapping[str, str | Path], budget: int,
-                          tp_size: int = 1) -> None:
-    """Refuse (ValueError) an adapter whose read on a worker can never fit `budget` bytes."""
-    for name, path in adapters.items():
-        message = resident_budget_error(name, load_config(path), budget, tp_size)
+        config = load_config(path)
+        message = (None if budget is None
+                   else resident_budget_error(name, config, budget, tp_size))
         if message is not None:
             raise ValueError(message)
+        resolved[name] = str(path)
+    return resolved
 
 
 def _merge_kv_config(user_config: Any, plugin_config: dict[str, Any]):
@@ -203,14 +202,21 @@ def connector_stats(llm) -> dict[str, Any]:
 
     Returns {"adapter_loads": total, "adapter_tokens_loaded": total, "adapter_reads":
     total, "forward_path_load_steps": total, "pinned_adapters": n, "pinned_bytes": n,
-    "by_adapter": {name: {"loads": n, "tokens": n, "reads": n}}}, read from the
+    "by_adapter": {name: {"loads": n, "tokens": n, "reads": n}}, "plugin_cost": {part:
+    {"microseconds", "requests", "steps", "us_per_request", "us_per_step"}}}, read from the
     connector's Prometheus metrics (plugin/connector/stats.py). forward_path_load_steps
     counts the steps during which a worker read an adapter on the forward path (expected
     0: reads run in the background); the pinned figures are gauges (one worker's bytes).
+    plugin_cost is the time spent in the plugin's own code per part (frontend,
+    scheduler, worker, worker_read, output; the workers' summed over ranks), per adapter
+    request and per engine step it ran in (None where it counts none).
     """
     from vllm.v1.metrics.reader import Counter, Gauge
 
     from vllm_deepthink.plugin.connector.stats import (
+        COST_REQUESTS_METRIC,
+        COST_MICROSECONDS_METRIC,
+        COST_STEPS_METRIC,
         FORWARD_PATH_METRIC,
         LOADS_METRIC,
         PINNED_BYTES_METRIC,
@@ -220,7 +226,10 @@ def connector_stats(llm) -> dict[str, Any]:
     )
 
     fields = {LOADS_METRIC: "loads", TOKENS_METRIC: "tokens", READS_METRIC: "reads"}
+    costs = {COST_MICROSECONDS_METRIC: "microseconds", COST_REQUESTS_METRIC: "requests",
+             COST_STEPS_METRIC: "steps"}
     by_adapter: dict[str, dict[str, float]] = {}
+    by_part: dict[str, dict[str, float]] = {}
     forward_path_steps = 0
     gauges = {PINNED_METRIC: 0, PINNED_BYTES_METRIC: 0}
     for metric in llm.get_metrics():
@@ -234,10 +243,17 @@ def connector_stats(llm) -> dict[str, Any]:
             name = metric.labels.get("adapter", "?")
             entry = by_adapter.setdefault(name, {"loads": 0, "tokens": 0, "reads": 0})
             entry[fields[metric.name]] += metric.value
+        elif metric.name in costs:
+            part = by_part.setdefault(metric.labels.get("part", "?"),
+                                      {"microseconds": 0, "requests": 0, "steps": 0})
+            part[costs[metric.name]] += metric.value
+    for part in by_part.values():
+        for count, key in (("requests", "us_per_request"), ("steps", "us_per_step")):
+            part[key] = part["microseconds"] / part[count] if part[count] else None
     return {"adapter_loads": sum(e["loads"] for e in by_adapter.values()),
             "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
             "adapter_reads": sum(e["reads"] for e in by_adapter.values()),
             "forward_path_load_steps": forward_path_steps,
             "pinned_adapters": gauges[PINNED_METRIC],
             "pinned_bytes": gauges[PINNED_BYTES_METRIC],
-            "by_adapter": by_adapter}
+            "by_adapter": by_adapter, "plugin_cost": by_part}

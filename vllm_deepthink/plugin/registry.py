@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_deepthink.format import (AdapterFormatError, DeepThinkAdapter, ModelFingerprint,
-                                   load_config)
-from vllm_deepthink.format.adapter import check_fingerprint, resolve_adapter_dir
+import torch
+
+from vllm_deepthink.format import AdapterFormatError, ModelFingerprint
+from vllm_deepthink.format.adapter import check_adapter, resolve_adapter_dir
+from vllm_deepthink.format.config import check_fingerprint, load_config_and_digest
 from vllm_deepthink.plugin.connector import kv_layout
 from vllm_deepthink.plugin.connector.resident import files_mtime, resident_budget_error
 from vllm_deepthink.plugin.protocol import (
@@ -61,6 +63,12 @@ class AdapterInfo:
     placeholder_ids: tuple[int, ...]
     # The served model name /v1/models reports as the adapter's parent (None: the first).
     parent: str | None = None
+
+    def __post_init__(self) -> None:
+        # int(): the engine core decodes prompt_token_ids as list[int] (a float or bool
+        # kills its input thread); converted once here, not per request.
+        object.__setattr__(self, "placeholder_ids",
+                           tuple(int(i) for i in self.placeholder_ids))
 
     def cache_salt(self, user_salt: str | None = None) -> str:
         salt = f"{SALT_PREFIX}:{self.name}:{self.digest}"
@@ -136,26 +144,28 @@ class AdapterRegistry:
         latest mtime before they were read (lookup registers it again when it changes)."""
         checked_name(name)
         path = str(resolve_adapter_dir(path))  # workers read it by this local path
-        fingerprint = self.model_fingerprint()
-        if self._resident_budget is not None:  # from the config, before the weights
-            config = load_config(path)
-            check_fingerprint(config, fingerprint, path)
+        # Cheapest first: the config, the fingerprint and the budget before the weights,
+        # which are read and hashed once per file in this process (check_adapter); the
+        # frontend keeps no tensor, only what AdapterInfo holds.
+        config, written_digest = load_config_and_digest(path)
+        check_fingerprint(config, self.model_fingerprint(), path)
+        if self._resident_budget is not None:
             too_large = resident_budget_error(name, config, self._resident_budget,
                                               self._tp_size)
             if too_large is not None:
                 raise AdapterRequestError(too_large, param="model")
-        adapter = DeepThinkAdapter.from_pretrained(path, expected_fingerprint=fingerprint)
-        if self._dtype is not None:
-            for kind, tensors in (("keys", adapter.keys), ("values", adapter.values)):
-                for layer, kv in enumerate(tensors):
-                    try:
-                        kv_layout.to_cache_dtype(kv, self._dtype,
-                                                 f"adapter {name!r} layer {layer} {kind}")
-                    except ValueError as exc:
-                        raise AdapterFormatError(str(exc)) from None
-        info = AdapterInfo(name=name, path=path, digest=adapter.digest,
-                           prefix_len=adapter.prefix_len,
-                           placeholder_ids=tuple(adapter.config.placeholder_token_ids()),
+        checked = check_adapter(path, config, written_digest)
+        # The largest value fits the engine's dtype, so every value does (float32 holds
+        # any finite value of an adapter file).
+        if self._dtype is not None and self._dtype != torch.float32:
+            try:
+                kv_layout.to_cache_dtype(torch.tensor([checked.max_abs]), self._dtype,
+                                         f"adapter {name!r}")
+            except ValueError as exc:
+                raise AdapterFormatError(str(exc)) from None
+        info = AdapterInfo(name=name, path=path, digest=checked.digest,
+                           prefix_len=config.prefix_len,
+                           placeholder_ids=tuple(config.placeholder_token_ids()),
                            parent=parent)
         with self._lock:
             self._adapters[name] = info
@@ -191,8 +201,8 @@ class AdapterRegistry:
             if info is not None:
                 self._unloaded.add(name)
         if info is None:
-            raise AdapterRequestError(
-                f"no adapter named {name!r} is registered; registered: {self.names()}")
+            raise AdapterRequestError(f"no adapter named {name!r} is registered; "
+                                      f"registered: {self.names_text(as_list=True)}")
         return info
 
     def lookup(self, name: str) -> AdapterInfo | None:
@@ -311,13 +321,28 @@ class AdapterRegistry:
         if info is not None:
             return info
         raise UnknownAdapterError(
-            f"unknown adapter {name!r}; this engine serves {self.names()}. Register it "
+            f"unknown adapter {name!r}; this engine serves "
+            f"{self.names_text(as_list=True)}. Register it "
             f"with vllm_deepthink.engine_args(adapters={{{name!r}: PATH}}) or load it at "
             f"runtime.")
 
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._adapters)
+
+    def infos(self) -> list[AdapterInfo]:
+        """The registered adapters by name, as registered: no file is touched (a folder
+        adapter edited since is resolved again by the next request naming it)."""
+        with self._lock:
+            return [self._adapters[name] for name in sorted(self._adapters)]
+
+    def names_text(self, limit: int = 20, as_list: bool = False) -> str:
+        """The registered names for a message ("a, b", or "['a', 'b']" `as_list`): the
+        first `limit`, then how many more (a server of thousands of adapters does not
+        send them all with every 404)."""
+        names = self.names()
+        shown = str(names[:limit]) if as_list else ", ".join(names[:limit])
+        return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
     def failed(self) -> dict[str, str]:
         with self._lock:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from time import perf_counter_ns
 
 from vllm.v1.engine.logprobs import LogprobsProcessor
 from vllm.v1.engine.output_processor import RequestState
 from vllm.v1.outputs import LogprobsTensors
+
+from vllm_deepthink.plugin.connector.stats import FRONTEND_COSTS
 
 
 class QueryOnlyRequestState(RequestState):
@@ -56,11 +59,14 @@ class QueryOnlyLogprobsProcessor(LogprobsProcessor):
         return cls(**values, query_rows=max(0, query_len - 1))
 
     def _update_prompt_logprobs(self, prompt_logprobs_tensors: LogprobsTensors) -> None:
+        start = perf_counter_ns()
         rows = prompt_logprobs_tensors.logprobs.shape[0]
         skip = max(0, rows - self.query_rows)
         self.query_rows -= rows - skip
         if skip == rows:
+            FRONTEND_COSTS.since("output", start)
             return
         token_ids, logprobs, ranks = prompt_logprobs_tensors[:3]
-        super()._update_prompt_logprobs(
-            LogprobsTensors(token_ids[skip:], logprobs[skip:], ranks[skip:]))
+        trimmed = LogprobsTensors(token_ids[skip:], logprobs[skip:], ranks[skip:])
+        FRONTEND_COSTS.since("output", start)
+        super()._update_prompt_logprobs(trimmed)

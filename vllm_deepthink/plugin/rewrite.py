@@ -15,6 +15,8 @@ imports vLLM.
 
 from __future__ import annotations
 
+import copy
+
 import re
 import secrets
 from typing import Any
@@ -108,8 +110,7 @@ def rewrite_request(info: AdapterInfo, prompt: Any, params: Any, tokenizer: Any,
             param="prompt")
     engine_input: dict[str, Any] = {
         "type": "token",
-        # int(): the engine core decodes list[int] (a float or bool kills its input thread).
-        "prompt_token_ids": [int(i) for i in info.placeholder_ids] + query_ids,
+        "prompt_token_ids": [*info.placeholder_ids, *query_ids],  # ints (AdapterInfo)
         "cache_salt": info.cache_salt(user_salt),
     }
     if text is not None:
@@ -124,7 +125,10 @@ def adapter_sampling_params(params: Any, info: AdapterInfo) -> Any:
         raise AdapterRequestError(
             "prompt_logprob_token_ids is not supported with Deep-Thinking adapters; "
             "use prompt_logprobs", param="prompt_logprob_token_ids")
-    params = params.clone()
+    # A shallow copy whose changed fields are new objects: the caller's params (shared by
+    # many prompts) stay untouched, and vLLM deep-copies these next
+    # (InputProcessor.process_inputs), so a deep copy here would be a second one.
+    params = copy.copy(params)
     extra = dict(params.extra_args or {})
     kv_params = dict(extra.get("kv_transfer_params") or {})
     kv_params[PARAMS_KEY] = info.transfer_params()

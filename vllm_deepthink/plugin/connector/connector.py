@@ -8,6 +8,7 @@ Stats: stats.py.
 
 from __future__ import annotations
 
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,9 +75,11 @@ class DeepThinkConnector(KVConnectorBase_V1):
     # ---------------------------------------------------------------- worker side
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        start = perf_counter_ns()
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, DeepThinkConnectorMetadata)
         self._worker.start_load(metadata, forward_context)
+        self._worker.costs.since("worker", start, steps=1)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -119,19 +122,31 @@ class DeepThinkConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------- scheduler side
 
+    # Each scheduler-side call is timed into the side's costs (stats.py).
+
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        start = perf_counter_ns()
+        result = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        self._scheduler.costs.since("scheduler", start)
+        return result
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
+        start = perf_counter_ns()
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        self._scheduler.costs.since("scheduler", start)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler.build_connector_meta(scheduler_output)
+        start = perf_counter_ns()
+        metadata = self._scheduler.build_connector_meta(scheduler_output)
+        self._scheduler.costs.since("scheduler", start, steps=1)
+        return metadata
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        start = perf_counter_ns()
         self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
+        self._scheduler.costs.since("scheduler", start)
 
     def get_kv_connector_stats(self) -> DeepThinkConnectorStats | None:
         """Loads scheduled since the last call (scheduler side; workers report none)."""
@@ -154,6 +169,8 @@ class DeepThinkConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        start = perf_counter_ns()
         self._scheduler.request_finished(request)
+        self._scheduler.costs.since("scheduler", start)
         return False, None
 

@@ -36,9 +36,14 @@ def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int
         raise ValueError(
             f"positions up to {end - 1} need {needed} blocks of {block_size}, but the "
             f"block table has {len(block_ids)}")
-    positions = torch.arange(start, end, dtype=torch.int64)       # [n]
-    table = torch.as_tensor(list(block_ids[:needed]), dtype=torch.int64)
-    return table[positions // block_size] * block_size + positions % block_size
+    # Every slot of the blocks holding [start, end), then the run of them that is
+    # [start, end): few tensor ops, since this runs for every adapter load.
+    first = start // block_size
+    table = torch.tensor(list(block_ids[first:needed]), dtype=torch.int64)   # [b]
+    slots = (table[:, None] * block_size
+             + torch.arange(block_size, dtype=torch.int64)).flatten()      # [b * bs]
+    offset = start - first * block_size
+    return slots[offset:offset + end - start]                              # [n]
 
 
 def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:

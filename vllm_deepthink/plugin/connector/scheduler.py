@@ -41,7 +41,7 @@ from vllm_deepthink.plugin.connector.residency import (
     budget_error,
     load_footprint,
 )
-from vllm_deepthink.plugin.connector.stats import DeepThinkConnectorStats
+from vllm_deepthink.plugin.connector.stats import CostCounters, DeepThinkConnectorStats
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -88,6 +88,8 @@ class DeepThinkWorkerMetadata(KVConnectorWorkerMetadata):
 
     reads: dict[str, list[int]] = field(default_factory=dict)
     forward_path_load: bool = False
+    # The workers' own costs since their last report (CostCounters.take()).
+    costs: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, DeepThinkWorkerMetadata)
@@ -96,8 +98,14 @@ class DeepThinkWorkerMetadata(KVConnectorWorkerMetadata):
             counts = reads.setdefault(digest, [0, 0])
             counts[0] += ok
             counts[1] += failed
+        costs = {key: dict(values) for key, values in self.costs.items()}
+        for key, values in other.costs.items():
+            mine = costs.setdefault(key, {})
+            for part, amount in values.items():
+                mine[part] = mine.get(part, 0) + amount
         return DeepThinkWorkerMetadata(
-            reads=reads, forward_path_load=self.forward_path_load or other.forward_path_load)
+            reads=reads, forward_path_load=self.forward_path_load or other.forward_path_load,
+            costs=costs)
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ class SchedulerSide:
         self._pending: dict[str, AdapterLoad] = {}
         self._evict: list[str] = []
         self._stats = DeepThinkConnectorStats()
+        # This side's own time (connector.py times each call; requests counted here).
+        self.costs = CostCounters()
         # Per adapter request: (local prefix-cache hit, whether the load offered is
         # asynchronous), from get_num_new_matched_tokens to update_state_after_alloc.
         self._offers: dict[str, tuple[int, bool]] = {}
@@ -168,7 +178,10 @@ class SchedulerSide:
         if entry is None:
             return
         prefix_len = entry.prefix_len
-        local_hit, is_async = self._offers.pop(request.request_id, (prefix_len, False))
+        offer = self._offers.pop(request.request_id, None)
+        if offer is not None:  # once per request (not again when its async load ended)
+            self.costs.add("scheduler", 0, requests=1)
+        local_hit, is_async = offer if offer is not None else (prefix_len, False)
         if num_external_tokens == 0:
             if local_hit < prefix_len:
                 logger.error(
@@ -223,12 +236,15 @@ class SchedulerSide:
             return
         if worker_meta.forward_path_load:
             self._stats.record_forward_path_load_step()
+        self._stats.record_costs(worker_meta.costs)
         for digest, (ok, failed) in worker_meta.reads.items():
             if self.plan.report(digest, ok, failed) is False:
                 self._evict.append(digest)  # the ranks whose read succeeded hold it
 
     def take_stats(self) -> DeepThinkConnectorStats | None:
-        """Loads scheduled since the last call, or None when there were none."""
+        """Loads scheduled since the last call, or None when there were none (the costs
+        of steps without adapter work wait for the next stats with some)."""
+        self._stats.record_costs(self.costs.take())
         if self._stats.is_empty():
             return None
         stats, self._stats = self._stats, DeepThinkConnectorStats()

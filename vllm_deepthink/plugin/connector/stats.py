@@ -13,7 +13,23 @@ them as Prometheus counters (`/metrics` of `vllm serve`, `LLM.get_metrics()` off
     vllm:deepthink_adapter_reads_total{adapter=NAME}          reads of it from disk
     vllm:deepthink_forward_path_load_steps_total              steps that waited on a read
 
-and two gauges of the pinned adapters (pins.py), set when the metrics are built (the
+and what the plugin's own code costs, per part (`COST_PARTS`), from
+`time.perf_counter_ns` accumulators that are always on (two clock reads per call):
+
+    vllm:deepthink_plugin_microseconds_total{part=PART}  time spent in our code
+    vllm:deepthink_plugin_requests_total{part=PART}      adapter requests it handled
+    vllm:deepthink_plugin_steps_total{part=PART}         engine steps it ran in
+
+(microseconds, not seconds: vLLM's metrics reader, behind `LLM.get_metrics()`, reads
+counters as integers).
+
+The scheduler side and the workers (summed over ranks, through the worker metadata)
+report theirs with the load stats; the frontend's (`FRONTEND_COSTS`: the rewrite of
+an adapter request, and the output side's query-only state and trimmed logprobs) is
+added where the stats are observed, in the frontend process. Costs of steps without
+adapter work ride along with the next stats that have some.
+
+Two gauges hold the pinned adapters (pins.py), set when the metrics are built (the
 engine has started, so every worker holds them) and constant for the engine's life:
 
     vllm:deepthink_pinned_adapters                            how many are pinned
@@ -22,6 +38,7 @@ engine has started, so every worker holds them) and constant for the engine's li
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +53,53 @@ READS_METRIC = "vllm:deepthink_adapter_reads"
 FORWARD_PATH_METRIC = "vllm:deepthink_forward_path_load_steps"
 PINNED_METRIC = "vllm:deepthink_pinned_adapters"
 PINNED_BYTES_METRIC = "vllm:deepthink_pinned_bytes"
+COST_MICROSECONDS_METRIC = "vllm:deepthink_plugin_microseconds"
+COST_REQUESTS_METRIC = "vllm:deepthink_plugin_requests"
+COST_STEPS_METRIC = "vllm:deepthink_plugin_steps"
 _FIELDS = ("loads", "tokens", "reads")  # per adapter
 _STEPS = "forward_path_load_steps"       # a count
+# Where the plugin's own time goes: the frontend's rewrite of a request, the scheduler
+# side's connector calls, the workers' writes of a step (hits and finished reads), their
+# background reads (off the forward path), the output side (query-only state, trimmed
+# prompt logprobs).
+COST_PARTS = ("frontend", "scheduler", "worker", "worker_read", "output")
+_COSTS = ("cost_ns", "cost_requests", "cost_steps")  # per part
+
+
+class CostCounters:
+    """Nanoseconds, requests and steps per part of the plugin's code: plain ints (one
+    thread updates them; `take` hands them over and starts again)."""
+
+    __slots__ = ("ns", "requests", "steps")
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        self.steps: dict[str, int] = {}
+
+    def add(self, part: str, ns: int, requests: int = 0, steps: int = 0) -> None:
+        self.ns[part] = self.ns.get(part, 0) + ns
+        if requests:
+            self.requests[part] = self.requests.get(part, 0) + requests
+        if steps:
+            self.steps[part] = self.steps.get(part, 0) + steps
+
+    def since(self, part: str, start_ns: int, requests: int = 0, steps: int = 0) -> None:
+        """add the time since `start_ns` (a time.perf_counter_ns())."""
+        self.add(part, time.perf_counter_ns() - start_ns, requests, steps)
+
+    def take(self) -> dict[str, dict[str, int]]:
+        """{"cost_ns": {part: ns}, "cost_requests": ..., "cost_steps": ...} so far, and
+        start again from zero."""
+        taken = {"cost_ns": self.ns, "cost_requests": self.requests,
+                 "cost_steps": self.steps}
+        self.ns, self.requests, self.steps = {}, {}, {}
+        return taken
+
+
+# The frontend process's costs (the rewrite and the output side run on its one
+# request-handling thread: the event loop of `vllm serve`, the caller's for `LLM`).
+FRONTEND_COSTS = CostCounters()
 
 
 @dataclass
@@ -48,13 +110,19 @@ class DeepThinkConnectorStats(KVConnectorStats):
     def __post_init__(self) -> None:
         if not self.data:
             self.reset()
-        for key in _FIELDS:
+        for key in (*_FIELDS, *_COSTS):
             self.data.setdefault(key, {})
         self.data.setdefault(_STEPS, 0)
 
     def reset(self) -> None:
-        self.data = {key: {} for key in _FIELDS}
+        self.data = {key: {} for key in (*_FIELDS, *_COSTS)}
         self.data[_STEPS] = 0
+
+    def record_costs(self, costs: dict[str, dict[str, int]]) -> None:
+        """Add CostCounters.take()'s dict (or a worker's)."""
+        for key in _COSTS:
+            for part, amount in costs.get(key, {}).items():
+                self._add(key, part, amount)
 
     def _add(self, key: str, adapter: str, amount: int) -> None:
         self.data[key][adapter] = self.data[key].get(adapter, 0) + amount
@@ -70,7 +138,7 @@ class DeepThinkConnectorStats(KVConnectorStats):
         self.data[_STEPS] += 1
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for key in _FIELDS:
+        for key in (*_FIELDS, *_COSTS):
             for adapter, amount in other.data.get(key, {}).items():
                 self._add(key, adapter, amount)
         self.data[_STEPS] += other.data.get(_STEPS, 0)
@@ -83,7 +151,9 @@ class DeepThinkConnectorStats(KVConnectorStats):
                 "deepthink forward-path load steps": self.data[_STEPS]}
 
     def is_empty(self) -> bool:
-        return not any(self.data[key] for key in _FIELDS) and not self.data[_STEPS]
+        """No adapter work (costs of steps without any are kept for the next stats)."""
+        return (not any(self.data[key] for key in _FIELDS) and not self.data[_STEPS]
+                and not any(self.data["cost_requests"].values()))
 
 
 class DeepThinkPromMetrics(KVConnectorPromMetrics):
@@ -125,6 +195,19 @@ class DeepThinkPromMetrics(KVConnectorPromMetrics):
             name=FORWARD_PATH_METRIC, labelnames=list(labelnames),
             documentation="Steps during which a worker read a Deep-Thinking adapter on "
                           "the forward path, making the whole batch wait (expected 0).")
+        parts = [*labelnames, "part"]
+        self._costs = {
+            "cost_ns": self._counter_cls(
+                name=COST_MICROSECONDS_METRIC, labelnames=parts,
+                documentation="Microseconds spent in vllm-deepthink's own code, per part "
+                              "(frontend, scheduler, worker, worker_read, output)."),
+            "cost_requests": self._counter_cls(
+                name=COST_REQUESTS_METRIC, labelnames=parts,
+                documentation="Adapter requests each part of vllm-deepthink handled."),
+            "cost_steps": self._counter_cls(
+                name=COST_STEPS_METRIC, labelnames=parts,
+                documentation="Engine steps each part of vllm-deepthink ran in."),
+        }
         for labels in per_engine_labelvalues.values():  # shown at 0 from the start
             self._steps.labels(*labels)
 
@@ -134,3 +217,10 @@ class DeepThinkPromMetrics(KVConnectorPromMetrics):
             for adapter, amount in transfer_stats_data.get(key, {}).items():
                 counter.labels(*labels, adapter).inc(amount)
         self._steps.labels(*labels).inc(transfer_stats_data.get(_STEPS, 0))
+        # Observed in the frontend process: its own costs join the engine's.
+        frontend = FRONTEND_COSTS.take()
+        for key, counter in self._costs.items():
+            for source in (transfer_stats_data.get(key, {}), frontend[key]):
+                for part, amount in source.items():
+                    counter.labels(*labels, part).inc(amount / 1e3 if key == "cost_ns"
+                                                      else amount)

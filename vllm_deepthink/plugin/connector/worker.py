@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -38,6 +39,7 @@ from vllm_deepthink.plugin.connector.scheduler import (
     DeepThinkConnectorMetadata,
     DeepThinkWorkerMetadata,
 )
+from vllm_deepthink.plugin.connector.stats import CostCounters
 from vllm_deepthink.plugin.protocol import resident_budget_bytes
 
 if TYPE_CHECKING:
@@ -91,6 +93,8 @@ class WorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._meta = DeepThinkWorkerMetadata()
+        # This worker's own time: steps (timed by connector.py), loads written, reads.
+        self.costs = CostCounters()
         self.pinned = PinnedSet()
 
     def read_pins(self, paths: dict[str, str]) -> PinnedSet:
@@ -170,7 +174,12 @@ class WorkerSide:
         self._waiting.setdefault(load.digest, []).append(load)
         if load.digest not in self._reads:
             self._reads[load.digest] = self._reader.submit(
-                self.store.read, load.name, load.path, load.digest)
+                self._timed_read, load.name, load.path, load.digest)
+
+    def _timed_read(self, name: str, path: str, digest: str) -> tuple[ResidentAdapter, int]:
+        """store.read in the reader thread, and its nanoseconds (counted by this thread)."""
+        start = perf_counter_ns()
+        return self.store.read(name, path, digest), perf_counter_ns() - start
 
     def _finish_reads(self, forward_context: ForwardContext, wait: bool) -> None:
         """Write (or fail) the loads waiting on every read that ended; report the reads."""
@@ -191,7 +200,8 @@ class WorkerSide:
                     self._finished_recving.add(load.request_id)
                 continue
             counts[0] += 1
-            adapter = future.result()
+            adapter, read_ns = future.result()
+            self.costs.add("worker_read", read_ns, requests=len(waiting))
             self.store.add(adapter)
             for load in waiting:
                 self._write_async(forward_context, load, adapter)
@@ -211,6 +221,7 @@ class WorkerSide:
 
     def _write(self, forward_context: ForwardContext, load: AdapterLoad,
                adapter: ResidentAdapter) -> None:
+        self.costs.add("worker", 0, requests=1)
         if load.end > adapter.prefix_len:
             raise AdapterLoadError(
                 f"asked for positions up to {load.end}, the adapter has {adapter.prefix_len}")
@@ -255,9 +266,12 @@ class WorkerSide:
         return failed
 
     def take_worker_meta(self) -> DeepThinkWorkerMetadata | None:
+        """This step's report, with the costs so far; None when there is nothing to say
+        (the costs of steps without adapter work wait for a step with some)."""
         meta = self._meta
-        if not meta.reads and not meta.forward_path_load:
+        if not meta.reads and not meta.forward_path_load and not self.costs.requests:
             return None
+        meta.costs = self.costs.take()
         self._meta = DeepThinkWorkerMetadata()
         return meta
 

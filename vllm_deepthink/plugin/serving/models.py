@@ -177,9 +177,9 @@ class AdapterModelRequest(LoRARequest):
 def name_served_adapters(models: Any, error: Any) -> Any:
     """vLLM's 404 for an unknown `model` lists the base model names; add the adapters."""
     registry = registry_of(models)
-    names = registry.names() if registry is not None else []
-    if names and getattr(error, "error", None) is not None and error.error.code == 404:
-        error.error.message += f" Deep-Thinking adapters: {', '.join(names)}."
+    if registry is not None and registry.names() and \
+            getattr(error, "error", None) is not None and error.error.code == 404:
+        error.error.message += f" Deep-Thinking adapters: {registry.names_text()}."
     return error
 
 
@@ -214,13 +214,11 @@ def model_cards(models: Any) -> list[Any]:
     base_model_name = models.base_model_paths[0].name
     pinned = set(pinned_names(models))
     cards = []
-    for name in registry.names():
-        info = _served(registry, name)
-        if info is not None:
-            cards.append(ModelCard(
-                id=name, root=public_root(info), parent=info.parent or base_model_name,
-                max_model_len=models.model_config.max_model_len - info.prefix_len,
-                permission=[ModelPermission()], pinned=name in pinned))
+    for info in registry.infos():  # no file I/O: one card per registered adapter
+        cards.append(ModelCard(
+            id=info.name, root=public_root(info), parent=info.parent or base_model_name,
+            max_model_len=models.model_config.max_model_len - info.prefix_len,
+            permission=[ModelPermission()], pinned=info.name in pinned))
     return cards
 
 
