@@ -261,7 +261,7 @@ from vllm_deepthink.plugin.serving import models as serving_models  # noqa: E402
 def served(monkeypatch):
     infos = {n: SimpleNamespace(name=n, digest=D[n], prefix_len=L, parent=None) for n in "ab"}
     registry = SimpleNamespace(names=lambda: list(infos), current=infos.get,
-                               unregister=infos.pop)
+                               infos=lambda: list(infos.values()), unregister=infos.pop)
     monkeypatch.setattr(serving_models, "registry_of", lambda models: registry)
     extra = {"adapters": {n: "/x/" + n for n in "ab"}, "pinned": ["a"]}
     vllm_config = SimpleNamespace(
