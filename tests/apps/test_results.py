@@ -91,7 +91,7 @@ def test_calibrated_columns_can_be_recomputed_from_the_json(uninterrupted):
 
 def test_interrupted_row_resumes_and_a_done_row_is_never_recomputed(setup, uninterrupted,
                                                                   monkeypatch):
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates
 
     out = setup[0] / "out-b"
     clock = iter(range(0, 10_000, 40))  # each reading of the clock is 40 s later
@@ -106,8 +106,8 @@ def test_interrupted_row_resumes_and_a_done_row_is_never_recomputed(setup, unint
     monkeypatch.undo()
 
     calls = []
-    real = builder.run_candidates
-    monkeypatch.setattr(builder, "run_candidates",
+    real = candidates.run_candidates
+    monkeypatch.setattr(candidates, "run_candidates",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     assert cli.main(argv(setup, out)) == 0
     assert len(calls) == 13  # candidates 1..13 only
@@ -141,7 +141,7 @@ def test_list_and_row_patterns(setup, uninterrupted, capsys):
 
 
 def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, monkeypatch):
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates
 
     out = setup[0] / "out-c"
     assert cli.main(argv(setup, out, "--skip-search")) == 0
@@ -157,8 +157,8 @@ def test_skip_search_first_pass_then_the_search_column(setup, uninterrupted, mon
     assert cli.main(argv(setup, out, "--skip-search")) == 0
     monkeypatch.undo()
     calls = []
-    real = builder.run_candidates
-    monkeypatch.setattr(builder, "run_candidates",
+    real = candidates.run_candidates
+    monkeypatch.setattr(candidates, "run_candidates",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     assert cli.main(argv(setup, out)) == 0
     assert len(calls) == 13
@@ -192,7 +192,7 @@ def test_json_checkpoints_without_their_kv_files_resume_the_same_row(setup, unin
     """The JSON checkpoints carried to another machine (committed; the .safetensors
     files are not): ICL's and candidate 0's K/V are recomputed by running the optimizer,
     nothing already scored is scored again, and the row equals the uninterrupted one."""
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates
 
     out = setup[0] / "out-json-only"
     clock = iter(range(0, 10_000, 40))
@@ -203,9 +203,9 @@ def test_json_checkpoints_without_their_kv_files_resume_the_same_row(setup, unin
     for path in work.glob("*.safetensors"):
         path.unlink()
     calls, replays, kv_saved = [], [], []
-    real, real_replay, real_save = (builder.run_candidates, runs.replay_kv,
+    real, real_replay, real_save = (candidates.run_candidates, runs.replay_kv,
                                     row_files._save_kv)
-    monkeypatch.setattr(builder, "run_candidates",
+    monkeypatch.setattr(candidates, "run_candidates",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     monkeypatch.setattr(runs, "replay_kv",
                         lambda *a: replays.append(list(a[3])) or real_replay(*a))
@@ -261,14 +261,14 @@ def test_search_column_of_a_committed_first_pass_row_skips_its_published_run(
     only candidates 1..13; the row equals the uninterrupted one."""
     import shutil
 
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates
 
     out = setup[0] / "out-d"
     assert cli.main(argv(setup, out, "--skip-search")) == 0
     shutil.rmtree(out / "work")
     calls = []
-    real = builder.run_candidates
-    monkeypatch.setattr(builder, "run_candidates",
+    real = candidates.run_candidates
+    monkeypatch.setattr(candidates, "run_candidates",
                         lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     assert cli.main(argv(setup, out)) == 0
     assert len(calls) == 13 and all(c[0].name != "momentum(step_size=0.01,beta=0.9)/published"
@@ -285,7 +285,7 @@ def test_restored_published_candidate_holds_its_best_iterations_kv(setup, monkey
     and the dev result of those K/V."""
     import shutil
 
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import builder, dev_scoring
     from tests.helpers.tiny_models import load_tiny
 
     out = setup[0] / "out-e"
@@ -314,8 +314,8 @@ def test_restored_published_candidate_holds_its_best_iterations_kv(setup, monkey
     for ours, theirs in zip(restored.keys + restored.values,
                             reference.keys + reference.values):
         torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=0, atol=1e-6)
-    assert restored.best.acc == builder.score_dev(
-        model, builder.DevSet.from_items(tokenizer, *_dev_items(setup, tokenizer, model)),
+    assert restored.best.acc == dev_scoring.score_dev(
+        model, dev_scoring.DevSet.from_items(tokenizer, *_dev_items(setup, tokenizer, model)),
         restored.keys, restored.values).acc
 
 
@@ -334,13 +334,13 @@ def test_a_candidate_interrupted_mid_run_resumes_after_its_last_scored_iteration
     pass. The next invocation takes iterations 1 and 2 (dev result and test trace) from
     cand-00.partial.json, scores only what was not scored, and writes the uninterrupted
     row."""
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates
 
     _, expected = uninterrupted
     published = expected["selection"]["dt"]["candidates"][0]
     assert published["iterations_run"] == 3  # so the third dev pass is candidate 0's
     out = setup[0] / "out-mid-run"
-    real = builder.score_dev
+    real = candidates.score_dev
     calls = []
 
     class Killed(Exception):
@@ -352,7 +352,7 @@ def test_a_candidate_interrupted_mid_run_resumes_after_its_last_scored_iteration
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(builder, "score_dev", dying)
+    monkeypatch.setattr(candidates, "score_dev", dying)
     with pytest.raises(Killed):
         cli.main(argv(setup, out))
     monkeypatch.undo()
@@ -367,7 +367,7 @@ def test_a_candidate_interrupted_mid_run_resumes_after_its_last_scored_iteration
     partial_path.write_text(json.dumps(partial))
 
     dev_passes = []
-    monkeypatch.setattr(builder, "score_dev",
+    monkeypatch.setattr(candidates, "score_dev",
                         lambda *a, **k: dev_passes.append(1) or real(*a, **k))
     assert cli.main(argv(setup, out)) == 0
     row = json.loads((out / "json" / "smollm2-sst2-s0.json").read_text())

@@ -16,6 +16,8 @@ from tests.helpers import REPO_ROOT
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 from vllm_deepthink.format import hf_cache
 from vllm_deepthink.producers.deepthink import builder, rotary
+from vllm_deepthink.producers.deepthink.errors import BuildError
+from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 from vllm_deepthink.format import DeepThinkAdapter
 
 REPO = REPO_ROOT
@@ -172,8 +174,8 @@ def test_parity_with_naive(kind, optimizer, mode, llama, gpt2):
     kwargs = {"eta": 0.3} if optimizer == "ema" else {}
     expected = naive_deep_thinking(model, ids, ITERATIONS, optimizer, aligned=mode == "aligned",
                                    **kwargs)
-    got = list(builder.deep_thinking_steps(model, ids, iterations=ITERATIONS, optimizer=optimizer,
-                                           position_mode=mode, **kwargs))
+    got = list(deep_thinking_steps(model, ids, iterations=ITERATIONS, optimizer=optimizer,
+                                   position_mode=mode, **kwargs))
     assert [it for it, _, _ in got] == list(range(1, ITERATIONS + 1))
     for (it, keys, values), (ref_keys, ref_values) in zip(got, expected):
         assert keys[0].shape == ref_keys[0].shape == (model.config.num_key_value_heads
@@ -188,7 +190,7 @@ def test_step_one_is_plain_forward(llama):
     model, tokenizer = llama
     ids = demo_ids(tokenizer)
     cache = model(input_ids=torch.tensor([ids])).past_key_values
-    (_, keys, values), = builder.deep_thinking_steps(model, ids, iterations=1)
+    (_, keys, values), = deep_thinking_steps(model, ids, iterations=1)
     for i, layer in enumerate(cache.layers):
         assert torch.equal(keys[i], layer.keys[0])
         assert torch.equal(values[i], layer.values[0])
@@ -214,8 +216,8 @@ def test_step_two_equals_demos_twice_in_one_prompt(kind, mode):
         once = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
         twice = model(input_ids=torch.tensor([ids + ids]), use_cache=True).past_key_values
     eta = 0.5
-    steps = list(builder.deep_thinking_steps(model, ids, iterations=2, optimizer="ema", eta=eta,
-                                             position_mode=mode))
+    steps = list(deep_thinking_steps(model, ids, iterations=2, optimizer="ema", eta=eta,
+                                     position_mode=mode))
     for i in range(len(once.layers)):
         for name in ("keys", "values"):
             first = getattr(once.layers[i], name)[0]
@@ -308,8 +310,8 @@ def test_build_adapter_fills_config(llama):
                                     eta=0.2, position_mode="aligned", progress=False,
                                     task={"name": "toy"}, build_args={"x": 1})
     cfg = adapter.config
-    steps = list(builder.deep_thinking_steps(model, demo_ids(tokenizer), iterations=3,
-                                             optimizer="ema", eta=0.2, position_mode="aligned"))
+    steps = list(deep_thinking_steps(model, demo_ids(tokenizer), iterations=3,
+                                     optimizer="ema", eta=0.2, position_mode="aligned"))
     assert max_diff(adapter.keys, steps[-1][1]) == 0 and max_diff(adapter.values, steps[-1][2]) == 0
     assert cfg.demo_token_ids == demo_ids(tokenizer) and cfg.prefix_len == len(cfg.demo_token_ids)
     assert cfg.optimizer_params == {"eta": 0.2} and cfg.position_mode == "aligned"
@@ -330,8 +332,8 @@ def test_dev_scoring_uses_the_current_kv(llama):
     adapter = builder.build_adapter(model, tokenizer, DEMOS, iterations=3, dev_items=items,
                                     progress=False)
     for entry in adapter.config.selection_trace:
-        steps = list(builder.deep_thinking_steps(model, demo_ids(tokenizer),
-                                                 iterations=entry["iteration"]))
+        steps = list(deep_thinking_steps(model, demo_ids(tokenizer),
+                                         iterations=entry["iteration"]))
         past = [(k[None], v[None]) for k, v in zip(steps[-1][1], steps[-1][2])]
         scores = scoring.score_items_hf(model, tokenizer, items, past_key_values=past)
         acc = scoring.accuracy(scores, [i.label for i in items])
@@ -342,22 +344,22 @@ def test_dev_scoring_uses_the_current_kv(llama):
 
 def test_aligned_rejects_learned_positions(gpt2):
     model, tokenizer = gpt2
-    with pytest.raises(builder.BuildError, match="learned absolute positions.*published"):
-        next(builder.deep_thinking_steps(model, demo_ids(tokenizer), iterations=2,
-                                         position_mode="aligned"))
+    with pytest.raises(BuildError, match="learned absolute positions.*published"):
+        next(deep_thinking_steps(model, demo_ids(tokenizer), iterations=2,
+                                 position_mode="aligned"))
 
 
 def test_demos_too_long_for_positions(gpt2):
     model, _ = gpt2  # n_positions 1024
-    with pytest.raises(builder.BuildError, match=r"2\*L = 1026 must be <= the model's 1024"):
-        next(builder.deep_thinking_steps(model, [5] * 513, iterations=2))
+    with pytest.raises(BuildError, match=r"2\*L = 1026 must be <= the model's 1024"):
+        next(deep_thinking_steps(model, [5] * 513, iterations=2))
 
 
 def test_demos_too_long_for_sliding_window():
     model = tiny_gemma3(sliding_window=32)
-    with pytest.raises(builder.BuildError, match=r"sliding window of 32 tokens.*at most 16"):
-        next(builder.deep_thinking_steps(model, [5] * 17, iterations=2))
-    assert len(list(builder.deep_thinking_steps(model, [5] * 16, iterations=2))) == 2
+    with pytest.raises(BuildError, match=r"sliding window of 32 tokens.*at most 16"):
+        next(deep_thinking_steps(model, [5] * 17, iterations=2))
+    assert len(list(deep_thinking_steps(model, [5] * 16, iterations=2))) == 2
 
 
 def test_unsupported_architecture():
@@ -365,8 +367,8 @@ def test_unsupported_architecture():
 
     model = _random_model(GPTNeoXConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
                                         num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(builder.BuildError, match="model_type 'gpt_neox'.*not supported"):
-        next(builder.deep_thinking_steps(model, [5, 6, 7], iterations=2))
+    with pytest.raises(BuildError, match="model_type 'gpt_neox'.*not supported"):
+        next(deep_thinking_steps(model, [5, 6, 7], iterations=2))
 
 
 # ----------------------------------------------------------------- CLI, no vLLM
@@ -398,8 +400,8 @@ def test_cli_build_never_imports_vllm(tmp_path):
     assert (cfg.optimizer, cfg.optimizer_params, cfg.position_mode) == ("ema", {"eta": 0.05},
                                                                         "aligned")
     assert cfg.build_args["iterations"] == 3 and cfg.demos_text == demos_text
-    steps = list(builder.deep_thinking_steps(model, cfg.demo_token_ids, iterations=3,
-                                             optimizer="ema", eta=0.05, position_mode="aligned"))
+    steps = list(deep_thinking_steps(model, cfg.demo_token_ids, iterations=3,
+                                     optimizer="ema", eta=0.05, position_mode="aligned"))
     assert max_diff(adapter.keys, steps[-1][1]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["selected_iteration"] == 3 and summary["out"] == str(out)

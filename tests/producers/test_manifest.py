@@ -14,7 +14,7 @@ from tests.helpers.manifests import SST2, TREC, write_manifest
 from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink import DeepThinkAdapter
 from vllm_deepthink.producers.deepthink import manifest_workers
-from vllm_deepthink.producers.deepthink.builder import BuildError
+from vllm_deepthink.producers.deepthink.errors import BuildError
 from vllm_deepthink.producers.deepthink.from_task import build_from_task
 from vllm_deepthink.producers.deepthink.manifest import (
     BUILD_FIELDS,

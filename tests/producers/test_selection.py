@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.helpers.tiny_models import load_tiny
-from vllm_deepthink.producers.deepthink import builder, search
+from vllm_deepthink.producers.deepthink import builder, candidates, dev_scoring, search
+from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 from vllm_deepthink.producers.deepthink.selection import (SelectionPolicy, StopRule,
                                                           best_iteration, guard)
 
@@ -100,16 +101,16 @@ def test_guard_against_a_hand_computation():
 
 # ----------------------------------------------------------------- runs, choose, the grid
 
-def fake_result(right: set[int]) -> builder.DevResult:
+def fake_result(right: set[int]) -> dev_scoring.DevResult:
     c = correct(right)
     scores = [[(0.0 if ok else -1.0, 1), (-1.0 if ok else 0.0, 1)] for ok in c]
-    return builder.DevResult(scores=scores, cf_scores=None, acc=sum(c) / N_DEV,
-                             acc_norm=sum(c) / N_DEV, counts=[sum(c), N_DEV - sum(c)],
-                             correct=c, seconds=0.0)
+    return dev_scoring.DevResult(scores=scores, cf_scores=None, acc=sum(c) / N_DEV,
+                                 acc_norm=sum(c) / N_DEV, counts=[sum(c), N_DEV - sum(c)],
+                                 correct=c, seconds=0.0)
 
 
 class ScriptedDev:
-    """Stands in for builder.score_dev: dev results from a script, in call order."""
+    """Stands in for dev_scoring.score_dev: dev results from a script, in call order."""
 
     def __init__(self, script):
         self.script, self.calls = list(script), []
@@ -120,12 +121,12 @@ class ScriptedDev:
 
 
 def dev_set():
-    return builder.DevSet(plan=None, labels=[0] * N_DEV)
+    return dev_scoring.DevSet(plan=None, labels=[0] * N_DEV)
 
 
 def steps_of(model, tokenizer, candidate, iteration):
     ids = builder.tokenize_demos(tokenizer, DEMOS)
-    *_, (it, keys, values) = builder.deep_thinking_steps(
+    *_, (it, keys, values) = deep_thinking_steps(
         model, ids, iterations=iteration, optimizer=candidate.optimizer,
         position_mode=candidate.position_mode, **candidate.params)
     return keys, values
@@ -155,19 +156,19 @@ def test_search_bookkeeping(monkeypatch, llama):
               + [set(range(55)), set(range(62)), base]       # ema: best at 3 (62 right)
               + [set(range(62)), set(range(40)), set(range(40))])  # ties ema, later in grid
     fake = ScriptedDev(script)
-    monkeypatch.setattr(builder, "score_dev", fake)
+    monkeypatch.setattr(candidates, "score_dev", fake)
     policy = SelectionPolicy(max_iterations=4, patience=None, collapse_drop=None)
     ids = builder.tokenize_demos(tokenizer, DEMOS)
     seen = []
-    runs, icl = builder.run_candidates(model, ids, grid, dev_set(), policy, progress=False,
-                                       on_iteration=lambda r, t, k, v, e, d: seen.append(
-                                           (r.candidate.name, t)))
+    runs, icl = candidates.run_candidates(model, ids, grid, dev_set(), policy, progress=False,
+                                          on_iteration=lambda r, t, k, v, e, d: seen.append(
+                                              (r.candidate.name, t)))
     # iteration 1 is scored once for all candidates
     assert len(fake.calls) == len(script)
     assert [r.iterations_run for r in runs] == [4, 4, 4]
     assert [r.best_iteration for r in runs] == [1, 3, 2]
     assert seen == [(c.name, t) for c in grid for t in range(1, 5)]
-    selection = builder.choose(runs, icl, policy)
+    selection = candidates.choose(runs, icl, policy)
     summary = selection.summary
     # ema and momentum tie at 0.62: the earlier candidate in the grid wins
     assert summary["best_run"] == grid[1].name and selection.iteration == 3
@@ -191,18 +192,18 @@ def test_guard_keeps_plain_icl(monkeypatch, llama):
     model, tokenizer = llama
     base = set(range(50))
     fake = ScriptedDev([base, set(range(10, 62)), base, base])  # +2 points, noisy
-    monkeypatch.setattr(builder, "score_dev", fake)
+    monkeypatch.setattr(candidates, "score_dev", fake)
     policy = SelectionPolicy(max_iterations=4, min_iterations=1, patience=None,
                              collapse_drop=None)
     ids = builder.tokenize_demos(tokenizer, DEMOS)
-    runs, icl = builder.run_candidates(model, ids, [search.PUBLISHED], dev_set(), policy,
-                                       progress=False)
-    selection = builder.choose(runs, icl, policy)
+    runs, icl = candidates.run_candidates(model, ids, [search.PUBLISHED], dev_set(), policy,
+                                          progress=False)
+    selection = candidates.choose(runs, icl, policy)
     assert runs[0].best_iteration == 2 and selection.iteration == 1
     assert not selection.summary["guard"]["passed"]
     keys, _ = steps_of(model, tokenizer, search.PUBLISHED, 1)
     assert all(torch.equal(a, b) for a, b in zip(selection.keys, keys))
-    relaxed = builder.choose(runs, icl, SelectionPolicy(guard_k=0.0))
+    relaxed = candidates.choose(runs, icl, SelectionPolicy(guard_k=0.0))
     assert relaxed.iteration == 2
 
 
@@ -210,7 +211,7 @@ def test_build_adapter_stops_and_records_the_protocol(monkeypatch, llama):
     model, tokenizer = llama
     base = set(range(50))
     fake = ScriptedDev([base, set(range(60))] + [set(range(55))] * 13)
-    monkeypatch.setattr(builder, "score_dev", fake)
+    monkeypatch.setattr(candidates, "score_dev", fake)
     from vllm_deepthink.tasks.scoring import ChoiceItem
 
     items = [ChoiceItem("Review: fine\nSentiment:", [" positive", " negative"], 0)] * N_DEV

@@ -23,7 +23,7 @@ MANIFEST_FLAGS = ("manifest", "out_dir", "workers", "threads", "ray", "ray_addre
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    from vllm_deepthink.producers.deepthink import builder, search
+    from vllm_deepthink.producers.deepthink import iteration, search
     from vllm_deepthink.producers.deepthink.from_task import DEFAULT_DEV_SIZE, DTYPES, SELECT_ON
     from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
     from vllm_deepthink.tasks.task import SPLITS
@@ -48,7 +48,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=defaults.max_iterations,
                         help="maximum Deep-Thinking iterations T (1 = plain ICL); "
                              f"default {defaults.max_iterations}")
-    parser.add_argument("--optimizer", choices=builder.OPTIMIZERS, default=None,
+    parser.add_argument("--optimizer", choices=iteration.OPTIMIZERS, default=None,
                         help="default momentum (the published v1 code)")
     parser.add_argument("--step-size", type=float,
                         help=f"momentum step size (default {search.DEFAULT_STEP_SIZE})")
@@ -56,7 +56,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help=f"momentum coefficient (default {search.DEFAULT_BETA})")
     parser.add_argument("--eta", type=float,
                         help=f"ema weight of the new K/V (default {search.DEFAULT_EMA_ETA})")
-    parser.add_argument("--position-mode", choices=builder.POSITION_MODES, default=None,
+    parser.add_argument("--position-mode", choices=iteration.POSITION_MODES, default=None,
                         help="aligned: rotate the new keys back by L positions so the update "
                              "sees content only (RoPE models); published: the published code "
                              "exactly (the default; the two are the same for learned positions)")
@@ -164,9 +164,9 @@ def builder_errors() -> tuple[type[Exception], ...]:
     """The library's errors of input a command cannot use (printed as usage errors)."""
     from vllm_deepthink import tasks
     from vllm_deepthink.format.hub import HubResolutionError
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink.errors import BuildError
 
-    return builder.BuildError, tasks.TaskError, HubResolutionError
+    return BuildError, tasks.TaskError, HubResolutionError
 
 
 def manifest_defaults(args) -> dict:

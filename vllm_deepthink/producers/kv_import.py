@@ -19,7 +19,8 @@ import torch
 from vllm_deepthink.format import (DeepThinkAdapter, DeepThinkConfig, ModelFingerprint,
                                    dtype_name, torch_dtype)
 from vllm_deepthink.format.hf_config import kv_geometry, max_positions, text_config
-from vllm_deepthink.producers.deepthink.builder import SUPPORTED_MODEL_TYPES, builder_version
+from vllm_deepthink.producers.deepthink.builder import builder_version
+from vllm_deepthink.producers.deepthink.iteration import SUPPORTED_MODEL_TYPES
 
 
 class ImportRefusedError(ValueError):

@@ -17,7 +17,7 @@ import torch
 @torch.no_grad()
 def measure_builder_cost(model, demo_ids: list[int], iterations: int = 4,
                          repetitions: int = 3) -> dict[str, Any]:
-    from vllm_deepthink.producers.deepthink.builder import deep_thinking_steps
+    from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 
     if iterations < 2:
         raise ValueError(f"iterations must be >= 2 to time a Deep-Thinking step, found {iterations}")
@@ -51,6 +51,6 @@ def measure_builder_cost(model, demo_ids: list[int], iterations: int = 4,
         "iteration_over_forward_2l": iteration_s / forward_2l_s,
         "definition": ("iteration_s: median seconds of one Deep-Thinking step t >= 2 "
                        "(forward of the L demos after L past positions + momentum update), "
-                       "from vllm_deepthink.producers.deepthink.builder.deep_thinking_steps; plain_forward_2l_s: "
-                       "median seconds of one HF forward over 2L tokens (no past)"),
+                       "from vllm_deepthink.producers.deepthink.iteration.deep_thinking_steps; "
+                       "plain_forward_2l_s: median seconds of one HF forward over 2L tokens (no past)"),
     }

@@ -91,15 +91,15 @@ class RowCheckpoints:
                           {"scores": [[s for s, _ in i] for i in scores], "seconds": seconds})
 
     def load_icl(self):
-        """Iteration 1 as builder.run_candidates takes it back: (dev result, K, V); K and
+        """Iteration 1 as candidates.run_candidates takes it back: (dev result, K, V); K and
         V are None when icl.safetensors is missing (run_grid recomputes them)."""
-        from vllm_deepthink.producers.deepthink import builder
+        from vllm_deepthink.producers.deepthink import dev_scoring
 
         if not (self.dir / "icl.json").is_file():
             return None
         saved = json.loads((self.dir / "icl.json").read_text())
         keys, values = _load_kv(self.dir / "icl.safetensors")
-        return builder.DevResult.from_dict(saved["dev"]), keys, values
+        return dev_scoring.DevResult.from_dict(saved["dev"]), keys, values
 
     def save_icl_once(self, icl) -> None:
         if not (self.dir / "icl.json").is_file():
@@ -110,7 +110,7 @@ class RowCheckpoints:
         """(the finished run, its test trace and trace scores) or None; the run's keys
         and values are None when cand-NN.safetensors is missing (run_grid recomputes
         them)."""
-        from vllm_deepthink.producers.deepthink import builder
+        from vllm_deepthink.producers.deepthink import candidates, dev_scoring
 
         path = self.dir / f"cand-{index:02d}.json"
         if not path.is_file():
@@ -118,10 +118,11 @@ class RowCheckpoints:
         saved = json.loads(path.read_text())
         if saved["candidate"] != candidate.to_dict():
             return None  # another grid's candidate at this index: run this one
-        run = builder.CandidateRun(candidate, trace=saved["trace"], stopped=saved["stopped"],
-                                   best_iteration=saved["best_iteration"],
-                                   best=builder.DevResult.from_dict(saved["best"]),
-                                   seconds=saved["seconds"])
+        run = candidates.CandidateRun(candidate, trace=saved["trace"],
+                                      stopped=saved["stopped"],
+                                      best_iteration=saved["best_iteration"],
+                                      best=dev_scoring.DevResult.from_dict(saved["best"]),
+                                      seconds=saved["seconds"])
         run.keys, run.values = _load_kv(self.dir / f"cand-{index:02d}.safetensors")
         return run, saved["test_trace"], saved["test_trace_scores"]
 

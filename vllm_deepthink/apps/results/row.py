@@ -41,8 +41,8 @@ class Selected:
     """The dt, dt-search and dt-oracle choices and the test scores of the columns
     icl, dt, dt-search and dt-oracle."""
 
-    default: Any  # builder.Selection
-    searched: Any  # builder.Selection
+    default: Any  # candidates.Selection
+    searched: Any  # candidates.Selection
     oracle_iteration: int
     tests: dict[str, Any]
 
@@ -53,11 +53,11 @@ def select_columns(grid: GridRuns, policy: SelectionPolicy, scorer: RowScorer,
     dev, and dt-oracle (T picked on the test trace), with their test scores."""
     import torch
 
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates
 
     runs, trace, trace_scores = grid.runs, grid.test_trace, grid.test_trace_scores
-    default = builder.choose(runs[:1], grid.icl, policy)
-    searched = builder.choose(runs, grid.icl, policy)
+    default = candidates.choose(runs[:1], grid.icl, policy)
+    searched = candidates.choose(runs, grid.icl, policy)
     icl_test = scorer.with_lengths(trace_scores[0])
     if searched.iteration == 1:
         search_test = icl_test

@@ -47,7 +47,7 @@ class RowInputs:
 
     task: Any
     build: Any  # from_task.TaskBuildInputs
-    dev: Any  # builder.DevSet
+    dev: Any  # dev_scoring.DevSet
     test_plan: Any  # scoring.ScoringPlan
     labels: list[int]
     grid: list
@@ -55,7 +55,8 @@ class RowInputs:
 
 def prepare_row(spec: RowSpec, ctx: ModelContext, options: RowOptions) -> RowInputs:
     from vllm_deepthink import tasks
-    from vllm_deepthink.producers.deepthink import builder, search
+    from vllm_deepthink.producers.deepthink import search
+    from vllm_deepthink.producers.deepthink.dev_scoring import DevSet
     from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
     from vllm_deepthink.tasks import scoring
     from vllm_deepthink.tasks.datasets import open_task
@@ -63,8 +64,8 @@ def prepare_row(spec: RowSpec, ctx: ModelContext, options: RowOptions) -> RowInp
     tok, config = ctx.tokenizer, ctx.model.config
     task = open_task(Path(options.data_dir) / spec.task)  # jsonl files or a task.json dataset
     inputs = task_build_inputs(task, tok, config, seed=spec.seed, dev_size=options.dev_size)
-    dev = builder.DevSet.from_items(tok, inputs.dev_items, inputs.content_free_items,
-                                    options.batch_size)
+    dev = DevSet.from_items(tok, inputs.dev_items, inputs.content_free_items,
+                            options.batch_size)
     test_rows = tasks.eval_rows(task, task.eval_split, options.limit, seed=0)
     test_items = scoring.items_from_rows(task, test_rows)
     test_plan = scoring.make_plan(scoring.encode_items(tok, test_items))
@@ -132,7 +133,7 @@ def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
     Returns (run, icl, test trace, test trace scores)."""
     import torch
 
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates, dev_scoring
     from vllm_deepthink.tasks import scoring
 
     partial = (checkpoints.load_partial(index, candidate) if checkpoints is not None else
@@ -146,7 +147,7 @@ def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
             f"{len(partial['test_trace'])} test trace entries and "
             f"{len(partial['test_trace_scores'])} test trace scores; delete the file to "
             f"run this candidate again")
-    scored = [builder.DevResult.from_dict(d) for d in partial["dev"]]
+    scored = [dev_scoring.DevResult.from_dict(d) for d in partial["dev"]]
     trace_rows: list[dict[str, Any]] = list(partial["test_trace"])
     trace_scores: list[list[list[float]]] = list(partial["test_trace_scores"])
     before, started = partial["seconds"], time.perf_counter()
@@ -176,9 +177,11 @@ def run_candidate(model, row: RowInputs, options: RowOptions, candidate, icl,
                                f"checkpointed")
 
     with torch.inference_mode():
-        (run,), icl = builder.run_candidates(model, row.build.demo_ids, [candidate], row.dev,
-                                             options.policy, progress=options.progress,
-                                             on_iteration=on_iteration, icl=icl, scored=scored)
+        (run,), icl = candidates.run_candidates(model, row.build.demo_ids, [candidate],
+                                                row.dev, options.policy,
+                                                progress=options.progress,
+                                                on_iteration=on_iteration, icl=icl,
+                                                scored=scored)
     run.seconds += before  # the interrupted invocations' share
     return run, icl, trace_rows, trace_scores
 
@@ -232,11 +235,11 @@ def replay_kv(model, row: RowInputs, candidate, iterations) -> dict[int, tuple[l
     --threads on the same machine (elsewhere, equal to float rounding)."""
     import torch
 
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 
     wanted, kv = set(iterations), {}
     with torch.inference_mode():
-        for iteration, keys, values in builder.deep_thinking_steps(
+        for iteration, keys, values in deep_thinking_steps(
                 model, row.build.demo_ids, iterations=max(wanted),
                 optimizer=candidate.optimizer, position_mode=candidate.position_mode,
                 **candidate.params):
@@ -255,7 +258,7 @@ def restore_first_pass(checkpoints: RowCheckpoints, first_pass: dict[str, Any], 
     one dev pass each. The zero-shot scores are the JSON's (rounded to 1e-5)."""
     import torch
 
-    from vllm_deepthink.producers.deepthink import builder
+    from vllm_deepthink.producers.deepthink import candidates, dev_scoring
 
     published = first_pass["selection"]["dt"]["candidates"][0]
     candidate = row.grid[0]
@@ -268,12 +271,13 @@ def restore_first_pass(checkpoints: RowCheckpoints, first_pass: dict[str, Any], 
     kv = replay_kv(model, row, candidate, [1, best])
     icl_kv, best_kv = kv[1], kv[best]
     with torch.inference_mode():
-        icl_dev = builder.score_dev(model, row.dev, *icl_kv)
-        best_dev = icl_dev if best == 1 else builder.score_dev(model, row.dev, *best_kv)
+        icl_dev = dev_scoring.score_dev(model, row.dev, *icl_kv)
+        best_dev = icl_dev if best == 1 else dev_scoring.score_dev(model, row.dev, *best_kv)
     checkpoints.save_icl_once((icl_dev, *icl_kv))
-    run = builder.CandidateRun(candidate, trace=published["trace"], stopped=published["stopped"],
-                               best_iteration=best, best=best_dev, keys=best_kv[0],
-                               values=best_kv[1], seconds=published["seconds"])
+    run = candidates.CandidateRun(candidate, trace=published["trace"],
+                                  stopped=published["stopped"], best_iteration=best,
+                                  best=best_dev, keys=best_kv[0], values=best_kv[1],
+                                  seconds=published["seconds"])
     checkpoints.save_candidate(0, run, first_pass["test_trace"],
                                first_pass["test_trace_scores"])
 

@@ -93,8 +93,8 @@ def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int]) -> Te
     """The ensemble teacher of `seeds`: one demonstration draw of the source's task per
     seed (the source's shot count), each run through the source's recipe; the source
     adapter itself stands for its own seed."""
-    from vllm_deepthink.producers.deepthink import builder
     from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
+    from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 
     cfg = source.config
     record = cfg.task or {}
@@ -118,7 +118,7 @@ def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int]) -> Te
                                    shots_per_class=record.get("shots_per_class"), seed=seed,
                                    select_on_dev=False)
         with torch.inference_mode():
-            *_, (iteration, keys, values) = builder.deep_thinking_steps(
+            *_, (iteration, keys, values) = deep_thinking_steps(
                 model, inputs.demo_ids, iterations=cfg.selected_iteration,
                 optimizer=cfg.optimizer, position_mode=cfg.position_mode,
                 **cfg.optimizer_params)

@@ -14,8 +14,9 @@ from typing import Any
 
 from vllm_deepthink import tasks
 from vllm_deepthink.format import DeepThinkAdapter
-from vllm_deepthink.producers.deepthink import builder
+from vllm_deepthink.producers.deepthink import builder, iteration
 from vllm_deepthink.producers.deepthink import search as search_grid
+from vllm_deepthink.producers.deepthink.errors import BuildError
 from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
 from vllm_deepthink.tasks import calibration, scoring
 
@@ -49,7 +50,7 @@ def resolve_shots(task, shots_per_class: int | None) -> int:
         return shots_per_class
     shots = tasks.default_shots(task)
     if shots is None:
-        raise builder.BuildError(
+        raise BuildError(
             f"task {task.name!r} is not a built-in task and its task.json sets no \"shots\", "
             f"so it has no default shot count; give `shots_per_class`.")
     return shots
@@ -64,7 +65,7 @@ def task_build_inputs(task, tokenizer, model_config, *, shots_per_class: int | N
     disjoint from them, or from another held-out split), and the content-free queries
     of a classification task."""
     shots = resolve_shots(task, shots_per_class)
-    budget = builder.max_prefix_len(model_config)
+    budget = iteration.max_prefix_len(model_config)
     count = (lambda text: len(builder.tokenize_demos(tokenizer, text))) if budget else None
     demos = tasks.sample_demos(task, shots, seed, max_tokens=budget, count_tokens=count)
     demo_ids = builder.tokenize_demos(tokenizer, demos.text)
@@ -98,22 +99,22 @@ def candidates(model_config, *, search: bool = False, optimizer: str | None = No
         ("position_mode", position_mode)) if value is not None]
     if search:
         if explicit:
-            raise builder.BuildError(f"`search` selects the optimizer on dev; drop "
-                                     f"{', '.join(explicit)}")
+            raise BuildError(f"`search` selects the optimizer on dev; drop "
+                             f"{', '.join(explicit)}")
         return search_grid.search_grid(search_grid.position_modes(model_config))
     optimizer = optimizer or "momentum"
     mode = position_mode or search_grid.PUBLISHED.position_mode
     if optimizer == "momentum":
         if eta is not None:
-            raise builder.BuildError("`eta` belongs to `optimizer` ema; with momentum use "
-                                     "`step_size` / `beta`")
+            raise BuildError("`eta` belongs to `optimizer` ema; with momentum use "
+                             "`step_size` / `beta`")
         params = {"step_size": search_grid.DEFAULT_STEP_SIZE if step_size is None
                   else step_size,
                   "beta": search_grid.DEFAULT_BETA if beta is None else beta}
     else:
         if step_size is not None or beta is not None:
-            raise builder.BuildError("`step_size` / `beta` belong to `optimizer` momentum; "
-                                     "with ema use `eta`")
+            raise BuildError("`step_size` / `beta` belong to `optimizer` momentum; "
+                             "with ema use `eta`")
         params = {"eta": search_grid.DEFAULT_EMA_ETA if eta is None else eta}
     return [search_grid.Candidate(optimizer, params, mode)]
 
@@ -124,34 +125,34 @@ def check_sources(*, demos_text: str | None, task_dir, dataset, shots_per_class:
     default from a task, else "none")."""
     from_task = bool(task_dir or dataset)
     if demos_text is not None and from_task:
-        raise builder.BuildError(
+        raise BuildError(
             "give the demonstrations as `demos_text`, or a task to sample them from "
             "(`task_dir` and/or `dataset`), not both")
     if demos_text is None and not from_task:
-        raise builder.BuildError(
+        raise BuildError(
             "no demonstrations: give `task_dir` (and/or `dataset`) to sample them from a "
             "task, or `demos_text` with the exact demonstration string")
     if from_task:
         if shots_per_class is not None and shots_per_class < 1:
-            raise builder.BuildError(f"`shots_per_class` must be >= 1, found {shots_per_class}")
+            raise BuildError(f"`shots_per_class` must be >= 1, found {shots_per_class}")
         if task_dir and not Path(task_dir).is_dir():
-            raise builder.BuildError(f"`task_dir` {task_dir}: no such directory")
+            raise BuildError(f"`task_dir` {task_dir}: no such directory")
     else:
         if shots_per_class is not None:
-            raise builder.BuildError("`shots_per_class` applies to a task (`task_dir` / "
-                                     "`dataset`), not `demos_text`")
+            raise BuildError("`shots_per_class` applies to a task (`task_dir` / "
+                             "`dataset`), not `demos_text`")
         if select_on == "dev":
-            raise builder.BuildError("`select_on` dev needs a task (`task_dir` / `dataset`): "
-                                     "the dev split comes from its training rows")
+            raise BuildError("`select_on` dev needs a task (`task_dir` / `dataset`): "
+                             "the dev split comes from its training rows")
     select_on = select_on or ("dev" if from_task else "none")
     if search and select_on != "dev":
-        raise builder.BuildError("`search` needs `select_on` dev (with `task_dir` / "
-                                 "`dataset`): candidates are compared on dev")
+        raise BuildError("`search` needs `select_on` dev (with `task_dir` / "
+                         "`dataset`): candidates are compared on dev")
     if dev_size < 1:
-        raise builder.BuildError(f"`dev_size` must be >= 1, found {dev_size}")
+        raise BuildError(f"`dev_size` must be >= 1, found {dev_size}")
     if dev_split != "train" and select_on != "dev":
-        raise builder.BuildError(f"`dev_split` {dev_split} applies to `select_on` dev, which "
-                                 f"this build does not use")
+        raise BuildError(f"`dev_split` {dev_split} applies to `select_on` dev, which "
+                         f"this build does not use")
     return select_on
 
 
@@ -269,8 +270,8 @@ def build_from_task(model: str | Path | LoadedModel, *, task_dir: str | Path | N
         for param, wanted, opened in (("revision", revision, model.revision),
                                       ("dtype", dtype, model.dtype)):
             if wanted != opened:
-                raise builder.BuildError(f"`{param}` {wanted} differs from the {opened} the "
-                                         f"base model was opened with (load_base_model)")
+                raise BuildError(f"`{param}` {wanted} differs from the {opened} the "
+                                 f"base model was opened with (load_base_model)")
         base = model
     else:
         base = load_base_model(model, revision, dtype)
@@ -292,7 +293,7 @@ def build_from_task(model: str | Path | LoadedModel, *, task_dir: str | Path | N
     dev_items = inputs.dev_items if inputs is not None else None
     demo_ids = builder.tokenize_demos(tokenizer, demos_text)
     for c in runs:  # before the weights load
-        builder.check_build_supported(config, len(demo_ids), c.position_mode)
+        iteration.check_build_supported(config, len(demo_ids), c.position_mode)
     if progress:
         _log(format_plan(demo_ids, runs, policy, select_on, dev_items, search))
     recorded = dict(build_args or {})

@@ -26,8 +26,9 @@ from typing import Any
 
 from vllm_deepthink.format import CONFIG_NAME, AdapterFormatError, DeepThinkAdapter
 from vllm_deepthink.format.names import ADAPTER_NAME_RULE, is_adapter_name
-from vllm_deepthink.producers.deepthink import builder
+from vllm_deepthink.producers.deepthink.errors import BuildError
 from vllm_deepthink.producers.deepthink.from_task import DTYPES, SELECT_ON
+from vllm_deepthink.producers.deepthink.iteration import OPTIMIZERS, POSITION_MODES
 from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
 from vllm_deepthink.tasks.task import SPLITS
 
@@ -40,8 +41,8 @@ _INT, _NUMBER, _BOOL, _TEXT = "an integer", "a number", "true or false", "a stri
 BUILD_FIELDS: dict[str, Any] = {
     "model": _TEXT, "revision": _TEXT, "task_dir": _TEXT, "dataset": _TEXT,
     "demos_text": _TEXT, "shots_per_class": _INT, "seed": _INT, "search": _BOOL,
-    "optimizer": builder.OPTIMIZERS, "step_size": _NUMBER, "beta": _NUMBER, "eta": _NUMBER,
-    "position_mode": builder.POSITION_MODES, "policy": "an object", "select_on": SELECT_ON,
+    "optimizer": OPTIMIZERS, "step_size": _NUMBER, "beta": _NUMBER, "eta": _NUMBER,
+    "position_mode": POSITION_MODES, "policy": "an object", "select_on": SELECT_ON,
     "dev_size": _INT, "dev_split": SPLITS, "stratify_dev": _BOOL, "batch_size": _INT,
     "dtype": DTYPES,
 }
@@ -53,7 +54,7 @@ _NEVER = ("patience", "collapse_drop")  # null: no patience stop, no collapse st
 _PATH_FIELDS = ("model", "task_dir", "dataset")
 
 
-class ManifestError(builder.BuildError):
+class ManifestError(BuildError):
     """A manifest (or a line of it) that cannot be used; raised before any build."""
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_deepthink.format.hub import HubResolutionError
-from vllm_deepthink.producers.deepthink import builder
+from vllm_deepthink.producers.deepthink.errors import BuildError
 from vllm_deepthink.producers.deepthink.from_task import build_from_task, load_base_model
 from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
 from vllm_deepthink.tasks import TaskError
@@ -27,7 +27,7 @@ Done = Callable[[str, Any, float, "str | None"], None]
 
 def _error(exc: Exception) -> str:
     """Our own input errors say what to do already; anything else also names its type."""
-    if isinstance(exc, (builder.BuildError, TaskError, HubResolutionError)):
+    if isinstance(exc, (BuildError, TaskError, HubResolutionError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -157,8 +157,8 @@ def run_ray(jobs: list[dict[str, Any]], done: Done, *, workers: int = 1,
         import ray
         from ray.exceptions import RayActorError, RayError
     except ImportError:
-        raise builder.BuildError("`ray` needs Ray: pip install 'vllm-deepthink[ray]' (or "
-                                 "leave out `ray` to build on this machine)") from None
+        raise BuildError("`ray` needs Ray: pip install 'vllm-deepthink[ray]' (or "
+                         "leave out `ray` to build on this machine)") from None
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address)
