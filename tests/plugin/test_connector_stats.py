@@ -97,8 +97,10 @@ def test_prometheus_costs_join_the_frontends_own(monkeypatch):
     registry = CollectorRegistry()
     metrics = DeepThinkConnector.build_prom_metrics(
         SimpleNamespace(kv_transfer_config=None),
-        {Counter: lambda **kw: Counter(registry=registry, **kw), Gauge: Gauge,
-         Histogram: Histogram}, ["model_name", "engine"], {0: ["m", "0"]})
+        {Counter: lambda **kw: Counter(registry=registry, **kw),
+         Gauge: lambda **kw: Gauge(registry=registry, **kw),
+         Histogram: lambda **kw: Histogram(registry=registry, **kw)},
+        ["model_name", "engine"], {0: ["m", "0"]})
     frontend = CostCounters()
     monkeypatch.setattr(stats_module, "FRONTEND_COSTS", frontend)
     frontend.add("frontend", 40_000, requests=2)
