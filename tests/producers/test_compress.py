@@ -85,6 +85,8 @@ def test_distillation_lowers_the_kl_and_records_every_step(llama, distilled):
     assert evaluated[-1]["dev_kl"] < evaluated[0]["dev_kl"]
     assert record["dev"]["final"]["kl"] < record["dev"]["selection"]["kl"]
     assert record["distill"]["settings"]["steps"] == 6
+    # "auto" became the answer-token objective: the labels are one token each.
+    assert record["distill"]["settings"]["positions"] == "answer"
     # The model stays frozen and untouched.
     assert all(p.requires_grad for p in model.parameters())
     assert record["dev"]["answer_token_ids"] == LABEL_IDS
@@ -185,6 +187,41 @@ def test_refusals(llama, source, tmp_path):
     other, _ = load_tiny("llama", make_tiny_model("llama", tmp_path / "other", seed=1))
     with pytest.raises(CompressError, match="different base model"):
         compress_adapter(source, other, tokenizer, QUERIES, prefix_len=8, progress=False)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_every_objective_lowers_its_own_kl(llama, source, positions):
+    model, tokenizer = llama
+    adapter = compress_adapter(source, model, tokenizer, QUERIES, prefix_len=12, dev_size=8,
+                               distill=DistillSettings(steps=4, eval_every=4, patience=0,
+                                                       batch_size=8, lr=3e-3,
+                                                       positions=positions),
+                               progress=False)
+    record = adapter.config.compression
+    assert record["distill"]["settings"]["positions"] == positions
+    assert record["dev"]["final"]["kl"] < record["dev"]["selection"]["kl"]
+
+
+def test_the_answer_objective_needs_answer_tokens(llama):
+    model, tokenizer = llama
+    past_kv = imported(model, method="past-kv", virtual=20, specials=())
+    with pytest.raises(CompressError, match="'answer' needs the answer tokens"):
+        compress_adapter(past_kv, model, tokenizer, QUERIES, prefix_len=5, dev_size=4,
+                         distill=DistillSettings(steps=1, positions="answer"), progress=False)
+    # "auto" falls back to every position when there are none.
+    adapter = compress_adapter(past_kv, model, tokenizer, QUERIES, prefix_len=5, dev_size=4,
+                               distill=DistillSettings(steps=1, eval_every=1), progress=False)
+    assert adapter.config.compression["distill"]["settings"]["positions"] == "all"
+
+
+def test_the_lm_head_on_a_few_tokens_equals_those_columns(llama):
+    from vllm_deepthink.tasks import scoring
+
+    model, _ = llama
+    hidden = torch.randn(3, model.config.hidden_size)
+    ids = torch.tensor(LABEL_IDS)
+    assert torch.allclose(scoring.lm_logits(model, hidden, token_ids=ids),
+                          scoring.lm_logits(model, hidden)[:, ids], atol=1e-6)
 
 
 def test_an_imported_adapter_compresses_and_keeps_its_provenance_digest(llama):

@@ -67,8 +67,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help=f"stop after this many evaluations without a better dev "
                              f"agreement / KL (default {d.patience}; 0: never)")
     parser.add_argument("--distill-positions", choices=POSITIONS, default=d.positions,
-                        help="the KL at every query position (all, default) or only at "
-                             "the answer position (last)")
+                        help="where the KL is taken: answer (the answer position over "
+                             "the label tokens), last (the answer position, whole "
+                             "vocabulary), all (every query position); auto (default): "
+                             "answer when the labels are one token each, else all")
     parser.add_argument("--top-k", type=int, default=d.top_k,
                         help=f"teacher tokens kept per position (default {d.top_k})")
     parser.add_argument("--teacher", choices=("source", "calibrated"), default="source",

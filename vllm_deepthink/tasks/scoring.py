@@ -127,9 +127,17 @@ def make_plan(encoded: Sequence[EncodedItem]) -> ScoringPlan:
 
 # ----------------------------------------------------------------- the HF scorer
 
-def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal-LM head on selected hidden states [N, hidden] -> [N, vocab] (float32)."""
-    logits = model.get_output_embeddings()(hidden).float()
+def lm_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """The causal-LM head on selected hidden states [N, hidden] -> [N, vocab] (float32),
+    or [N, len(token_ids)] for those vocabulary rows only (the same values, without
+    the full-vocabulary matmul)."""
+    head = model.get_output_embeddings()
+    if token_ids is None:
+        logits = head(hidden).float()
+    else:
+        bias = None if head.bias is None else head.bias[token_ids]
+        logits = torch.nn.functional.linear(hidden, head.weight[token_ids], bias).float()
     softcap = getattr(text_config(model.config), "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -181,8 +181,13 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     except teachers.TeacherError as exc:
         raise CompressError(str(exc)) from None
     answer_ids = _answer_ids(tokenizer, source.label_calibration, choices)
+    if distill is not None:
+        try:
+            distill = distill.resolved(answer_ids)
+        except ValueError as exc:
+            raise CompressError(str(exc)) from None
     top_k = distill.top_k if distill else 64
-    positions_mode = distill.positions if distill else "all"
+    positions_mode = (distill or DistillSettings()).resolved(answer_ids).positions
 
     def targets(ids):
         return teachers.teacher_targets(model, the_teacher, ids, top_k=top_k,

@@ -2,8 +2,12 @@
 positions' K/V only.
 
 Loss: KL(teacher || compressed) of the next-token distributions at the queries'
-positions (every position, or only each query's last: the answer position), with the
-teacher's sparse targets (teachers.py). Adam on float32 copies of the K/V; every
+positions, with the teacher's sparse targets (teachers.py). `positions`:
+  all     every query position (the whole next-token distribution: generation too);
+  last    each query's last position, the answer position (whole distribution);
+  answer  the answer position over the answer tokens only (renormalized): the
+          classification decision itself, which is what selection loses; the cheapest;
+  auto    "answer" when the answer tokens are known (one token per label), else "all". Adam on float32 copies of the K/V; every
 `eval_every` steps the dev queries give the KL and the agreement (the compressed
 prefix's answer equals the teacher's: argmax over the answer tokens when given, else
 over the vocabulary, at each dev query's last position); the best evaluation is kept
@@ -16,7 +20,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,8 +28,9 @@ from tqdm.auto import tqdm
 
 from vllm_deepthink.producers.compress.batches import batch_indices, forward_after_prefix
 from vllm_deepthink.producers.compress.teachers import Targets
+from vllm_deepthink.tasks import scoring
 
-POSITIONS = ("all", "last")
+POSITIONS = ("auto", "all", "last", "answer")
 
 
 @dataclass
@@ -33,7 +38,8 @@ class DistillSettings:
     """steps: Adam steps (one batch each); lr: Adam's learning rate; batch_size: queries
     per step; eval_every: steps between dev evaluations; patience: evaluations without a
     better dev result before stopping (0: never); top_k: teacher tokens kept per position;
-    positions: "all" query positions or the "last" (answer) one; seed: batch order."""
+    positions: where the KL is taken ("auto", "all", "last", "answer": the module's
+    docstring); seed: batch order."""
 
     steps: int = 100
     lr: float = 1e-3
@@ -41,7 +47,7 @@ class DistillSettings:
     eval_every: int = 10
     patience: int = 3
     top_k: int = 64
-    positions: str = "all"
+    positions: str = "auto"
     seed: int = 0
 
     def check(self) -> None:
@@ -58,6 +64,16 @@ class DistillSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolved(self, answer_ids: Sequence[int] | None) -> DistillSettings:
+        """These settings with `positions` "auto" made concrete for `answer_ids`."""
+        if self.positions == "auto":
+            return replace(self, positions="answer" if answer_ids else "all")
+        if self.positions == "answer" and not answer_ids:
+            raise ValueError("`positions` 'answer' needs the answer tokens (one token per "
+                             "label: give the task's choices), found none; use 'all' or "
+                             "'last'")
+        return self
 
 
 @dataclass
@@ -90,17 +106,39 @@ def _batch_targets(targets: Sequence[Targets], last_only: bool) -> Targets:
                    torch.cat([t.log_rest for t in parts]))
 
 
-def _loss(model, prefix, query_ids, targets, positions: str):
-    """(mean KL over the positions, student logits [B, vocab] at the last positions)."""
+def answer_logp(target: Targets, answer_ids: Sequence[int]) -> torch.Tensor:
+    """[A] the teacher's log-probs at the answer position over `answer_ids`, renormalized
+    (the answer tokens are always among its kept tokens: teachers.teacher_targets)."""
+    ids, logp = target.ids[-1].tolist(), target.logp[-1]
+    picked = torch.stack([logp[ids.index(int(a))] for a in answer_ids])
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
+def answer_kl(logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """[B] KL(teacher || student) over the answer tokens; logits [B, A] of the student
+    at the answer tokens, teacher_logp [B, A] (renormalized)."""
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(dim=-1)
+
+
+def _loss(model, prefix, query_ids, targets, positions: str,
+          answer_ids: Sequence[int] | None = None):
+    """(mean KL over the positions, student logits [B, vocab or A] at the last positions:
+    over the answer tokens A for "answer")."""
     run = forward_after_prefix(model, prefix, query_ids)
-    logits = run.logits(model)  # [N, vocab]
-    last = run.last_rows()
+    if positions == "all":
+        logits = run.logits(model)  # [N, vocab]
+        kl = sparse_kl(logits, _batch_targets(targets, False).to_device(logits.device))
+        return kl.mean(), logits[run.last_rows()]
+    hidden = run.hidden[run.valid][run.last_rows()]  # [B, hidden]: the LM head only here
     if positions == "last":
-        logits = logits[last]
+        logits = scoring.lm_logits(model, hidden)  # [B, vocab]
         kl = sparse_kl(logits, _batch_targets(targets, True).to_device(logits.device))
         return kl.mean(), logits
-    kl = sparse_kl(logits, _batch_targets(targets, False).to_device(logits.device))
-    return kl.mean(), logits[last]
+    ids = torch.tensor(list(answer_ids), device=hidden.device)
+    logits = scoring.lm_logits(model, hidden, token_ids=ids)  # [B, A]
+    teacher = torch.stack([answer_logp(t, answer_ids) for t in targets]).to(logits.device)
+    return answer_kl(logits, teacher).mean(), logits
 
 
 def _teacher_answer(target: Targets, answer_ids: Sequence[int] | None) -> int:
@@ -112,8 +150,12 @@ def _teacher_answer(target: Targets, answer_ids: Sequence[int] | None) -> int:
 
 
 def _student_answers(logits: torch.Tensor, answer_ids: Sequence[int] | None) -> list[int]:
+    """The student's answers from its last-position logits [B, vocab] (or [B, A] over the
+    answer tokens)."""
     if not answer_ids:
         return logits.argmax(dim=-1).tolist()
+    if logits.shape[-1] == len(answer_ids):
+        return [answer_ids[i] for i in logits.argmax(dim=-1).tolist()]
     ids = torch.tensor(list(answer_ids), device=logits.device)
     return ids[logits[:, ids].argmax(dim=-1)].tolist()
 
@@ -127,7 +169,7 @@ def evaluate(model, prefix, query_ids: Sequence[Sequence[int]], targets: Sequenc
     kls, agree = [], 0
     for rows in batch_indices(len(query_ids), batch_size):
         kl, last_logits = _loss(model, prefix, [query_ids[i] for i in rows],
-                                [targets[i] for i in rows], positions)
+                                [targets[i] for i in rows], positions, answer_ids)
         kls.append(kl.item() * len(rows))
         answers = _student_answers(last_logits, answer_ids)
         agree += sum(a == _teacher_answer(targets[i], answer_ids) for a, i in zip(answers, rows))
@@ -144,6 +186,7 @@ def distill(model, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
     """Adam on the K/V (per layer [num_kv_heads, k, head_dim]) against the teacher's
     targets; returns the best evaluated K/V (float32) and the trace (step 0: the start)."""
     settings.check()
+    settings = settings.resolved(answer_ids)
     if not train_ids or not dev_ids:
         raise ValueError(f"distillation needs train and dev queries, found {len(train_ids)} "
                          f"and {len(dev_ids)}")
@@ -184,7 +227,8 @@ def distill(model, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                     order.extend(more)
                 rows, order[:] = order[:settings.batch_size], order[settings.batch_size:]
                 loss, _ = _loss(model, prefix(), [train_ids[i] for i in rows],
-                                [train_targets[i] for i in rows], settings.positions)
+                                [train_targets[i] for i in rows], settings.positions,
+                                answer_ids)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
