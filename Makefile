@@ -3,6 +3,7 @@
 #   make serve    build the default model and adapters when missing, start `vllm serve`
 #   make results  accuracy table of the README (many hours; resumable: run it again to
 #                 continue, e.g. make results RESULTS_ARGS="--time-budget 2h")
+#   make compression  the compression table (hours; resumable like make results)
 #   make gpu-check  parity on CUDA (EXTRAS=cuda,dev)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,8 +26,11 @@ SERVE_TASKS ?= examples/data
 # Extra arguments of `vllm-deepthink results`, e.g. --time-budget 2h, --max-rows 3,
 # --rows 'smollm2-*-s0', --threads 2, --list.
 RESULTS_ARGS ?=
+# Extra arguments of `vllm-deepthink compression`, e.g. --time-budget 2h, --rows 'smollm2-*-s0',
+# --threads 1, --list.
+COMPRESSION_ARGS ?=
 
-.PHONY: install test test-fast gpu-check serve models adapters results restore-vllm-script clean
+.PHONY: install test test-fast gpu-check serve models adapters results compression restore-vllm-script clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +80,11 @@ serve: adapters
 
 results: install
 	$(BIN)/vllm-deepthink results --data-dir $(DATA_DIR) --out results $(RESULTS_ARGS)
+
+# The compression table (results/compression/): reuses the rows of `make results`; resumable.
+compression: install
+	$(BIN)/vllm-deepthink compression --data-dir $(DATA_DIR) --results-dir results \
+	  --out results/compression $(COMPRESSION_ARGS)
 
 restore-vllm-script:
 	$(BIN)/python -m vllm_deepthink.tools.vllm_cpu_launcher restore

@@ -25,6 +25,8 @@ COMMANDS = {
     "eval": ("vllm_deepthink.apps.eval.cli", "accuracy: zero-shot vs ICL vs Deep-Thinking"),
     "bench": ("vllm_deepthink.apps.bench.cli", "throughput benchmarks"),
     "results": ("vllm_deepthink.apps.results.cli", "build adapters and write the README results table"),
+    "compression": ("vllm_deepthink.apps.compression.cli",
+                    "the compression table: compressed adapters against their source (HF)"),
 }
 
 

@@ -50,7 +50,9 @@ def row_priors(dev_result) -> dict[str, Any] | None:
             "dev-prior": plain["dev-prior"], "dev-prior_norm": norm["dev-prior"]}
 
 
-def _paired(a_preds, b_preds, labels) -> dict[str, Any]:
+def paired(a_preds, b_preds, labels) -> dict[str, Any]:
+    """B against A on the same items: acc(B) - acc(A), its 95% paired-bootstrap interval,
+    the discordant counts and the exact McNemar p-value."""
     from vllm_deepthink.tasks import stats
 
     a = [p == y for p, y in zip(a_preds, labels)]
@@ -85,6 +87,6 @@ def row_columns(zero_shot, tests: dict[str, Any], labels, priors: dict[str, Any]
 
 
 def paired_comparisons(columns: dict[str, dict[str, Any]], labels) -> dict[str, Any]:
-    return {name: _paired(columns[a]["predictions"], columns[b]["predictions"], labels)
+    return {name: paired(columns[a]["predictions"], columns[b]["predictions"], labels)
             for name, (a, b) in COMPARISONS.items() if a in columns and b in columns}
 

@@ -1,0 +1,96 @@
+"""The compression table's bookkeeping: columns' k, the paired comparisons and the
+agreement, the report's cells and means, the CLI's refusals (no model needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from vllm_deepthink.apps.compression import paired, report
+from vllm_deepthink.apps.compression.cli import add_cli_args, main
+from vllm_deepthink.apps.compression.specs import COLUMNS, Column, default_rows, select_rows
+from vllm_deepthink.apps.errors import UsageError
+
+
+def test_columns_k_from_l():
+    assert Column("a", "L/8").prefix_len(133) == 17
+    assert Column("a", "L/2").prefix_len(133) == 66
+    assert Column("a", "16").prefix_len(133) == 16
+    assert Column("a", "L/8").prefix_len(10) == 2  # never below 2
+    assert [c.name for c in COLUMNS][:4] == ["sel-L/2", "sel-L/4", "sel-L/8", "sel-16"]
+
+
+def test_rows_select_by_pattern():
+    assert default_rows()[0].key == "smollm2-sst2-s0"
+    assert [r.key for r in select_rows("gemma3-*")] == ["gemma3-270m-sst2-s0",
+                                                        "gemma3-270m-mr-s0"]
+    with pytest.raises(ValueError, match="matches none"):
+        select_rows("nope-*")
+
+
+def _row(key, source, sel, icl_dev, sel_dev=None):
+    labels = [0, 1, 0, 1, 1, 0, 0, 1]
+    cols = {"icl+dev": {"acc": None, "predictions": icl_dev},
+            "source": {"acc": None, "predictions": source, "k": 8},
+            "sel-L/2": {"acc": None, "predictions": sel, "k": 4, "teacher": None,
+                        "seconds": {"build": 3.0}}}
+    if sel_dev is not None:
+        cols["sel-L/2"]["predictions_dev"] = sel_dev
+        cols["sel-L/2"]["acc_dev"] = sum(p == y for p, y in zip(sel_dev, labels)) / 8
+    for c in cols.values():
+        c["acc"] = sum(p == y for p, y in zip(c["predictions"], labels)) / 8
+    data = {"row": {"key": key}, "labels": labels, "columns": cols,
+            "settings": {"n_test": 8, "source_len": 8}}
+    paired.update(data)
+    return data
+
+
+def test_paired_and_agreement():
+    data = _row("r", source=[0, 1, 0, 1, 1, 0, 0, 1], sel=[0, 1, 0, 1, 1, 0, 1, 0],
+                icl_dev=[1, 1, 0, 1, 1, 0, 0, 0], sel_dev=[0, 1, 0, 1, 1, 0, 0, 1])
+    assert data["agreement"] == {"sel-L/2": 0.75}
+    vs_source = data["paired"]["sel-L/2 vs source"]
+    assert vs_source["diff"] == pytest.approx(-0.25) and vs_source["discordant"] == [2, 0]
+    assert data["paired"]["sel-L/2+dev vs icl+dev"]["diff"] == pytest.approx(0.25)
+    assert "source vs icl+dev" in data["paired"] and "source vs source" not in data["paired"]
+
+
+def test_report_cells_and_means():
+    rows = [_row(f"r{i}", source=[0, 1, 0, 1, 1, 0, 0, 1], sel=[0, 1, 0, 1, 1, 0, 1, 0],
+                 icl_dev=[1, 1, 0, 1, 1, 0, 0, 0]) for i in range(3)]
+    rows[0]["columns"]["sel-L/4"] = {"skipped": "k >= L = 8"}
+    text = report.markdown(rows)
+    line = next(l for l in text.splitlines() if l.startswith("| r0 "))
+    assert "| 75.0 (75% k=4) |" in line and "| k≥L |" in line and "| … |" in line
+    mean = next(l for l in text.splitlines() if l.startswith("| sel-L/2 |"))
+    assert "-25.0 [-25.0, -25.0] (n=3)" in mean and "| 75.0% | 3 |" in mean
+    assert report.gains(rows, "sel-L/2", "icl+dev")[0] == pytest.approx(0.0)
+
+
+def _args(tmp_path, *argv):
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    return parser.parse_args(["--out", str(tmp_path), *argv])
+
+
+def test_cli_refusals_and_list(tmp_path, capsys):
+    with pytest.raises(UsageError, match="unknown"):
+        main(_args(tmp_path, "--columns", "sel-L/3"))
+    with pytest.raises(UsageError, match="--data-dir DIR is required"):
+        main(_args(tmp_path, "--rows", "smollm2-sst2-s0"))
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "smollm2-sst2-s0.json").write_text(json.dumps(
+        {"columns": {"source": {}, "sel-L/2": {}}}))
+    assert main(_args(tmp_path, "--rows", "smollm2-sst2-s*,smollm2-mr-s0", "--list")) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-sst2-s0" in out and "1 of 8 columns" in out and "to do" in out
+
+
+def test_a_row_without_an_accuracy_table_row_is_refused(tmp_path):
+    from vllm_deepthink.apps.compression.run import results_row
+    from vllm_deepthink.apps.results.specs import RowSpec
+
+    with pytest.raises(UsageError, match="vllm-deepthink results --rows smollm2-mr-s1"):
+        results_row(tmp_path, RowSpec("smollm2", "mr", 1))
