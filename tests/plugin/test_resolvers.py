@@ -334,6 +334,23 @@ def test_an_adapter_larger_than_the_resident_budget_is_refused_at_registration(
     assert registry.get("a").prefix_len == 12 and registry.names() == ["a"]
 
 
+def test_the_room_pinned_adapters_hold_is_not_offered_to_others(llama, store):
+    """A pinned adapter is never evicted: an adapter registered later must fit in the
+    budget minus the pinned bytes (before: accepted, then every request for it failed
+    in the workers)."""
+    budget = footprint_of(store / "a")  # "a" alone fits exactly
+    registry = adapter_registry.AdapterRegistry(llama[0], resident_budget=budget,
+                                                pinned={"p": 1000})
+    with pytest.raises(request_checks.AdapterRequestError) as caught:
+        registry.register("a", store / "a")
+    assert ("leaves beside the pinned adapters (1000 bytes)" in str(caught.value)
+            and "pin fewer adapters" in str(caught.value))
+    # The pinned adapter itself is counted once: against the whole budget.
+    registry = adapter_registry.AdapterRegistry(llama[0], resident_budget=budget,
+                                                pinned={"a": budget})
+    assert registry.register("a", store / "a").prefix_len == 12
+
+
 def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, monkeypatch):
     """--deepthink-adapter-dir: the registration follows the files (their latest mtime),
     checked with a stat and no read while they are unchanged (before: the digest of the

@@ -92,7 +92,8 @@ class AdapterRegistry:
 
     def __init__(self, model: str | Path, revision: str | None = None,
                  resolvers: Sequence[AdapterResolver] = (), dtype: Any = None,
-                 resident_budget: int | None = None, tp_size: int = 1):
+                 resident_budget: int | None = None, tp_size: int = 1,
+                 pinned: Mapping[str, int] | None = None):
         self._model = str(model)
         self._revision = revision
         self._dtype = dtype  # a torch.dtype the K/V is written in, or None
@@ -100,6 +101,9 @@ class AdapterRegistry:
         # tensor-parallel size (each rank holds its share of the KV heads).
         self._resident_budget = resident_budget
         self._tp_size = tp_size
+        # Pinned adapters {name: resident bytes on a worker}: never evicted, so every
+        # other adapter must fit in the room they leave.
+        self._pinned = dict(pinned or {})
         self._resolvers = list(resolvers)
         self._fingerprint: ModelFingerprint | None = None
         self._adapters: dict[str, AdapterInfo] = {}
@@ -150,8 +154,9 @@ class AdapterRegistry:
         config, written_digest = load_config_and_digest(path)
         check_fingerprint(config, self.model_fingerprint(), path)
         if self._resident_budget is not None:
+            held = sum(b for n, b in self._pinned.items() if n != name)
             too_large = resident_budget_error(name, config, self._resident_budget,
-                                              self._tp_size)
+                                              self._tp_size, held)
             if too_large is not None:
                 raise AdapterRequestError(too_large, param="model")
         checked = check_adapter(path, config, written_digest)
@@ -385,7 +390,13 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
     with _registries_lock:
         registry = _registries.get(key)
         if registry is None:
+            from vllm_deepthink.plugin.connector import pins
+
             extra = kv_config.kv_connector_extra_config
+            try:
+                pinned = pins.footprints(vllm_config, pins.pinned_paths(extra))
+            except (ValueError, OSError, AdapterFormatError):
+                pinned = {}  # the workers refuse such a pinned set at engine start
             registry = AdapterRegistry(
                 vllm_config.model_config.model, revision=vllm_config.model_config.revision,
                 resolvers=[*(DirectoryResolver(d)
@@ -393,7 +404,8 @@ def registry_for(vllm_config: Any) -> AdapterRegistry:
                            *registered_resolvers()],
                 dtype=getattr(vllm_config.model_config, "dtype", None),
                 resident_budget=resident_budget_bytes(extra.get(EXTRA_CONFIG_RESIDENT_GIB)),
-                tp_size=vllm_config.parallel_config.tensor_parallel_size)
+                tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                pinned={name: f.resident for name, f in pinned.items()})
             registry.register_at_start(extra.get(EXTRA_CONFIG_ADAPTERS, {}),
                                        extra.get(EXTRA_CONFIG_PARENTS, {}))
             _registries[key] = registry

@@ -78,14 +78,15 @@ def config_footprint(config: DeepThinkConfig, tp_size: int, tp_rank: int,
 
 
 def resident_budget_error(name: str, config: DeepThinkConfig, budget: int,
-                          tp_size: int = 1) -> str | None:
+                          tp_size: int = 1, pinned: int = 0) -> str | None:
     """Why adapter `name` (its DeepThinkConfig) can never be loaded by a worker whose
-    resident budget is `budget` bytes, or None when it can: its footprint
-    (residency.load_footprint, the model dtype counted as float32, its widest) is more
-    than the budget. What registration checks (api.engine_args, the adapter registry) before an
-    adapter is served."""
+    resident budget is `budget` bytes, `pinned` of them held by pinned adapters, or None
+    when it can: its footprint (residency.load_footprint, the model dtype counted as
+    float32, its widest) is more than the room left. What registration checks
+    (api.engine_args, the adapter registry) before an adapter is served."""
     return budget_error(f"adapter {name!r} ({config.prefix_len} positions)",
-                        config_footprint(config, tp_size, 0, MAX_FILE_ITEMSIZE), budget)
+                        config_footprint(config, tp_size, 0, MAX_FILE_ITEMSIZE), budget,
+                        pinned)
 
 
 def files_mtime(location: str | Path) -> float:
