@@ -109,9 +109,11 @@ def test_demos_text_with_given_queries(base):
      {"demos_text": "Review: fine\nSentiment: positive\n"}, "`teacher_seeds` draws"),
     (CompressSettings(prefix_len=4, distill=DistillSettings(patience=-1)), BUILD,
      "`patience` must be an integer >= 0"),
+    (CompressSettings(prefix_len=4), {**BUILD, "dtype": "bfloat16"},
+     "`dtype` bfloat16 with `compress`"),
 ])
 def test_refusals_come_before_the_weights_load(model_dir, settings, sources, message):
-    base = load_base_model(model_dir)
+    base = load_base_model(model_dir, dtype=sources.get("dtype", "float32"))
     with pytest.raises(CompressError) as info:
         build_compressed_from_task(base, compress=settings, progress=False, **sources)
     assert message in str(info.value), str(info.value)

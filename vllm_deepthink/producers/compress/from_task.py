@@ -204,17 +204,6 @@ def _source_len(base: LoadedModel, task, demos_text: str | None,
     return len(inputs.demo_ids)
 
 
-def _float32_model(base: LoadedModel):
-    """The model compression runs on: float32 (gradients and scores), whatever the build's
-    dtype (the compressed adapter keeps the build's)."""
-    if base.dtype == "float32":
-        return base.weights()
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(base.directory, dtype=torch.float32).eval()
-
-
 def build_compressed_from_task(model: str | Path | LoadedModel, *, compress: CompressSettings,
                                task_dir: str | Path | None = None, dataset: str | None = None,
                                demos_text: str | None = None, revision: str | None = None,
@@ -235,6 +224,11 @@ def build_compressed_from_task(model: str | Path | LoadedModel, *, compress: Com
 
     has_task = bool(task_dir or dataset)
     compress.check(has_task=has_task)
+    if dtype != "float32":
+        # Selection and distillation run on the float32 model, and an adapter built in
+        # another dtype records the fingerprint of that dtype's embedding.
+        raise CompressError(f"`dtype` {dtype} with `compress`: a compressed build runs in "
+                            f"float32; build in float32 (the adapter keeps float32 K/V)")
     base = model if isinstance(model, LoadedModel) else load_base_model(model, revision, dtype)
     task = open_task(task_dir, dataset) if has_task else None
     source_len = _source_len(base, task, demos_text, shots_per_class, seed)
@@ -248,6 +242,6 @@ def build_compressed_from_task(model: str | Path | LoadedModel, *, compress: Com
     recorded["source_build"] = {key: summary[key] for key in (
         "prefix_len", "iterations_run", "selected_iteration", "optimizer", "optimizer_params",
         "position_mode")}
-    return compress_for_task(source, _float32_model(base), base.tokenizer, compress,
+    return compress_for_task(source, base.weights(), base.tokenizer, compress,
                              task=task, build_args={**source.config.build_args, **recorded},
                              progress=progress, on_step=on_step)
