@@ -47,7 +47,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="demos per label (in all for multiple choice); default: the "
                              "task.json's \"shots\", else the paper's count of a built-in task "
                              "(SST-2 4, SST-5 2, MR 4, AG News 2, TREC 2, multiple choice 4)")
-    parser.add_argument("--seed", type=int, default=0, help="demo sampling and dev split seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="demo sampling and dev split seed (with --prefix-len also the "
+                             "compression's query draw, dev split and batch order)")
     parser.add_argument("--iterations", type=int, default=defaults.max_iterations,
                         help="maximum Deep-Thinking iterations T (1 = plain ICL); "
                              f"default {defaults.max_iterations}")
@@ -95,7 +97,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="stop a run once its dev accuracy stays this far below its best "
                              f"for {defaults.collapse_span} iterations (default "
                              f"{defaults.collapse_drop}; 0: never)")
-    parser.add_argument("--batch-size", type=int, default=16, help="dev scoring batch size")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="dev scoring batch size (with --prefix-len also the "
+                             "compression's queries per batch and step)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", help="adapter directory (default adapters_store/TASK-MODEL)")
     parser.add_argument("--output-json", help="also write a JSON summary of the build here")

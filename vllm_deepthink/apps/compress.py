@@ -11,7 +11,9 @@ source's. --distill then trains the k positions' K/V (the model frozen) to repro
 teacher's next-token distributions on the queries. The queries are a task's train rows
 rendered with its template (labels unused; the source's demonstration rows excluded) or
 --queries FILE (one per line; a .jsonl file: one JSON string per line). The output is
-served like any adapter: `vllm serve BASE --deepthink-adapter NAME=DST`.
+served like any adapter: `vllm serve BASE --deepthink-adapter NAME=DST`. `vllm-deepthink
+build ... --prefix-len K` builds and compresses in one command with these flags (there,
+--compress-dev-size and --distill-patience; --dev-size and --patience are the build's).
 """
 
 from __future__ import annotations
