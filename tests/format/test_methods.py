@@ -1,5 +1,6 @@
 """Format version 2: the method field, per-method validation, placeholder ids, provenance,
-and format_version 1 adapters upgraded on read."""
+format_version 1 adapters upgraded on read, and format_version 2 adapters written before
+the later optional fields (selection, label_calibration, compression) still load."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import json
 import pytest
 import torch
 
-from tests.helpers.adapter_factory import V1_KEYS, build_adapter, write_v1_adapter
+from tests.helpers.adapter_factory import (V1_KEYS, V2_FIRST_KEYS, build_adapter,
+                                          write_first_v2_adapter, write_v1_adapter)
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import (CONFIG_NAME, FORMAT_VERSION, METHODS, PLACEHOLDER_TOKEN_ID,
                                     WEIGHTS_NAME, AdapterFormatError, DeepThinkAdapter,
@@ -95,6 +97,24 @@ def test_v1_adapter_written_by_the_old_code_loads_upgraded(deepthink, llama, tmp
     loaded.save_pretrained(tmp_path / "v2")
     assert json.loads((tmp_path / "v2" / CONFIG_NAME).read_text())["format_version"] == 2
     assert DeepThinkAdapter.from_pretrained(tmp_path / "v2").config == deepthink.config
+
+
+@pytest.mark.parametrize("method", ["deepthink", "past-kv"])
+def test_first_v2_adapter_without_the_later_fields_loads(deepthink, llama, tmp_path, method):
+    adapter = deepthink if method == "deepthink" else imported(
+        llama[1], method="past-kv", virtual=7, specials=(),
+        source="past-kv", files={"cache.safetensors": SHA})
+    directory = write_first_v2_adapter(adapter, tmp_path / "v2")
+    written = json.loads((directory / CONFIG_NAME).read_text())
+    assert written["format_version"] == 2 and set(written) == set(V2_FIRST_KEYS)
+    assert not {"selection", "label_calibration", "compression"} & set(written)
+    loaded = DeepThinkAdapter.from_pretrained(
+        directory, expected_fingerprint=ModelFingerprint.from_checkpoint(llama[0]))
+    assert loaded.config == adapter.config  # the later fields at their defaults
+    assert loaded.config.compression is None and loaded.config.method == method
+    assert loaded.digest == hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
+    for a, b in zip(loaded.keys + loaded.values, adapter.keys + adapter.values):
+        assert torch.equal(a, b)
 
 
 def test_v1_config_edited_apart_from_its_weights_is_refused(deepthink, tmp_path):

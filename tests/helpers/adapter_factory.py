@@ -81,19 +81,24 @@ V1_KEYS = ("base_model_name_or_path", "fingerprint", "prefix_len", "dtype", "dem
            "demo_token_ids", "optimizer", "optimizer_params", "position_mode", "iterations_run",
            "selected_iteration", "selection_trace", "task", "build_args", "builder_version",
            "format_version")
+# Keys the first format_version 2 config had (the code of 4abdbc3: methods, before
+# selection, label_calibration and compression were recorded).
+V2_FIRST_KEYS = (*V1_KEYS, "method", "num_virtual_tokens", "prefix_special_ids", "provenance")
 
 
-def write_v1_adapter(adapter: DeepThinkAdapter, out_dir: str | Path) -> Path:
-    """Write a Deep-Thinking adapter the way format_version 1 did (the code of main
-    before format v2): the v1 config keys only, the v1 header."""
+def write_old_adapter(adapter: DeepThinkAdapter, out_dir: str | Path, version: int,
+                      keys: tuple[str, ...]) -> Path:
+    """Write `adapter` the way an older vllm-deepthink did: format_version `version`, the
+    config keys `keys` only (each present in the adapter's config), the header of that
+    config as written."""
     import hashlib
     import json
 
     from safetensors.torch import save as safetensors_save
 
-    data = {key: value for key, value in adapter.config.to_dict().items() if key in V1_KEYS}
-    data["format_version"] = 1
-    assert set(data) == set(V1_KEYS)
+    data = {key: value for key, value in adapter.config.to_dict().items() if key in keys}
+    data["format_version"] = version
+    assert set(data) == set(keys)
     canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     tensors = {}
     for i, (k, v) in enumerate(zip(adapter.keys, adapter.values)):
@@ -103,10 +108,22 @@ def write_v1_adapter(adapter: DeepThinkAdapter, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "deepthink_model.safetensors").write_bytes(safetensors_save(tensors, metadata={
         "deepthink_config_sha256": hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
-        "format": "deepthink", "format_version": "1"}))
+        "format": "deepthink", "format_version": str(version)}))
     (out_dir / "deepthink_config.json").write_text(
         json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     return out_dir
+
+
+def write_v1_adapter(adapter: DeepThinkAdapter, out_dir: str | Path) -> Path:
+    """Write a Deep-Thinking adapter the way format_version 1 did (the code of main
+    before format v2): the v1 config keys only, the v1 header."""
+    return write_old_adapter(adapter, out_dir, 1, V1_KEYS)
+
+
+def write_first_v2_adapter(adapter: DeepThinkAdapter, out_dir: str | Path) -> Path:
+    """Write an adapter the way the first format_version 2 code did: no "selection",
+    "label_calibration" or "compression" key (they default when read)."""
+    return write_old_adapter(adapter, out_dir, 2, V2_FIRST_KEYS)
 
 
 @dataclass

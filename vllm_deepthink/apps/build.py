@@ -1,7 +1,10 @@
 """`vllm-deepthink build`: build a Deep-Thinking adapter with HF transformers (no vLLM).
 
 This module parses the flags; `producers.deepthink.from_task.build_from_task` builds one
-adapter, `producers.deepthink.manifest.build_manifest` every task of `--manifest`.
+adapter, `producers.deepthink.manifest.build_manifest` every task of `--manifest`. With
+--prefix-len K or --ratio R the adapter is then compressed to k positions
+(`producers.compress.build_compressed_from_task`; the flags of `vllm-deepthink compress`,
+apps/compress.py) and the compressed adapter is the output.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="demos per label (in all for multiple choice); default: the "
                              "task.json's \"shots\", else the paper's count of a built-in task "
                              "(SST-2 4, SST-5 2, MR 4, AG News 2, TREC 2, multiple choice 4)")
-    parser.add_argument("--seed", type=int, default=0, help="demo sampling and dev split seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="demo sampling and dev split seed (with --prefix-len also the "
+                             "compression's query draw, dev split and batch order)")
     parser.add_argument("--iterations", type=int, default=defaults.max_iterations,
                         help="maximum Deep-Thinking iterations T (1 = plain ICL); "
                              f"default {defaults.max_iterations}")
@@ -92,10 +97,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="stop a run once its dev accuracy stays this far below its best "
                              f"for {defaults.collapse_span} iterations (default "
                              f"{defaults.collapse_drop}; 0: never)")
-    parser.add_argument("--batch-size", type=int, default=16, help="dev scoring batch size")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="dev scoring batch size (with --prefix-len also the "
+                             "compression's queries per batch and step)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--out", help="adapter directory (default adapters_store/TASK-MODEL)")
     parser.add_argument("--output-json", help="also write a JSON summary of the build here")
+    from vllm_deepthink.apps.compress import add_compress_args
+
+    add_compress_args(parser, for_build=True)
     many = parser.add_argument_group(
         "many adapters", "--manifest FILE: one JSON object per line, {\"name\": ..., "
         "\"task_dir\": ..., \"seed\": ...} (build_from_task's parameter names); the flags "
@@ -166,7 +176,9 @@ def builder_errors() -> tuple[type[Exception], ...]:
     from vllm_deepthink.format.hub import HubResolutionError
     from vllm_deepthink.producers.deepthink.errors import BuildError
 
-    return BuildError, tasks.TaskError, HubResolutionError
+    from vllm_deepthink.producers.compress import CompressError
+
+    return BuildError, tasks.TaskError, HubResolutionError, CompressError
 
 
 def manifest_defaults(args) -> dict:
@@ -175,7 +187,7 @@ def manifest_defaults(args) -> dict:
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
     flags = {a.dest for a in parser._actions if a.option_strings} - {
-        "help", "output_json", *MANIFEST_FLAGS}
+        "help", "output_json", *MANIFEST_FLAGS, *compress_defaults()}
     given = {dest: getattr(args, dest) for dest in flags
              if getattr(args, dest) != parser.get_default(dest)}
     policy = policy_from_args(args).to_dict()
@@ -187,6 +199,13 @@ def manifest_defaults(args) -> dict:
 def main_manifest(args: argparse.Namespace) -> int:
     from vllm_deepthink.producers.deepthink.manifest import FAILED, build_manifest, write_summary
 
+    given = [dest for dest, default in compress_defaults().items()
+             if getattr(args, dest) != default]
+    if given:
+        raise UsageError("with --manifest, a line compresses its adapter with its own "
+                         "\"compress\" object, e.g. {\"compress\": {\"prefix_len\": 16, "
+                         "\"distill\": true}} (docs/building.md); drop --prefix-len, --ratio "
+                         "and the other compression flags")
     wrong = [f"--{flag.replace('_', '-')}" for flag in ONE_BUILD_FLAGS if getattr(args, flag)]
     if wrong:
         raise UsageError(f"{', '.join(wrong)}: one build's flags; with --manifest each line "
@@ -219,26 +238,49 @@ def main(args: argparse.Namespace) -> int:
 
 
 def main_one(args: argparse.Namespace) -> int:
+    import time
+
+    from vllm_deepthink.apps import compress as compress_cli
     from vllm_deepthink.producers.deepthink.from_task import build_from_task, build_summary
 
+    start = time.perf_counter()
     policy = policy_from_args(args)
+    settings = compress_cli.compress_settings(args)
+    compressing = settings is not None
+    if compressing:
+        compress_cli.check_settings(settings, bool(args.task_dir or args.dataset),
+                                    for_build=True)
+    elif any(getattr(args, dest) != default for dest, default in compress_defaults().items()):
+        raise UsageError("the compression flags (--queries, --distill, ...) apply with "
+                         "--prefix-len K or --ratio R")
     out = Path(args.out) if args.out else default_out(args)
     build_args = {k: v for k, v in vars(args).items()
                   if not k.startswith("_") and k not in MANIFEST_FLAGS}
     build_args["out"] = str(out)
+    kwargs = dict(
+        task_dir=args.task_dir, dataset=args.dataset,
+        demos_text=read_demos_text(args.demos_text), revision=args.revision,
+        shots_per_class=args.shots_per_class, seed=args.seed, search=args.search,
+        optimizer=args.optimizer, step_size=args.step_size, beta=args.beta, eta=args.eta,
+        position_mode=args.position_mode, policy=policy, select_on=args.select_on,
+        dev_size=args.dev_size, dev_split=args.dev_split, stratify_dev=args.stratify_dev,
+        batch_size=args.batch_size, dtype=args.dtype, build_args=build_args)
+    from vllm_deepthink.producers.compress import CompressError, build_compressed_from_task
+
     try:
-        adapter = build_from_task(
-            args.model, task_dir=args.task_dir, dataset=args.dataset,
-            demos_text=read_demos_text(args.demos_text), revision=args.revision,
-            shots_per_class=args.shots_per_class, seed=args.seed, search=args.search,
-            optimizer=args.optimizer, step_size=args.step_size, beta=args.beta, eta=args.eta,
-            position_mode=args.position_mode, policy=policy, select_on=args.select_on,
-            dev_size=args.dev_size, dev_split=args.dev_split,
-            stratify_dev=args.stratify_dev, batch_size=args.batch_size, dtype=args.dtype,
-            build_args=build_args)
+        if compressing:
+            adapter = build_compressed_from_task(args.model, compress=settings,
+                                                 on_step=compress_cli.report_step, **kwargs)
+        else:
+            adapter = build_from_task(args.model, **kwargs)
+    except CompressError as exc:  # its `dev_size` / `patience` are build's other flags
+        raise UsageError(compress_cli.flag_message(str(exc), for_build=True)) from None
     except builder_errors() as exc:
         raise UsageError(str(exc)) from None
     adapter.save_pretrained(out)
+    if compressing:
+        compress_cli.write_result(adapter, out, time.perf_counter() - start, args.output_json)
+        return 0
     cfg = adapter.config
     print(f"selected iteration {cfg.selected_iteration} of {cfg.iterations_run} "
           f"({cfg.optimizer} {cfg.optimizer_params}, {cfg.position_mode}); adapter saved to {out}")
@@ -246,3 +288,13 @@ def main_one(args: argparse.Namespace) -> int:
         Path(args.output_json).write_text(json.dumps(build_summary(cfg, out), indent=2) + "\n",
                                           encoding="utf-8")
     return 0
+
+
+def compress_defaults() -> dict:
+    """The compression flags' dests -> their defaults (add_compress_args)."""
+    from vllm_deepthink.apps.compress import add_compress_args
+
+    parser = argparse.ArgumentParser()
+    add_compress_args(parser, for_build=True)
+    return {a.dest: a.default for a in parser._actions if a.option_strings and
+            a.dest != "help"}

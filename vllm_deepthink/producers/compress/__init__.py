@@ -9,6 +9,8 @@
 - distill.py: gradients through the frozen model into the k positions' K/V.
 - teachers.py: the distillation teachers (source, calibrated, ensemble of seeds) and
   their sparse targets.
+- from_task.py: `CompressSettings`, `compress_for_task` (the queries of a task or given)
+  and `build_compressed_from_task` (a Deep-Thinking build, then its compression).
 - queries.py: the queries (a task's train rows, or a file) and their digest.
 - batches.py: queries run after a per-layer K/V prefix (the forward every step shares).
 
@@ -18,5 +20,9 @@ HF transformers only; never imports vLLM. The output is an ordinary adapter of m
 
 from vllm_deepthink.producers.compress.compress import CompressError, compress_adapter
 from vllm_deepthink.producers.compress.distill import DistillSettings
+from vllm_deepthink.producers.compress.from_task import (CompressSettings,
+                                                         build_compressed_from_task,
+                                                         compress_for_task)
 
-__all__ = ["CompressError", "DistillSettings", "compress_adapter"]
+__all__ = ["CompressError", "CompressSettings", "DistillSettings", "build_compressed_from_task",
+           "compress_adapter", "compress_for_task"]

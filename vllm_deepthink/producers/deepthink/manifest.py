@@ -1,7 +1,9 @@
 """Many adapters from one manifest (`build_manifest`, what `vllm-deepthink build
 --manifest` runs): one JSON object per line, `name` plus the keyword arguments of
 `from_task.build_from_task` (`model`, `task_dir`, `dataset`, `shots_per_class`, `seed`,
-..., `policy` as an object of SelectionPolicy's fields); each adapter goes to
+..., `policy` as an object of SelectionPolicy's fields; `compress`, an object of
+compress.CompressSettings' fields, compresses the built adapter:
+compress.build_compressed_from_task); each adapter goes to
 OUT_DIR/NAME, a store `vllm serve --deepthink-adapter-dir OUT_DIR` serves by name.
 
 Resumable: an adapter that loads (config and weights, validated) and whose config
@@ -26,6 +28,7 @@ from typing import Any
 
 from vllm_deepthink.format import CONFIG_NAME, AdapterFormatError, DeepThinkAdapter
 from vllm_deepthink.format.names import ADAPTER_NAME_RULE, is_adapter_name
+from vllm_deepthink.producers.compress.from_task import CompressSettings
 from vllm_deepthink.producers.deepthink.errors import BuildError
 from vllm_deepthink.producers.deepthink.from_task import DTYPES, SELECT_ON
 from vllm_deepthink.producers.deepthink.iteration import OPTIMIZERS, POSITION_MODES
@@ -37,14 +40,14 @@ BUILT, SKIPPED, FAILED = "built", "skipped", "failed"
 
 _INT, _NUMBER, _BOOL, _TEXT = "an integer", "a number", "true or false", "a string"
 # A line's fields: build_from_task's keyword arguments (tests check they match its
-# signature) -> what each must be: a kind, or the tuple of its values.
+# signature) and "compress" -> what each must be: a kind, or the tuple of its values.
 BUILD_FIELDS: dict[str, Any] = {
     "model": _TEXT, "revision": _TEXT, "task_dir": _TEXT, "dataset": _TEXT,
     "demos_text": _TEXT, "shots_per_class": _INT, "seed": _INT, "search": _BOOL,
     "optimizer": OPTIMIZERS, "step_size": _NUMBER, "beta": _NUMBER, "eta": _NUMBER,
     "position_mode": POSITION_MODES, "policy": "an object", "select_on": SELECT_ON,
     "dev_size": _INT, "dev_split": SPLITS, "stratify_dev": _BOOL, "batch_size": _INT,
-    "dtype": DTYPES,
+    "dtype": DTYPES, "compress": "an object",
 }
 _POLICY_FIELDS = {"max_iterations": _INT, "min_iterations": _INT, "patience": _INT,
                   "guard_k": _NUMBER, "collapse_drop": _NUMBER, "collapse_span": _INT}
@@ -112,6 +115,10 @@ class ManifestEntry:
         for key in _PATH_FIELDS:
             if key in kwargs and Path(kwargs[key]).expanduser().exists():
                 kwargs[key] = str(Path(kwargs[key]).expanduser().resolve())
+        if "compress" in kwargs:  # the build's seed and batch size unless it sets its own
+            kwargs["compress"] = {"seed": self.spec.get("seed", 0),
+                                  "batch_size": self.spec.get("batch_size", 16),
+                                  **kwargs["compress"]}
         kwargs["build_args"] = {**self.spec, "out": str(out),
                                 "manifest": {"line": self.line, "digest": self.digest}}
         return {"name": self.name, "line": self.line, "kwargs": kwargs}
@@ -150,6 +157,12 @@ def parse_line(text: str, line: int, defaults: dict[str, Any] | None = None,
         except ValueError as exc:
             raise ManifestError(f"{where}: \"policy\": {exc}") from None
         spec["policy"] = policy
+    if "compress" in spec:
+        try:
+            CompressSettings.from_dict(spec["compress"], "\"compress\"").check(
+                has_task=bool(spec.get("task_dir") or spec.get("dataset")))
+        except (ValueError, TypeError) as exc:
+            raise ManifestError(f"{where}: \"compress\": {exc}") from None
     return ManifestEntry(line, name, spec)
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_deepthink.format.hub import HubResolutionError
+from vllm_deepthink.producers.compress.compress import CompressError
+from vllm_deepthink.producers.compress.from_task import CompressSettings, build_compressed_from_task
 from vllm_deepthink.producers.deepthink.errors import BuildError
 from vllm_deepthink.producers.deepthink.from_task import build_from_task, load_base_model
 from vllm_deepthink.producers.deepthink.selection import SelectionPolicy
@@ -27,7 +29,7 @@ Done = Callable[[str, Any, float, "str | None"], None]
 
 def _error(exc: Exception) -> str:
     """Our own input errors say what to do already; anything else also names its type."""
-    if isinstance(exc, (BuildError, TaskError, HubResolutionError)):
+    if isinstance(exc, (BuildError, TaskError, HubResolutionError, CompressError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -60,9 +62,14 @@ class ManifestBuilder:
         try:
             base = self._open(kwargs.pop("model"), kwargs.get("revision"),
                               kwargs.get("dtype", "float32"))
-            adapter = build_from_task(
-                base, policy=SelectionPolicy(**policy) if policy else None, progress=False,
-                **kwargs)
+            policy = SelectionPolicy(**policy) if policy else None
+            compress = kwargs.pop("compress", None)
+            if compress is None:
+                adapter = build_from_task(base, policy=policy, progress=False, **kwargs)
+            else:
+                adapter = build_compressed_from_task(
+                    base, compress=CompressSettings.from_dict(compress), policy=policy,
+                    progress=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a task's failure must not stop the others
             return job["name"], None, time.perf_counter() - started, _error(exc)
         return job["name"], adapter, time.perf_counter() - started, None
