@@ -75,6 +75,18 @@ def test_fingerprint_from_checkpoint_matches_model(adapter, llama_dir, saved):
     DeepThinkAdapter.from_pretrained(saved, expected_fingerprint=from_dir)  # no error
 
 
+def test_a_model_loaded_in_bfloat16_has_its_checkpoints_fingerprint(llama_dir):
+    """Its embeddings are rounded in memory; before, an adapter built in bfloat16 from
+    a float32 checkpoint carried a digest no server of that checkpoint matched."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    rounded = ModelFingerprint.from_hf_config(model.config, model.get_input_embeddings().weight)
+    from_dir = ModelFingerprint.from_checkpoint(llama_dir)
+    assert rounded.embedding_sha256 != from_dir.embedding_sha256
+    assert ModelFingerprint.from_model(model) == from_dir
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(AdapterFormatError, match="no such adapter directory"):
         DeepThinkAdapter.from_pretrained(tmp_path / "nope")

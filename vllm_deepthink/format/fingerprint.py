@@ -2,7 +2,8 @@
 
 Computed from an in-memory HF model (builder) or from a checkpoint directory
 (server side, without instantiating the model). Both hash the input embedding
-as contiguous float32 bytes, so the same checkpoint gives the same digest.
+as contiguous float32 bytes, so the same checkpoint gives the same digest (a model
+loaded in a narrower dtype is fingerprinted from its checkpoint: from_model).
 """
 
 from __future__ import annotations
@@ -114,8 +115,18 @@ class ModelFingerprint:
 
     @classmethod
     def from_model(cls, model: Any) -> ModelFingerprint:
-        """Fingerprint of an instantiated HF model."""
-        return cls.from_hf_config(model.config, model.get_input_embeddings().weight)
+        """Fingerprint of an instantiated HF model. A model loaded in a narrower dtype
+        than float32 (e.g. bfloat16) holds rounded embeddings: its checkpoint (the
+        config's _name_or_path, a directory or a cached hub id) is fingerprinted instead,
+        so an adapter built in bfloat16 matches the checkpoint the server fingerprints."""
+        weight = model.get_input_embeddings().weight
+        source = getattr(model.config, "_name_or_path", "") or ""
+        if weight.dtype != torch.float32 and source:
+            try:
+                return cls.from_checkpoint(source, hf_config=model.config)
+            except (OSError, ValueError):
+                pass  # no checkpoint to read: the in-memory weights are all there is
+        return cls.from_hf_config(model.config, weight)
 
     @classmethod
     def from_checkpoint(cls, model: str | Path, hf_config: Any = None,
