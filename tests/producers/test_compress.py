@@ -224,6 +224,24 @@ def test_the_lm_head_on_a_few_tokens_equals_those_columns(llama):
                           scoring.lm_logits(model, hidden)[:, ids], atol=1e-6)
 
 
+def test_an_attention_cache_scores_the_queries_once_for_every_k(llama, source, monkeypatch):
+    from vllm_deepthink.producers.compress import selection
+
+    model, tokenizer = llama
+    plain = {k: compress_adapter(source, model, tokenizer, QUERIES, prefix_len=k, dev_size=8,
+                                 progress=False) for k in (6, 12)}
+    calls = []
+    real = selection.attention_scores
+    monkeypatch.setattr(selection, "attention_scores",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cache: dict = {}
+    for k in (6, 12):
+        cached = compress_adapter(source, model, tokenizer, QUERIES, prefix_len=k, dev_size=8,
+                                  progress=False, attention_cache=cache)
+        assert all(torch.equal(a, b) for a, b in zip(cached.keys, plain[k].keys))
+    assert len(calls) == 1 and len(cache) == 1
+
+
 def test_an_imported_adapter_compresses_and_keeps_its_provenance_digest(llama):
     model, tokenizer = llama
     past_kv = imported(model, method="past-kv", virtual=20, specials=())

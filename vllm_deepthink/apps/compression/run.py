@@ -135,8 +135,9 @@ def scored_column(scores, labels, label_calibration) -> dict[str, Any]:
 
 
 def compress_column(column: Column, source, ctx, inputs: RowInputs, options: TableOptions,
-                    ensemble: dict[str, Any]):
-    """The compressed adapter of `column` (None when k >= L)."""
+                    shared: dict[str, Any]):
+    """The compressed adapter of `column` (None when k >= L); `shared`: what the row's
+    columns share (the ensemble teacher, the selection's attention scores)."""
     from vllm_deepthink.producers.compress import DistillSettings, compress_adapter, teachers
 
     k = column.prefix_len(source.prefix_len)
@@ -147,15 +148,16 @@ def compress_column(column: Column, source, ctx, inputs: RowInputs, options: Tab
                                batch_size=options.batch_size))
     teacher: Any = column.teacher or "source"
     if column.teacher == "ensemble":
-        if "teacher" not in ensemble:
-            ensemble["teacher"] = teachers.ensemble_teacher(ctx.model, ctx.tokenizer,
+        if "teacher" not in shared:
+            shared["teacher"] = teachers.ensemble_teacher(ctx.model, ctx.tokenizer,
                                                             inputs.task, source,
                                                             ENSEMBLE_SEEDS)
-        teacher = ensemble["teacher"]
+        teacher = shared["teacher"]
     return compress_adapter(source, ctx.model, ctx.tokenizer, inputs.queries, prefix_len=k,
                             distill=distill, teacher=teacher, calibration_prior="dev-prior",
                             choices=inputs.choices, batch_size=options.batch_size,
-                            queries_info=inputs.queries_info, progress=options.progress)
+                            queries_info=inputs.queries_info, progress=options.progress,
+                            attention_cache=shared.setdefault("attention", {}))
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -226,14 +228,14 @@ def compute_row(spec: RowSpec, ctx, options: TableOptions, out: Path,
         data["columns"]["source"] = column
         paired.update(data)
         write(path, data)
-    ensemble: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
     for column in COLUMNS:
         if column.name not in options.columns or column.name in data["columns"]:
             continue
         if deadline is not None and time.time() > deadline:
             raise Deadline("time budget reached")
         t = time.perf_counter()
-        adapter = compress_column(column, source, ctx, inputs, options, ensemble)
+        adapter = compress_column(column, source, ctx, inputs, options, shared)
         if adapter is None:
             data["columns"][column.name] = {"skipped": f"k >= L = {source.prefix_len}"}
             write(path, data)

@@ -135,6 +135,7 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
                      seed: int = 0, batch_size: int = 16,
                      queries_info: dict[str, Any] | None = None,
                      build_args: dict[str, Any] | None = None, progress: bool = True,
+                     attention_cache: dict | None = None,
                      on_step: Callable[[dict[str, Any]], None] | None = None
                      ) -> DeepThinkAdapter:
     """Compress `adapter` (any method) to k positions for `queries` (rendered query texts;
@@ -143,9 +144,11 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     k: `prefix_len`, or round(L / `ratio`). Without `distill` (DistillSettings):
     selection only. `teacher` of the distillation: "source", "calibrated" (needs the
     source's label_calibration; `calibration_prior` picks its prior) or a
-    teachers.Teacher (teachers.ensemble_teacher: several demonstration seeds). `choices`: the task's label strings (answer tokens for the
-    agreement, and label_calibration for multi-token labels). Returns the new adapter
-    (not saved) of method "compressed".
+    teachers.Teacher (teachers.ensemble_teacher: several demonstration seeds). `choices`:
+    the task's label strings (answer tokens for the agreement, and label_calibration for
+    multi-token labels). `attention_cache`: a dict kept by a caller compressing the same
+    source for the same queries to several k (the selection's attention pass runs once).
+    Returns the new adapter (not saved) of method "compressed".
     """
     start = time.perf_counter()
     source = adapter.config
@@ -194,9 +197,18 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
                                         answer_ids=answer_ids, batch_size=batch_size,
                                         progress=progress)
 
+    # Attention scores do not depend on k: a caller compressing one source to several
+    # k for the same queries passes the same `attention_cache` and scores them once.
+    cache_key = (_source_digest(adapter), queries_digest([str(q) for q in train_ids]))
+    cached = attention_cache.get(cache_key) if attention_cache is not None else None
     try:
-        kept = selection.select(model, source_prefix, train_ids, k, batch_size=batch_size,
-                                progress=progress)
+        if cached is None:
+            selection.check_prefix_len(k, L)
+            cached = selection.attention_scores(model, source_prefix, train_ids,
+                                                batch_size=batch_size, progress=progress)
+            if attention_cache is not None:
+                attention_cache[cache_key] = cached
+        kept = selection.select(model, source_prefix, train_ids, k, scores=cached)
     except selection.SelectionError as exc:
         raise CompressError(str(exc)) from None
     keys = positions.shift_keys(

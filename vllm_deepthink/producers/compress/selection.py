@@ -105,10 +105,13 @@ def gather_positions(tensors: Sequence[torch.Tensor], positions: torch.Tensor
 
 
 def select(model, prefix: Sequence[KV], query_ids: Sequence[Sequence[int]], k: int, *,
-           batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """Kept positions [num_layers, num_kv_heads, k] of a prefix for these queries."""
+           batch_size: int = 16, progress: bool = True,
+           scores: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Kept positions [num_layers, num_kv_heads, k] of a prefix for these queries;
+    `scores`: their attention_scores when already computed (they do not depend on k)."""
     prefix_len = prefix[0][0].shape[-2]
     check_prefix_len(k, prefix_len)
-    scores = attention_scores(model, prefix, query_ids, batch_size=batch_size,
-                              progress=progress)
+    if scores is None:
+        scores = attention_scores(model, prefix, query_ids, batch_size=batch_size,
+                                  progress=progress)
     return select_positions(scores, k, layer_windows(model.config))
