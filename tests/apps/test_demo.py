@@ -1,6 +1,7 @@
 """`vllm-deepthink demo` (apps/demo): the demo manifest's settings reach the builder, the
 printed summary has a row per adapter with T and the accuracy of every mode, unchanged
-adapters are neither built nor scored again, and the shipped demo manifest is usable."""
+adapters are neither built nor scored again (the shipped demo manifest and `make serve`:
+test_shipped_data.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import shutil
 
 import pytest
 
-from tests.helpers import REPO_ROOT
 from tests.helpers.manifests import DATA, write_manifest
 from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink import DeepThinkAdapter
@@ -112,17 +112,3 @@ def test_a_failed_line_is_a_usage_error(tiny, tmp_path):
                                          "\\(line 1\\)"):
         cli.main(["demo", "--model", tiny, "--manifest", str(manifest), "--out-dir",
                   str(tmp_path / "store"), "--no-progress"])
-
-
-def test_the_shipped_demo_manifest_is_usable():
-    """examples/demo.jsonl: every line checks, from the repository's own task data, and
-    is selected on dev (the summary's ICL and Deep-Thinking dev columns come from it)."""
-    from vllm_deepthink.apps.demo.run import DEFAULT_MANIFEST
-    from vllm_deepthink.producers.deepthink.manifest import read_manifest
-
-    entries = read_manifest(REPO_ROOT / DEFAULT_MANIFEST, {"model": "m"})
-    assert [e.name for e in entries] == ["sst2-smollm2", "trec-smollm2"]
-    for entry in entries:
-        assert entry.spec["task_dir"].startswith("examples/data/")
-        assert (REPO_ROOT / entry.spec["task_dir"]).is_dir()
-        assert entry.spec.get("select_on", "dev") == "dev"
