@@ -112,3 +112,14 @@ def test_a_failed_line_is_a_usage_error(tiny, tmp_path):
                                          "\\(line 1\\)"):
         cli.main(["demo", "--model", tiny, "--manifest", str(manifest), "--out-dir",
                   str(tmp_path / "store"), "--no-progress"])
+
+
+def test_the_builds_report_their_iterations(tiny, tmp_path, capfd):
+    """A first `make serve` shows each build's plan, iterations and choice as it goes."""
+    line = {**small_tasks(tmp_path)[0], "policy": {**POLICY, "max_iterations": 2,
+                                                   "min_iterations": 2}}
+    manifest = write_manifest(tmp_path / "demo.jsonl", [line])
+    build_demo(tiny, tmp_path / "store", manifest, test=False)
+    err = capfd.readouterr().err
+    assert "up to 2 iterations" in err and "iteration   2  dev acc" in err, err
+    assert "-> kept iteration" in err

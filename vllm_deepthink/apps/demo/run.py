@@ -165,7 +165,7 @@ def build_demo(model: str | Path, out_dir: str | Path = "adapters_store",
     entries = read_manifest(manifest, {"model": str(model)})
     started = time.perf_counter()
     built = build_manifest(manifest, out_dir, defaults={"model": str(model)}, threads=threads,
-                           progress=progress)
+                           progress=progress, log_builds=progress)
     build_seconds = time.perf_counter() - started
     failed = built.of(FAILED)
     if failed:
