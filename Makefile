@@ -26,6 +26,10 @@ DATA_DIR ?= data
 # DEMO_ARGS=--no-test skips the held-out test scores, DEMO_ARGS="--threads 1".
 DEMO_MANIFEST ?= examples/demo.jsonl
 DEMO_ARGS ?=
+# Extra arguments of `vllm serve` in `make serve`. --enforce-eager: the first answer comes
+# without torch.compile's warm-up, which takes minutes on 2 cores (and ran again at each
+# start here); SERVE_ARGS= serves the compiled model.
+SERVE_ARGS ?= --enforce-eager
 # Extra arguments of `vllm-deepthink results`, e.g. --time-budget 2h, --max-rows 3,
 # --rows 'smollm2-*-s0', --threads 2, --list.
 RESULTS_ARGS ?=
@@ -71,7 +75,7 @@ adapters: models
 
 serve: adapters
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/vllm serve $(MODEL_DIR) \
-	  --host $(HOST) --port $(PORT) --dtype float32 \
+	  --host $(HOST) --port $(PORT) --dtype float32 $(SERVE_ARGS) \
 	  --deepthink-adapter sst2=adapters_store/sst2-smollm2 trec=adapters_store/trec-smollm2
 
 results: install
