@@ -123,3 +123,13 @@ def test_the_builds_report_their_iterations(tiny, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "up to 2 iterations" in err and "iteration   2  dev acc" in err, err
     assert "-> kept iteration" in err
+
+
+def test_a_line_not_selected_on_dev_is_refused(tiny, tmp_path):
+    """The summary's dev columns come from the build's selection record."""
+    line = {**small_tasks(tmp_path)[0], "select_on": "none", "policy": {"max_iterations": 1}}
+    manifest = write_manifest(tmp_path / "demo.jsonl", [line])
+    with pytest.raises(SystemExit, match="was not selected on dev; a demo manifest line "
+                                         "keeps \"select_on\" dev"):
+        cli.main(["demo", "--model", tiny, "--manifest", str(manifest), "--out-dir",
+                  str(tmp_path / "store"), "--no-progress"])

@@ -93,9 +93,11 @@ def _pct(value: float | None, width: int) -> str:
 def _dev_record(config) -> dict[str, float]:
     """ICL (iteration 1) and Deep-Thinking (the kept iteration) dev accuracy, from the
     build's selection record."""
+    from vllm_deepthink.producers.deepthink.errors import BuildError
+
     selection = config.selection or {}
     if selection.get("select_on") != "dev":
-        raise ValueError(f"the demo adapter {config.build_args.get('out')} was not selected on "
+        raise BuildError(f"the demo adapter {config.build_args.get('out')} was not selected on "
                          f"dev; a demo manifest line keeps \"select_on\" dev (the default)")
     kept = selection["t1_dev_acc"]
     if config.selected_iteration > 1:
@@ -114,6 +116,7 @@ def score_adapter(model, tokenizer, entry, adapter, test: bool = True) -> DemoRo
     from vllm_deepthink.tasks.splits import dev_split_of
 
     config = adapter.config
+    recorded = _dev_record(config)
     spec = entry.spec
     task = open_task(spec.get("task_dir"), spec.get("dataset"))
     scorer = HFScorer(model, {ADAPTER_NAME: adapter}, batch_size=spec.get("batch_size", 16))
@@ -125,7 +128,7 @@ def score_adapter(model, tokenizer, entry, adapter, test: bool = True) -> DemoRo
                   prefix_len=config.prefix_len, selected_iteration=config.selected_iteration,
                   iterations_run=config.iterations_run,
                   candidate=config.selection.get("selected", ""), dev_size=len(dev_rows),
-                  dev={"zero-shot": zero_shot, **_dev_record(config)})
+                  dev={"zero-shot": zero_shot, **recorded})
     if test:
         rows = task.rows(task.eval_split)
         metrics = evaluate(scorer, tokenizer, task, rows, list(MODES), adapter,
