@@ -1,6 +1,7 @@
 # vllm-deepthink developer targets. Every target bootstraps .venv when missing.
 #   make test     install cpu+dev extras, fix the environment, run the test suite
-#   make serve    build the default model and adapters when missing, start `vllm serve`
+#   make serve    convert the default model and build the demo adapters when missing
+#                 (examples/demo.jsonl), print what they score, start `vllm serve`
 #   make results  accuracy table of the README (many hours; resumable: run it again to
 #                 continue, e.g. make results RESULTS_ARGS="--time-budget 2h")
 #   make compression  the compression table (hours; resumable like make results)
@@ -22,7 +23,14 @@ MODEL_DIR ?= models/smollm2-135m
 # "Data"; e.g. DATA_DIR=examples/tasks for the classification tasks from the hub).
 # `make serve` needs only the small task data shipped in examples/data.
 DATA_DIR ?= data
-SERVE_TASKS ?= examples/data
+# The demo adapters of `make serve` (docs/building.md, "The demo adapters"); e.g.
+# DEMO_ARGS=--no-test skips the held-out test scores, DEMO_ARGS="--threads 1".
+DEMO_MANIFEST ?= examples/demo.jsonl
+DEMO_ARGS ?=
+# Extra arguments of `vllm serve` in `make serve`. --enforce-eager: the first answer comes
+# without torch.compile's warm-up, which takes minutes on 2 cores (and ran again at each
+# start here); SERVE_ARGS= serves the compiled model.
+SERVE_ARGS ?= --enforce-eager
 # Extra arguments of `vllm-deepthink results`, e.g. --time-budget 2h, --max-rows 3,
 # --rows 'smollm2-*-s0', --threads 2, --list.
 RESULTS_ARGS ?=
@@ -66,16 +74,12 @@ models: install
 	$(BIN)/vllm-deepthink model smollm2 --out $(MODEL_DIR)
 
 adapters: models
-	@test -f adapters_store/sst2-smollm2/deepthink_model.safetensors || \
-	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(SERVE_TASKS)/sst2 \
-	    --seed 0 --out adapters_store/sst2-smollm2
-	@test -f adapters_store/trec-smollm2/deepthink_model.safetensors || \
-	  $(BIN)/vllm-deepthink build --model $(MODEL_DIR) --task-dir $(SERVE_TASKS)/trec \
-	    --seed 0 --out adapters_store/trec-smollm2
+	$(BIN)/vllm-deepthink demo --model $(MODEL_DIR) --manifest $(DEMO_MANIFEST) \
+	  --out-dir adapters_store $(DEMO_ARGS)
 
 serve: adapters
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/vllm serve $(MODEL_DIR) \
-	  --host $(HOST) --port $(PORT) --dtype float32 \
+	  --host $(HOST) --port $(PORT) --dtype float32 $(SERVE_ARGS) \
 	  --deepthink-adapter sst2=adapters_store/sst2-smollm2 trec=adapters_store/trec-smollm2
 
 results: install

@@ -18,6 +18,8 @@ from vllm_deepthink.apps.errors import UsageError
 COMMANDS = {
     "model": ("vllm_deepthink.apps.model", "convert a packaged GGUF model to an HF directory"),
     "build": ("vllm_deepthink.apps.build", "build a Deep-Thinking adapter (HF, no vLLM)"),
+    "demo": ("vllm_deepthink.apps.demo.cli",
+             "build the demo adapters of `make serve` and print what they score"),
     "import": ("vllm_deepthink.apps.importers",
                "import a PEFT prefix/prompt adapter or raw per-layer K/V (HF, no vLLM)"),
     "compress": ("vllm_deepthink.apps.compress",

@@ -300,7 +300,8 @@ def default_threads(workers: int) -> int | None:
 def build_manifest(manifest: str | Path, out_dir: str | Path, *,
                    defaults: dict[str, Any] | None = None, workers: int = 1,
                    threads: int | None = None, ray: bool = False,
-                   ray_address: str | None = None, progress: bool = True) -> ManifestSummary:
+                   ray_address: str | None = None, progress: bool = True,
+                   log_builds: bool = False) -> ManifestSummary:
     """Build every task of `manifest` (read_manifest; `defaults` apply to every line,
     e.g. {"model": ...}) into `out_dir`/NAME, skipping those already built from the same
     line, with `workers` processes (1: in this process) or, with `ray`, `workers` Ray
@@ -308,7 +309,8 @@ def build_manifest(manifest: str | Path, out_dir: str | Path, *,
     process already joined). Each worker opens its base model once and sets `threads`
     torch threads (default: the cores shared among the workers). A failed task is
     reported in the summary, never raised; ManifestError is raised for a manifest that
-    cannot be used, before any build. The summary is also written to
+    cannot be used, before any build. `log_builds` (one worker in this process only)
+    reports every build's iterations on stderr. The summary is also written to
     `out_dir`/_manifest_summary.json."""
     from tqdm.auto import tqdm
 
@@ -374,7 +376,8 @@ def build_manifest(manifest: str | Path, out_dir: str | Path, *,
             summary.threads = manifest_workers.run_ray(jobs, done, workers=workers,
                                                        threads=threads, address=ray_address)
         elif jobs:
-            manifest_workers.run_local(jobs, done, workers=workers, threads=threads)
+            manifest_workers.run_local(jobs, done, workers=workers, threads=threads,
+                                       log_builds=log_builds)
     finally:
         bar.close()
         summary.wall_seconds = time.perf_counter() - started

@@ -36,9 +36,11 @@ def _error(exc: Exception) -> str:
 
 class ManifestBuilder:
     """One worker: the base model of the current task kept open (one at a time), `threads`
-    torch threads (None: leave them)."""
+    torch threads (None: leave them); `progress`: each build reports its plan, iterations
+    and choice on stderr (build_from_task's `progress`)."""
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, progress: bool = False):
+        self.progress = progress
         if threads:
             import torch
 
@@ -65,11 +67,12 @@ class ManifestBuilder:
             policy = SelectionPolicy(**policy) if policy else None
             compress = kwargs.pop("compress", None)
             if compress is None:
-                adapter = build_from_task(base, policy=policy, progress=False, **kwargs)
+                adapter = build_from_task(base, policy=policy, progress=self.progress,
+                                          **kwargs)
             else:
                 adapter = build_compressed_from_task(
                     base, compress=CompressSettings.from_dict(compress), policy=policy,
-                    progress=False, **kwargs)
+                    progress=self.progress, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a task's failure must not stop the others
             return job["name"], None, time.perf_counter() - started, _error(exc)
         return job["name"], adapter, time.perf_counter() - started, None
@@ -90,14 +93,15 @@ def _build_in_worker(job: dict[str, Any]):
 
 
 def run_local(jobs: list[dict[str, Any]], done: Done, *, workers: int = 1,
-              threads: int | None = None) -> None:
-    """`jobs` in this process (`workers` 1) or in `workers` spawned processes."""
+              threads: int | None = None, log_builds: bool = False) -> None:
+    """`jobs` in this process (`workers` 1; `log_builds`: each build reports its
+    iterations, ManifestBuilder's `progress`) or in `workers` spawned processes."""
     if workers == 1:
         import torch
 
         before = torch.get_num_threads()
         try:
-            worker = ManifestBuilder(threads)
+            worker = ManifestBuilder(threads, progress=log_builds)
             for job in jobs:
                 done(*worker.build(job))
         finally:
