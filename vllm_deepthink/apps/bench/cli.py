@@ -52,6 +52,23 @@ def _system_list(text: str) -> list[str]:
     return names
 
 
+def _adapter_lens(text: str) -> list[int | str]:
+    values: list[int | str] = []
+    for v in (v.strip() for v in text.split(",") if v.strip()):
+        if v == "L":
+            values.append("L")
+        elif v.isdigit() and int(v) >= 1:
+            values.append(int(v))
+        else:
+            values = []
+            break
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated adapter lengths >= 1, or L for the demonstrations' "
+            f"length, like 16,32,64,L; found {text!r}")
+    return values
+
+
 def _scale_systems(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names or any(n not in SCALE_SYSTEMS for n in names):
@@ -81,6 +98,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="generated tokens: 1 = scoring, 32 = generation")
     parser.add_argument("--systems", type=_system_list, default=d.systems,
                         help=f"subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--adapter-len", type=_adapter_lens, default=d.adapter_len,
+                        help="compressed adapters: for each k (or L), also run the system "
+                             "deepthink-k<k>, deepthink serving synthetic adapters of k "
+                             "positions (k <= every prefix length), while the ICL systems "
+                             "keep the L positions of --prefix-len; e.g. 16,32,64,L")
     parser.add_argument("--repetitions", type=int, default=d.repetitions,
                         help="timed passes per system and workload (median reported)")
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
@@ -117,8 +139,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              "(default: a temp dir, removed)")
     parser.add_argument("--system-timeout", type=float, default=d.system_timeout,
                         help="seconds before a system process is killed")
-    parser.add_argument("--output-json", default=None)
-    parser.add_argument("--plot", default=None, help="PNG: requests/s relative to icl-apc")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --work-dir: reuse the result of every system that already "
+                             "finished there with exactly the same spec")
+    parser.add_argument("--output-json", default=None,
+                        help="the report; rewritten after every system")
+    parser.add_argument("--plot", default=None,
+                        help="PNG: requests/s relative to icl-apc; with --adapter-len, "
+                             "requests/s and tasks per GiB against the adapter length k")
     parser.add_argument("--note", default=d.note,
                         help="free text stored in the JSON environment (e.g. machine load)")
     group = parser.add_argument_group("server mode (vllm serve, measured by vllm bench serve)")
@@ -216,21 +244,26 @@ def main(args: argparse.Namespace) -> int:
     if args.scale:
         return main_scale(args)
     options = BenchOptions(**{f.name: getattr(args, f.name) for f in fields(BenchOptions)})
+
+    def write(report) -> None:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(report, indent=1) + "\n")
+
     try:
-        report = run_benchmark(options)
+        report = run_benchmark(options, progress=write if args.output_json else None)
     except BenchError as exc:
         raise UsageError(str(exc)) from None
     for line in summary_lines(report):
         print(line)
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(report, indent=1) + "\n")
+        write(report)
         print(f"wrote {args.output_json}")
     if args.plot:
-        from vllm_deepthink.apps.bench.plot import plot_ratios
+        from vllm_deepthink.apps.bench.plot import plot_compressed, plot_ratios
 
+        draw = plot_compressed if options.adapter_len else plot_ratios
         try:
-            print(f"wrote {plot_ratios(report, args.plot)}")
+            print(f"wrote {draw(report, args.plot)}")
         except ValueError as exc:
             print(f"no plot: {exc}", file=sys.stderr)
     failed = failed_systems(report)

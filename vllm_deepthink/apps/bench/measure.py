@@ -1,8 +1,11 @@
-"""Measurement helpers of the offline harness: peak RSS of a process tree, medians and spread."""
+"""Measurement helpers of the harness: peak RSS of a process tree, medians and spread, the
+machine's load."""
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import threading
 
 
@@ -54,3 +57,12 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"median": median, "min": min(values), "max": max(values),
             "rel_spread": (max(values) - min(values)) / median if median else 0.0,
             "n": len(values)}
+
+
+def uptime() -> str:
+    """`uptime`'s line (the machine is shared: its load is part of the conditions)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())

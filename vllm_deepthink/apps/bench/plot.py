@@ -1,6 +1,8 @@
-"""PNG of the benchmark: requests/s of every system relative to `icl-apc`.
+"""PNGs of the benchmark: requests/s of every system relative to `icl-apc`
+(`plot_reports`); with compressed adapters, requests/s and tasks per GiB against the
+adapter length k (`plot_compressed`, `--against-k`); the scale mode's (`plot_scale`).
 
-One panel per (workload kind, prefix length); x = number of tasks; one line per
+`plot_reports`: one panel per (workload kind, prefix length); x = number of tasks; one line per
 system; the dashed line at 1 is `icl-apc` itself. Every ratio is taken within one
 run (one workload of one benchmark invocation), so reports of several invocations
 can share a plot:
@@ -81,6 +83,111 @@ def plot_reports(reports: list[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_compressed(reports: dict[str, Any] | list[dict[str, Any]], path: str | Path) -> Path:
+    """`bench --adapter-len`: requests/s against the adapter length k (top row: one panel
+    per workload kind and prefix length L, one colour per number of tasks; icl-apc dashed
+    and zero-shot dotted at their level in the same colour) and tasks per GiB of KV
+    cache against k at each block size of the memory section (bottom row, icl-apc
+    dashed). Several reports share a figure (the later wins on the same point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vllm_deepthink.apps.bench.memory import GIB, adapter_len_of
+
+    reports = [reports] if isinstance(reports, dict) else reports
+    speed: dict[tuple[str, int, int], dict[int, dict[str, Any]]] = {}
+    for run in (run for report in reports for run in report["runs"]):
+        w = run["workload"]
+        panel = speed.setdefault((w["kind"], w["output_len"], w["prefix_len"]), {})
+        row = panel.setdefault(w["num_tasks"], {"k": {}})
+        for name, fig in run["systems"].items():
+            rps = fig.get("requests_per_s")
+            k = adapter_len_of(name, w["prefix_len"])
+            if rps and k is not None:
+                row["k"][k] = rps
+            elif rps and name in ("icl-apc", "zero-shot"):
+                row[name] = rps
+    speed = {key: panel for key, panel in speed.items()
+             if any(row["k"] for row in panel.values())}
+    if not speed:
+        raise ValueError("no run has a deepthink-k<k> figure; nothing to plot against k")
+    fit: dict[int, dict[int, dict[Any, float]]] = {}
+    cache_gib = None
+    for report in reports:
+        memory = report.get("memory") or {}
+        cache_gib = memory.get("kv_cache_bytes", 2 * GIB) / GIB
+        for e in memory.get("entries", []):
+            k = adapter_len_of(e["system"], e["prefix_len"])
+            for b in e["by_block_size"]:
+                if b["tasks_per_gib"] is None:
+                    continue
+                points = fit.setdefault(e["prefix_len"], {}).setdefault(b["block_size"], {})
+                if k is not None:
+                    points[k] = b["tasks_per_gib"]
+                elif e["system"] == "icl-apc":
+                    points["icl-apc"] = b["tasks_per_gib"]
+    keys = sorted(speed)
+    cols = max(len(keys), len(fit), 1)
+    fig, axes = plt.subplots(2, cols, figsize=(max(6.4, 4.4 * cols), 8), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    all_tasks = sorted({t for panel in speed.values() for t in panel})
+    color_of = {t: colors[i % len(colors)] for i, t in enumerate(all_tasks)}
+    for ax, key in zip(axes[0], keys):
+        kind, output_len, prefix_len = key
+        ks_all = set()
+        for tasks, row in sorted(speed[key].items()):
+            ks = sorted(row["k"])
+            ks_all.update(ks)
+            c = color_of[tasks]
+            ax.plot(ks, [row["k"][k] for k in ks], marker="o", color=c,
+                    label=f"deepthink-k, {tasks} tasks")
+            if "icl-apc" in row:
+                ax.axhline(row["icl-apc"], color=c, linestyle="--", linewidth=0.9)
+            if "zero-shot" in row:
+                ax.axhline(row["zero-shot"], color=c, linestyle=":", linewidth=0.9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(ks_all), [str(k) for k in sorted(ks_all)])
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{kind} (out={output_len}), L={prefix_len}\n"
+                     f"dashed: icl-apc at L, dotted: zero-shot", fontsize=9)
+        ax.set_xlabel("adapter length k (positions)")
+        ax.set_ylabel("requests/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes[0])[len(keys):]:
+        ax.axis("off")
+    block_colors = {16: "tab:red", 128: "tab:purple"}
+    for ax, (prefix_len, by_block) in zip(axes[1], sorted(fit.items())):
+        ks_all = set()
+        for block_size, points in sorted(by_block.items()):
+            c = block_colors.get(block_size, "black")
+            ks = sorted(k for k in points if k != "icl-apc")
+            ks_all.update(ks)
+            ax.plot(ks, [points[k] for k in ks], marker="o", color=c,
+                    label=f"deepthink-k, block {block_size}")
+            if "icl-apc" in points:
+                ax.axhline(points["icl-apc"], color=c, linestyle="--", linewidth=0.9,
+                           label=f"icl-apc at L, block {block_size}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted(ks_all), [str(k) for k in sorted(ks_all)])
+        ax.set_title(f"tasks whose prefixes fit {cache_gib:g} GiB of KV cache, per GiB; "
+                     f"L={prefix_len}", fontsize=9)
+        ax.set_xlabel("adapter length k (positions)")
+        ax.set_ylabel("tasks per GiB")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    for ax in list(axes[1])[len(fit):]:
+        ax.axis("off")
+    env = reports[0].get("environment", {})
+    fig.suptitle(f"vllm-deepthink: compressed adapters (k positions) vs ICL (L positions)\n"
+                 f"{reports[0]['settings']['model']}, {env.get('cpu_affinity')} CPUs, "
+                 f"vLLM {env.get('vllm_version')}", fontsize=9)
+    return _save(fig, path)
+
+
 def plot_scale(report: dict[str, Any], path: str | Path) -> Path:
     """`bench --scale`: requests/s (left) and p99 TTFT (right) of each system against the
     number of registered adapters."""
@@ -133,11 +240,15 @@ def _save(fig, path: str | Path) -> Path:
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("reports", nargs="+", help="JSON files written by `bench --output-json`")
     parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--against-k", action="store_true",
+                        help="requests/s and tasks per GiB against the adapter length k "
+                             "(reports of `bench --adapter-len`)")
 
 
 def main(args: argparse.Namespace) -> None:
     reports = [json.loads(Path(p).read_text()) for p in args.reports]
-    print(f"wrote {plot_reports(reports, args.out)}")
+    draw = plot_compressed if args.against_k else plot_reports
+    print(f"wrote {draw(reports, args.out)}")
 
 
 if __name__ == "__main__":

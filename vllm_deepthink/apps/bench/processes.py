@@ -25,14 +25,23 @@ def hf_threads(options) -> int:
 
 
 def run_system(system: str, spec: dict[str, Any], work_dir: Path, timeout: float,
-               env: dict[str, str]) -> dict[str, Any]:
-    """The system's result, or {"error": ...} with the log tail when its process fails."""
+               env: dict[str, str], reuse: bool = False) -> dict[str, Any]:
+    """The system's result, or {"error": ...} with the log tail when its process fails.
+    `system` names the files (a label such as deepthink-k16; the spec says what runs).
+    With `reuse`, a result already in work_dir for exactly this spec is returned as is."""
     spec_path = work_dir / "specs" / f"{system}.json"
     out_path = work_dir / "results" / f"{system}.json"
     log_path = work_dir / "logs" / f"{system}.log"
     for p in (spec_path, out_path, log_path):
         p.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(spec))
+    text = json.dumps(spec)
+    if (reuse and out_path.is_file() and spec_path.is_file()
+            and spec_path.read_text() == text):
+        result = json.loads(out_path.read_text())
+        result.update(reused=True, omp_binding=omp_binding(log_path) if log_path.is_file() else [])
+        return result
+    out_path.unlink(missing_ok=True)
+    spec_path.write_text(text)
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(

@@ -8,7 +8,7 @@ Schema of `vllm-deepthink bench --output-json` (schema_version 1)::
       "environment": {cpu_model, logical_cpus, cpu_affinity, python, platform,
                       vllm_version, torch_version, transformers_version,
                       torch_threads (of the HF process), VLLM_CPU_KVCACHE_SPACE,
-                      loadavg_start, loadavg_end, note},
+                      loadavg_start, loadavg_end, uptime_start, uptime_end, note},
       "settings": {model, repetitions, seed, task_dir, kv_cache_gib, block_size, ...},
       "definitions": {metric name: meaning},
       "runs": [{
@@ -25,10 +25,18 @@ Schema of `vllm-deepthink bench --output-json` (schema_version 1)::
             peak_rss_bytes, engine_start_s, repetitions: [per-pass figures],
             (hf-reference) batch_size, batch_size_tuning_requests_per_s,
             error (only when the system failed; then no figures)}},
-        "ratios": {"deepthink/<system>": requests_per_s ratio},
+        "ratios": {"<deepthink system>/<other system>": requests_per_s ratio, for
+                   deepthink and every deepthink-k<k>; "<system>/icl-apc"},
         "outputs_match": {"deepthink==icl-apc": fraction of requests whose greedy
                           token ids are equal, ...}}],
       "task_scaling": [{prefix_len, query_len, output_len, tasks_low, tasks_high, ratio}],
+      "systems_done": [systems whose process has finished (a partial report lacks some)],
+      "memory": {kv_cache_bytes (the fixed cache of the fit: 2 GiB), block_sizes [16, 128],
+                 bytes_per_token, entries: [{system, prefix_len, positions,
+                 kv_bytes_per_task, resident_bytes_per_task, bytes_per_token,
+                 by_block_size: [{block_size, positions, held, shared, tail,
+                 kv_bytes_per_task, tail_bytes_per_request, tasks_fit, tasks_per_gib,
+                 tasks_fit_vs_icl_apc}]}]}   (memory.py; arithmetic on the model config)
       "targets": [{name, workload, value, threshold, met}],
       "builder_cost": [{prefix_len, iteration_s, plain_forward_2l_s, iteration_over_forward_2l, ...}],
       "server": {client, command, definitions, runs: [{workload, systems: {name: figures
@@ -44,6 +52,8 @@ import statistics
 import sys
 from typing import Any
 
+from vllm_deepthink.apps.bench.measure import uptime
+from vllm_deepthink.apps.bench.memory import adapter_len_of
 from vllm_deepthink.apps.bench.workload import Workload
 
 DEFINITIONS = {
@@ -70,6 +80,28 @@ DEFINITIONS = {
                       "its children (vLLM engine core), sampled every 0.1 s; shared pages count "
                       "once per process",
     "rel_spread": "(max - min) / median of requests_per_s over repetitions",
+    "deepthink-k<k>": "deepthink serving synthetic adapters of k positions (a compressed "
+                      "adapter is an ordinary adapter); deepthink-kL: k = the "
+                      "demonstrations' L. ICL systems keep L positions",
+    "memory.positions": "KV-cache positions one task's prefix takes: L (icl-apc, deepthink), "
+                        "k (deepthink-k<k>), 0 (zero-shot); icl-no-apc is left out (it "
+                        "caches no prefix: every request holds its own L positions)",
+    "memory.kv_bytes_per_task": "positions x bytes_per_token (K and V over all layers, fp32); "
+                                "by_block_size[].kv_bytes_per_task: the same rounded up to "
+                                "whole blocks (held x block_size x bytes_per_token)",
+    "memory.resident_bytes_per_task": "host memory per task outside the KV cache: the "
+                                      "adapter's resident copy (deepthink*, hf-reference); 0 "
+                                      "for prompts (ICL sends its L demonstration ids with "
+                                      "every request) and zero-shot",
+    "memory.held/shared/tail": "held = ceil(positions / block_size) blocks while resident; "
+                               "shared = floor(positions / block_size) full blocks the "
+                               "prefix cache shares between requests of a task; tail = "
+                               "positions mod block_size, recomputed (ICL) or loaded again "
+                               "(adapter) into every request's own block",
+    "memory.tasks_fit": "floor(kv_cache_bytes / (block_size x bytes_per_token)) // held: the "
+                        "most tasks whose whole prefixes are resident at once (prefixes "
+                        "only, none of the cache left for running requests); null for "
+                        "zero-shot (no prefix)",
 }
 
 
@@ -111,6 +143,7 @@ def environment() -> dict[str, Any]:
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         "loadavg_start": os.getloadavg(),
+        "uptime_start": uptime(),
     }
 
 
@@ -167,6 +200,8 @@ def system_figures(workload: Workload, result: dict[str, Any], process: dict[str
 
 
 def submitted_prompt_tokens(system: str, workload: Workload) -> int:
+    """Prompt tokens a request stands for: a (compressed) adapter stands for its L
+    demonstration tokens."""
     if system == "zero-shot":
         return workload.query_len
     return workload.prefix_len + workload.query_len
@@ -181,10 +216,11 @@ def outputs_match(a: list[list[int]] | None, b: list[list[int]] | None) -> float
 def run_entry(workload: Workload, systems: dict[str, dict[str, Any]],
               token_ids: dict[str, list[list[int]]]) -> dict[str, Any]:
     ratios = {}
-    dt = systems.get("deepthink", {}).get("requests_per_s")
-    for name, fig in systems.items():
-        if name != "deepthink" and dt and fig.get("requests_per_s"):
-            ratios[f"deepthink/{name}"] = dt / fig["requests_per_s"]
+    for mine, figures in systems.items():
+        dt = figures.get("requests_per_s") if mine.startswith("deepthink") else None
+        for name, fig in systems.items():
+            if not name.startswith("deepthink") and dt and fig.get("requests_per_s"):
+                ratios[f"{mine}/{name}"] = dt / fig["requests_per_s"]
     if systems.get("icl-apc", {}).get("requests_per_s"):
         base = systems["icl-apc"]["requests_per_s"]
         for name, fig in systems.items():
@@ -248,6 +284,63 @@ def targets(runs: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> list[d
     return out
 
 
+def compressed_targets(runs: list[dict[str, Any]], memory: dict[str, Any]
+                       ) -> list[dict[str, Any]]:
+    """Issue 34's goals for adapters of k <= 32 positions: at 64 tasks >= 0.95x zero-shot
+    requests/s (scoring and generation) and >= 4x icl-apc at L = 256; >= 8x icl-apc's
+    tasks per GiB of KV cache at block size 16."""
+    out = []
+    for run in runs:
+        w = run["workload"]
+        if w["num_tasks"] != 64:
+            continue
+        label = (f"tasks=64 prefix={w['prefix_len']} query={w['query_len']} "
+                 f"out={w['output_len']}")
+        for system in run["systems"]:
+            k = adapter_len_of(system, w["prefix_len"])
+            if k is None or k > 32:
+                continue
+            checks = [(f"{system} >= 0.95x zero-shot", f"{system}/zero-shot", 0.95)]
+            if w["prefix_len"] == 256:
+                checks.append((f"{system} >= 4x icl-apc (prefix 256)", f"{system}/icl-apc", 4.0))
+            for name, key, threshold in checks:
+                value = run["ratios"].get(key)
+                if value is not None:
+                    out.append({"name": name, "workload": label, "value": value,
+                                "threshold": threshold, "met": value >= threshold})
+    for entry in memory["entries"]:
+        k = adapter_len_of(entry["system"], entry["prefix_len"])
+        if k is None or k > 32:
+            continue
+        for by_block in entry["by_block_size"]:
+            if by_block["block_size"] != 16 or by_block["tasks_fit_vs_icl_apc"] is None:
+                continue
+            value = by_block["tasks_fit_vs_icl_apc"]
+            out.append({"name": f"{entry['system']} >= 8x icl-apc tasks per GiB (block 16)",
+                        "workload": f"prefix={entry['prefix_len']} KV cache "
+                                    f"{memory['kv_cache_bytes'] / 2**30:g} GiB",
+                        "value": value, "threshold": 8.0, "met": value >= 8.0})
+    return out
+
+
+def memory_lines(memory: dict[str, Any]) -> list[str]:
+    """One line per (prefix length, system): bytes per task and tasks that fit."""
+    cache_gib = memory["kv_cache_bytes"] / 2**30
+    lines = [f"== memory (KV cache {cache_gib:g} GiB, {memory['bytes_per_token']} bytes per "
+             f"position)"]
+    for e in memory["entries"]:
+        fits = ", ".join(
+            f"block {b['block_size']}: "
+            + ("no prefix" if b["tasks_fit"] is None else
+               f"{b['tasks_fit']} tasks ({b['tasks_fit_vs_icl_apc']:.1f}x icl-apc), "
+               f"{b['shared']} shared blocks + {b['tail']} positions per request")
+            for b in e["by_block_size"])
+        lines.append(f"  L={e['prefix_len']:<5} {e['system']:<15} "
+                     f"KV {e['kv_bytes_per_task'] / 2**20:7.2f} MiB/task, resident "
+                     f"{e['resident_bytes_per_task'] / 2**20:7.2f} MiB/task; {fits}")
+    return lines
+
+
 # Terminal table columns: (header, figure key, format spec, scale).
 _OFFLINE_COLUMNS = (("req/s", "requests_per_s", ">9.2f", 1),
                     ("spread", "rel_spread", ">8.1%", 1),
@@ -264,13 +357,13 @@ _SERVER_COLUMNS = (("done", "completed", ">6d", 1), ("failed", "failed", ">7d", 
 def _run_table(title: str, run: dict[str, Any], columns) -> list[str]:
     """A title, a header, one row per system (FAILED and why for a failed one), and
     the outputs_match line."""
-    lines = [title, f"  {'system':<13}" + "".join(
+    lines = [title, f"  {'system':<15}" + "".join(
         f"{header:>{len(format(0, spec))}}" for header, _, spec, _ in columns)]
     for name, fig in run["systems"].items():
         if "error" in fig:
-            lines.append(f"  {name:<13} FAILED: {fig['error'].splitlines()[-1][:90]}")
+            lines.append(f"  {name:<15} FAILED: {fig['error'].splitlines()[-1][:90]}")
         else:
-            lines.append(f"  {name:<13}" + "".join(format((fig[key] or 0) * scale, spec)
+            lines.append(f"  {name:<15}" + "".join(format((fig[key] or 0) * scale, spec)
                                                   for _, key, spec, scale in columns))
     if run["outputs_match"]:
         lines.append("  outputs: " + ", ".join(f"{k} {v:.0%}"
@@ -291,6 +384,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines += _run_table(f"== server (vllm bench serve): tasks={w['num_tasks']} "
                             f"prefix={w['prefix_len']} out={w['output_len']}", run,
                             _SERVER_COLUMNS)
+    if report.get("memory"):
+        lines += memory_lines(report["memory"])
     for t in report.get("targets", []):
         lines.append(f"[{'met ' if t['met'] else 'MISS'}] {t['name']} ({t['workload']}): "
                      f"{t['value']:.2f}")

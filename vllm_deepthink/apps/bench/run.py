@@ -3,12 +3,15 @@
 1. plan the workloads (tasks x prefix length x output length; prefixes clipped to the
    model's positions) and size the KV cache;
 2. make every workload's request set (workload.py) and, for `deepthink` and
-   `hf-reference`, one T=1 adapter per (prefix length, task) (adapters.py); time the
-   builder (builder_cost.py);
-3. run each offline system in its own process, back to back (processes.py, systems.py);
+   `hf-reference`, one T=1 adapter per (prefix length, task) (adapters.py); for each
+   adapter length k of `adapter_len`, synthetic adapters of k positions
+   (scale_workload.py; the `deepthink-k<k>` systems); time the builder (builder_cost.py);
+3. run each offline system in its own process, back to back (processes.py, systems.py),
+   reusing a finished system's result with `resume`;
 4. with `server`, the vLLM systems again behind `vllm serve`, measured by
    `vllm bench serve` (server_bench.py);
-5. assemble the report (report.py documents its schema).
+5. assemble the report (report.py documents its schema; memory.py the memory section),
+   also after every system for `run_benchmark(..., progress=callback)`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from vllm_deepthink.apps.bench import memory
 from vllm_deepthink.apps.bench import report as rep
+from vllm_deepthink.apps.bench.memory import (adapter_len_of, base_system, compressed_label,
+                                               kv_bytes_per_token)
+from vllm_deepthink.apps.bench.measure import uptime
 from vllm_deepthink.apps.bench.processes import hf_threads, run_system
 from vllm_deepthink.apps.processes import engine_env
 from vllm_deepthink.apps.bench.systems import SYSTEMS
@@ -67,6 +74,10 @@ class BenchOptions:
     request_rate: float = 4.0
     server_requests: int = 64
     server_start_timeout: float = 300.0
+    # Adapter lengths k of the compressed systems `deepthink-k<k>` (ints, or "L": the
+    # demonstrations' length); ICL systems keep the L of `prefix_len`.
+    adapter_len: list[int | str] = field(default_factory=list)
+    resume: bool = False                     # reuse finished systems' results in work_dir
 
     def check(self) -> Path:
         """The model directory; BenchError for options that cannot run."""
@@ -84,6 +95,15 @@ class BenchOptions:
         if unknown or not self.systems:
             raise BenchError(f"`systems`: expected a non-empty subset of {list(SYSTEMS)}, "
                              f"found {self.systems}")
+        for k in self.adapter_len:
+            if k != "L" and not (isinstance(k, int) and k >= 1):
+                raise BenchError(f"`adapter_len` values must be integers >= 1 or 'L' (the "
+                                 f"demonstrations' length), found {k!r}")
+        if len(set(self.adapter_len)) != len(self.adapter_len):
+            raise BenchError(f"`adapter_len` lists a length twice: {self.adapter_len}")
+        if self.resume and self.work_dir is None:
+            raise BenchError("`resume` needs a `work_dir` (where finished systems' results "
+                             "are kept)")
         if not self.request_rate > 0:
             raise BenchError(f"`request_rate` must be > 0 (or inf), found {self.request_rate}")
         if self.server and importlib.util.find_spec("pandas") is None:
@@ -96,15 +116,20 @@ class BenchOptions:
     def reserved_cpu_count(self) -> int | None:
         return None if self.reserved_cpus == "auto" else int(self.reserved_cpus)
 
+    @property
+    def all_systems(self) -> list[str]:
+        """`systems`, then one `deepthink-k<k>` per adapter length."""
+        return list(self.systems) + [compressed_label(k) for k in self.adapter_len]
 
-def kv_bytes_per_token(model_dir: Path, dtype_bytes: int = 4) -> int:
-    """K and V bytes of one token over all layers (float32 engines)."""
-    from transformers import AutoConfig
 
-    from vllm_deepthink.format.hf_config import kv_geometry
-
-    num_layers, kv_heads, head_dim = kv_geometry(AutoConfig.from_pretrained(model_dir))
-    return 2 * num_layers * kv_heads * head_dim * dtype_bytes
+def check_adapter_lens(adapter_len: list[int | str], prefix_lens: list[int]) -> None:
+    """A compressed adapter is no longer than its demonstrations: k <= every L of the run."""
+    too_long = [k for k in adapter_len if k != "L" and k > min(prefix_lens)]
+    if too_long:
+        raise BenchError(
+            f"`adapter_len` {too_long} exceeds the prefix length {min(prefix_lens)} (after "
+            f"clipping to the model's positions): an adapter compresses its L demonstration "
+            f"positions into k <= L. Use a shorter adapter length or 'L'.")
 
 
 def auto_kv_cache_gib(workloads: list[Workload], bytes_per_token: int) -> int:
@@ -140,6 +165,8 @@ class Inputs:
     warmups: dict[str, Any]
     adapter_dirs: dict[tuple[int, int], Path]
     tokenizer: Any
+    # synthetic adapters of k positions by k, one per task (the deepthink-k<k> systems)
+    synthetic_dirs: dict[int, list[Path]] = field(default_factory=dict)
 
 
 def prepare_inputs(options: BenchOptions, model_dir: Path, workloads: list[Workload],
@@ -166,10 +193,25 @@ def prepare_inputs(options: BenchOptions, model_dir: Path, workloads: list[Workl
             paths = build_t1_adapters(model, tokenizer, model_dir, request_sets[w.key].demos,
                                       work_dir / "adapters" / f"p{prefix_len}")
             adapter_dirs.update({(prefix_len, t): p for t, p in enumerate(paths)})
+    synthetic_dirs = synthetic_adapters(options, model_dir, workloads, work_dir)
     cost = builder_cost(options, model, workloads, request_sets)
     del model
     gc.collect()
-    return Inputs(request_sets, warmups, adapter_dirs, tokenizer), cost
+    return Inputs(request_sets, warmups, adapter_dirs, tokenizer, synthetic_dirs), cost
+
+
+def synthetic_adapters(options: BenchOptions, model_dir: Path, workloads: list[Workload],
+                       work_dir: Path) -> dict[int, list[Path]]:
+    """Per adapter length k of the run, one synthetic adapter of k positions per task
+    (seeded random K/V imported as past-kv, distinct digests: scale_workload.py). Their
+    values do not matter for throughput: the engine's work depends on k, not on them."""
+    from vllm_deepthink.apps.bench.scale_workload import write_synthetic_adapters
+
+    count = max(w.num_tasks for w in workloads)
+    lengths = sorted({adapter_len_of(compressed_label(k), w.prefix_len)
+                      for k in options.adapter_len for w in workloads})
+    return {k: write_synthetic_adapters(model_dir, work_dir / "adapters" / f"k{k}", count,
+                                        k, seed=options.seed) for k in lengths}
 
 
 def builder_cost(options: BenchOptions, model, workloads, request_sets) -> list[dict[str, Any]]:
@@ -186,20 +228,30 @@ def builder_cost(options: BenchOptions, model, workloads, request_sets) -> list[
             for w in first.values()]
 
 
+def _adapter_paths(system: str, w: Workload, inputs: Inputs) -> list[str]:
+    k = adapter_len_of(system, w.prefix_len)
+    if k is not None:
+        return [str(p) for p in inputs.synthetic_dirs[k][:w.num_tasks]]
+    if not inputs.adapter_dirs:
+        return []
+    return [str(inputs.adapter_dirs[(w.prefix_len, t)]) for t in range(w.num_tasks)]
+
+
 def system_spec(system: str, options: BenchOptions, model_dir: Path,
                 workloads: list[Workload], inputs: Inputs) -> dict[str, Any]:
-    """The spec `systems.py` runs (every key is read there)."""
+    """The spec `systems.py` runs (every key is read there). A `deepthink-k<k>` system
+    runs as `deepthink` with the synthetic adapters of k positions."""
     specs = []
     for w in workloads:
         rs, warm = inputs.request_sets[w.key], inputs.warmups[w.key]
         specs.append({
             "key": w.key, "prefix_len": w.prefix_len, "output_len": w.output_len,
+            "adapter_len": adapter_len_of(system, w.prefix_len),
             "demos": rs.demos, "task_of": rs.task_of, "queries": rs.queries,
             "warmup": {"task_of": warm.task_of, "queries": warm.queries},
-            "adapters": [str(inputs.adapter_dirs[(w.prefix_len, t)])
-                         for t in range(w.num_tasks)] if inputs.adapter_dirs else [],
+            "adapters": _adapter_paths(system, w, inputs),
         })
-    return {"system": system, "model": str(model_dir), "repetitions": options.repetitions,
+    return {"system": base_system(system), "model": str(model_dir), "repetitions": options.repetitions,
             "hf_threads": hf_threads(options), "record_logprobs": options.record_logprobs,
             "hf_batch_sizes": options.hf_batch_sizes,
             "engine": {"max_model_len": max_model_len(workloads),
@@ -213,7 +265,7 @@ def offline_runs(options: BenchOptions, workloads: list[Workload],
     runs = []
     for w in workloads:
         systems, token_ids = {}, {}
-        for system in options.systems:
+        for system in [s for s in options.all_systems if s in results]:
             process = results[system]
             if "error" in process:
                 systems[system] = {"error": process["error"]}
@@ -221,6 +273,8 @@ def offline_runs(options: BenchOptions, workloads: list[Workload],
             result = next(r for r in process["workloads"] if r["key"] == w.key)
             systems[system] = rep.system_figures(
                 w, result, process, system, rep.submitted_prompt_tokens(system, w))
+            if adapter_len_of(system, w.prefix_len) is not None:
+                systems[system]["adapter_len"] = adapter_len_of(system, w.prefix_len)
             token_ids[system] = result["output_token_ids"]
             if options.save_outputs:
                 systems[system]["output_token_ids"] = result["output_token_ids"]
@@ -240,8 +294,11 @@ def _work_dir(path: str | None):
         yield Path(path)
 
 
-def run_benchmark(options: BenchOptions) -> dict[str, Any]:
-    """Run every system on every workload; returns the report (schema: report.py)."""
+def run_benchmark(options: BenchOptions,
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every system on every workload; returns the report (schema: report.py).
+    `progress`, when given, receives the report of the systems finished so far after
+    each one (e.g. to write the JSON as the run goes)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -252,16 +309,25 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     environment = rep.environment()
     environment["note"] = options.note
     workloads = plan_workloads(options, model_dir)
-    kv_cache_gib = options.kv_cache_gib or auto_kv_cache_gib(workloads,
-                                                             kv_bytes_per_token(model_dir))
+    check_adapter_lens(options.adapter_len, [w.prefix_len for w in workloads])
+    bytes_per_token = kv_bytes_per_token(model_dir)
+    kv_cache_gib = options.kv_cache_gib or auto_kv_cache_gib(workloads, bytes_per_token)
     env = engine_env(kv_cache_gib, options.reserved_cpu_count)
+    results: dict[str, dict[str, Any]] = {}
+
+    def assemble(server=None) -> dict[str, Any]:
+        return _report(options, model_dir, environment, workloads, results, kv_cache_gib,
+                       bytes_per_token, cost, server)
+
     with _work_dir(options.work_dir) as work_dir:
         inputs, cost = prepare_inputs(options, model_dir, workloads, work_dir)
-        results = {system: run_system(system, system_spec(system, options, model_dir,
-                                                          workloads, inputs),
-                                      work_dir, options.system_timeout, env)
-                   for system in tqdm(options.systems, desc="systems")}
-        runs = offline_runs(options, workloads, results)
+        for system in tqdm(options.all_systems, desc="systems"):
+            results[system] = run_system(system, system_spec(system, options, model_dir,
+                                                             workloads, inputs),
+                                         work_dir, options.system_timeout, env,
+                                         reuse=options.resume)
+            if progress is not None:
+                progress(assemble())
         server = None
         if options.server:
             from vllm_deepthink.apps.bench import server_bench
@@ -269,7 +335,18 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
             server = server_bench.run_all(options, model_dir, workloads, inputs, work_dir,
                                           dict(env, VLLM_SERVER_DEV_MODE="1"))
     environment["loadavg_end"] = os.getloadavg()
+    environment["uptime_end"] = uptime()
+    return assemble(server)
+
+
+def _report(options: BenchOptions, model_dir: Path, environment: dict[str, Any],
+            workloads: list[Workload], results: dict[str, dict[str, Any]], kv_cache_gib: int,
+            bytes_per_token: int, cost: list[dict[str, Any]], server: dict[str, Any] | None
+            ) -> dict[str, Any]:
+    runs = offline_runs(options, workloads, results)
     scaling = rep.task_scaling(runs)
+    memory_section = memory.memory_report(options.all_systems,
+                                          [w.prefix_len for w in workloads], bytes_per_token)
     report = {
         "schema_version": 1,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -281,14 +358,19 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
                      "block_size": options.block_size, "max_num_seqs": options.max_num_seqs,
                      "VLLM_CPU_NUM_OF_RESERVED_CPU": options.reserved_cpus,
                      "hf_batch_sizes": options.hf_batch_sizes,
-                     "hf_threads": hf_threads(options), "systems": options.systems,
+                     "hf_threads": hf_threads(options), "systems": options.all_systems,
+                     "adapter_len": options.adapter_len,
                      "adapters": "T=1 (the builder's first iteration over the demo ids)",
+                     "compressed_adapters": "deepthink-k<k>: synthetic adapters of k "
+                                            "positions (seeded random K/V, one per task)",
                      "dtype": "float32", "enforce_eager": True},
         "options": asdict(options),
         "definitions": rep.DEFINITIONS,
+        "systems_done": [s for s in options.all_systems if s in results],
         "runs": runs,
         "task_scaling": scaling,
-        "targets": rep.targets(runs, scaling),
+        "memory": memory_section,
+        "targets": rep.targets(runs, scaling) + rep.compressed_targets(runs, memory_section),
         "builder_cost": cost,
     }
     if server is not None:

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_deepthink.apps.bench import server_bench as sb
+from vllm_deepthink.apps.bench.measure import uptime
 from vllm_deepthink.apps.bench.scale_workload import (adapter_dir_of, adapter_label,
                                                       scale_requests,
                                                       write_synthetic_adapters)
@@ -172,15 +172,6 @@ def serve_args(system: str, options: ScaleOptions, adapter_dir: Path | None) -> 
         args += ["--deepthink-adapter-dir", str(adapter_dir),
                  "--deepthink-resident-gib", str(options.resident_gib)]
     return args
-
-
-def uptime() -> str:
-    """`uptime`'s line (the machine is shared: its load is part of the conditions)."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def models_list(server, calls: int) -> dict[str, Any]:
