@@ -67,8 +67,8 @@ def add_compress_args(parser: argparse.ArgumentParser, *, for_build: bool = Fals
                        help=f"steps between dev evaluations (default {d.eval_every})")
     group.add_argument(*flags["patience"], dest="distill_patience", type=int,
                        default=d.patience,
-                       help=f"stop after this many evaluations without a better dev "
-                            f"agreement / KL (default {d.patience}; 0: never)")
+                       help=f"stop after this many evaluations without a lower dev "
+                            f"KL (default {d.patience}; 0: never)")
     group.add_argument("--distill-positions", choices=POSITIONS, default=d.positions,
                        help="where the KL is taken: answer (the answer position over "
                             "the label tokens), last (the answer position, whole "

@@ -7,11 +7,13 @@ positions, with the teacher's sparse targets (teachers.py). `positions`:
   last    each query's last position, the answer position (whole distribution);
   answer  the answer position over the answer tokens only (renormalized): the
           classification decision itself, which is what selection loses; the cheapest;
-  auto    "answer" when the answer tokens are known (one token per label), else "all". Adam on float32 copies of the K/V; every
-`eval_every` steps the dev queries give the KL and the agreement (the compressed
-prefix's answer equals the teacher's: argmax over the answer tokens when given, else
-over the vocabulary, at each dev query's last position); the best evaluation is kept
-(agreement first, then KL) and `patience` evaluations without a better one stop the run.
+  auto    "answer" when the answer tokens are known (one token per label), else "all".
+
+Adam on float32 copies of the K/V; every `eval_every` steps the dev queries give the KL
+and the agreement (the compressed prefix's answer equals the teacher's: argmax over the
+answer tokens when given, else over the vocabulary, at each dev query's last position);
+the evaluation of lowest dev KL is kept and `patience` evaluations without a lower one
+stop the run.
 Every step is in the trace.
 """
 
@@ -236,8 +238,9 @@ def distill(model, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                          "seconds": round(time.perf_counter() - start, 3)}
                 if step % settings.eval_every == 0 or step == settings.steps:
                     dev_entry(step, entry)
-                    better = ((entry["dev_agreement"], -entry["dev_kl"])
-                              > (best_entry["dev_agreement"], -best_entry["dev_kl"]))
+                    # The KL, not the agreement: a share of a few dozen dev answers moves
+                    # in coarse steps and stops a run that is still learning.
+                    better = entry["dev_kl"] < best_entry["dev_kl"]
                     if better:
                         best_entry, waited = entry, 0
                         result.keys = [p.detach().clone() for p in params[:n]]
