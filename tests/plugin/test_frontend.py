@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 from vllm_deepthink.plugin import protocol, request_checks, rewrite
 from vllm_deepthink.plugin import registry as adapter_registry
@@ -17,21 +17,20 @@ from vllm_deepthink.format import AdapterFormatError
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    model, tokenizer = load_tiny("llama", directory)
-    return directory, model, tokenizer
+def llama(tiny_llama_dir):
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return tiny_llama_dir, model, tokenizer
 
 
 @pytest.fixture(scope="module")
 def adapters(llama, tmp_path_factory):
     _, model, tokenizer = llama
     root = tmp_path_factory.mktemp("adapters")
-    build_adapter(model, tokenizer, root / "a", 12, seed=1)
-    build_adapter(model, tokenizer, root / "b", 20, seed=2)
+    noisy_adapter(model, tokenizer, root / "a", 12, seed=1)
+    noisy_adapter(model, tokenizer, root / "b", 20, seed=2)
     other_dir = make_tiny_model("llama", tmp_path_factory.mktemp("other"), seed=1)
     other, _ = load_tiny("llama", other_dir)
-    build_adapter(other, tokenizer, root / "foreign", 12)
+    noisy_adapter(other, tokenizer, root / "foreign", 12)
     return root
 
 
