@@ -54,9 +54,14 @@ def engine_settings() -> dict:
     return settings
 
 
+# vLLM's CPU worker does not exit on its shutdown request (stock vLLM too): the client
+# waits out its grace period, then kills the engine. A test engine gets a short one.
+SHUTDOWN_TIMEOUT_S = 1.0
+
+
 def shutdown(llm) -> None:
     with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
+        llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
     del llm
     gc.collect()
 
