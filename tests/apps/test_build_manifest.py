@@ -19,6 +19,7 @@ def model_path(tiny_llama_dir):
     return str(tiny_llama_dir)
 
 
+@pytest.mark.subprocess
 def test_manifest_with_two_worker_processes(model_path, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "tasks.jsonl", [SST2, MISSING, TREC])
     store, report = tmp_path / "store", tmp_path / "summary.json"

@@ -30,6 +30,7 @@ def test_build_from_a_local_csv_dataset(tiny_llama_dir, tmp_path):
     assert "Review: review number" in config.demos_text
 
 
+@pytest.mark.subprocess
 def test_build_from_a_model_named_by_hub_id_offline(tiny_llama_dir, tmp_path):
     cache = tmp_path / "cache"
     publish(tiny_llama_dir, cache, "org/tiny-llama")

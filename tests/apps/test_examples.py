@@ -55,6 +55,7 @@ def built(tiny_llama_dir, tmp_path_factory):
                            tokenizer=tokenizer, adapter_dir=out)
 
 
+@pytest.mark.subprocess
 def test_build_adapter_writes_an_adapter_for_the_model(built):
     adapter = DeepThinkAdapter.from_pretrained(
         built.adapter_dir, expected_fingerprint=ModelFingerprint.from_model(built.model))

@@ -83,6 +83,7 @@ def test_import_past_kv(tiny_llama_dir, tmp_path):
                   str(tiny_llama_dir), "--out", str(tmp_path / "out2")])
 
 
+@pytest.mark.subprocess
 def test_import_with_a_model_named_by_hub_id_offline(tiny_llama_dir, tmp_path):
     """`--model ORG/NAME` resolves through a real hub-cache layout (HF_HUB_OFFLINE=1, in a
     fresh process: huggingface_hub reads its environment at import): the adapter is bound

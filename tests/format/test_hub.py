@@ -38,6 +38,7 @@ def run_offline(cache, code: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_hub_ids_resolve_from_the_cache_offline(hub):
     root, cache, v1 = hub
     out = run_offline(cache, f"""
@@ -59,6 +60,7 @@ def test_hub_ids_resolve_from_the_cache_offline(hub):
     assert out["lengths"] == [24, 20, 20]
 
 
+@pytest.mark.subprocess
 def test_unknown_hub_id_offline_says_what_to_do(hub):
     _, cache, _ = hub
     out = run_offline(cache, """

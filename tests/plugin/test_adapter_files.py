@@ -144,6 +144,7 @@ def test_the_request_state_patch_is_inert_without_our_connector(served, monkeypa
     assert type(plain) is RequestState and list(plain.prompt_token_ids) == placeholders + [5, 6, 7]
 
 
+@pytest.mark.subprocess
 def test_vllm_serve_with_hostile_start_adapters_exits_naming_each_field(files):
     """`vllm serve --deepthink-adapter` / `--deepthink-adapter-dir` with hostile adapters:
     exit status 1 before the engine starts, one line per adapter naming the field, no

@@ -34,6 +34,7 @@ def adapters(llama, tmp_path_factory):
     return root
 
 
+@pytest.mark.subprocess
 def test_import_does_not_import_vllm():
     code = ("import sys, vllm_deepthink, vllm_deepthink.plugin.registry, "
             "vllm_deepthink.plugin.request_checks, vllm_deepthink.plugin.rewrite, "
@@ -232,6 +233,7 @@ def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
         resolvers._registered.pop("test-mapping")
 
 
+@pytest.mark.subprocess
 def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(llama, adapters, tmp_path):
     """HubResolver("org"): NAME -> org/NAME from a real hub-cache layout, offline (a fresh
     process: huggingface_hub reads its environment at import)."""

@@ -363,6 +363,7 @@ def test_unsupported_architecture():
 
 # ----------------------------------------------------------------- CLI, no vLLM
 
+@pytest.mark.subprocess
 def test_cli_build_never_imports_vllm(tiny_llama_dir, tmp_path):
     model_dir = tiny_llama_dir
     demos = tmp_path / "toy.txt"

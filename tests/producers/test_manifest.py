@@ -153,6 +153,7 @@ def test_a_directory_that_is_not_an_adapter_is_never_replaced(model_path, tmp_pa
 
 
 @pytest.mark.ray
+@pytest.mark.subprocess
 def test_through_a_local_ray_instance(model_path, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (the `ray` extra)")
     store = tmp_path / "store"

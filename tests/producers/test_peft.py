@@ -309,6 +309,7 @@ def test_only_the_importer_imports_peft_and_only_when_called():
     assert anywhere == {"producers/peft.py"} and module_level == set()
 
 
+@pytest.mark.subprocess
 def test_builder_cli_and_frontend_import_without_peft(tmp_path):
     """With `peft` unimportable, the builder, the importers, the CLI and the plugin's
     frontend import, and the PEFT importer refuses with how to install it."""
