@@ -14,6 +14,7 @@ Fixture names, one per shape:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,16 @@ _MC_ROW = {"copa": lambda i: {"question": f"The man {i} slept.", "choices": [
 _EVAL_SPLIT = {"sst5": "validation", "mr": "validation", "agnews": "test", "copa": "validation",
                "openbookqa": "validation", "qasc": "test", "hellaswag": "test",
                "winogrande": "test"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (make test), the engines of each test process bind their OpenMP
+    threads to a core of their own: vLLM's automatic binding puts every engine's worker on
+    the same core, from its start, so two processes' engines would take turns on it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
 
 
 @pytest.fixture(scope="session")
