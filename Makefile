@@ -14,6 +14,10 @@ comma  := ,
 # One stamp per set of extras: `make install EXTRAS=cuda,dev` after a CPU install installs again.
 STAMP  := $(VENV)/.deepthink-installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
+# Test modules run in this many processes (pytest-xdist; a module stays in one process,
+# so it starts its engine once). 0 runs them all in this process: with 2, each process's
+# torch also takes both cores, and the in-process tests were slower on this machine.
+TEST_WORKERS ?= 0
 # e.g. GPU_CHECK_ARGS="--device cpu" (the same machinery on the CPU settings of make test)
 GPU_CHECK_ARGS ?=
 HOST ?= 127.0.0.1
@@ -60,10 +64,11 @@ endif
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not engine and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not engine and not slow and not subprocess" -n $(TEST_WORKERS) \
+		--dist loadfile $(PYTEST_ARGS)
 
 # On a CUDA machine: make gpu-check EXTRAS=cuda,dev (the parity suite across model
 # runners, dtypes, attention backends and CUDA graphs; one table of differences).

@@ -99,6 +99,7 @@ def test_imports_have_no_cycle(module_level_only):
             visit(node)
 
 
+@pytest.mark.subprocess
 def test_format_tasks_and_producers_run_without_vllm(tmp_path):
     """With `vllm` unimportable, every module of format/, tasks/ and producers/ imports,
     and a tiny Deep-Thinking build and an HF score run."""

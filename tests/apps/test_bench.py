@@ -137,6 +137,7 @@ def test_clip_prefix_len():
         clip_prefix_len(64, 300, 300, 512)
 
 
+@pytest.mark.subprocess
 def test_bad_options_say_what_to_change(tmp_path, tiny_llama):
     with pytest.raises(BenchError, match="expected a local HF model directory"):
         run_benchmark(BenchOptions(model=str(tmp_path / "nowhere")))

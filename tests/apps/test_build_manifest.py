@@ -8,7 +8,6 @@ import json
 import pytest
 
 from tests.helpers.manifests import MISSING, SST2, TREC, write_manifest
-from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink import DeepThinkAdapter
 from vllm_deepthink.apps import cli
 
@@ -16,15 +15,16 @@ FAST = ["--select-on", "none", "--iterations", "2", "--shots-per-class", "1", "-
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+def model_path(tiny_llama_dir):
+    return str(tiny_llama_dir)
 
 
-def test_manifest_with_two_worker_processes(tiny, tmp_path, capsys):
+@pytest.mark.subprocess
+def test_manifest_with_two_worker_processes(model_path, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "tasks.jsonl", [SST2, MISSING, TREC])
     store, report = tmp_path / "store", tmp_path / "summary.json"
     code = cli.main(["build", "--manifest", str(manifest), "--out-dir", str(store),
-                     "--model", tiny, *FAST, "--workers", "2", "--output-json", str(report)])
+                     "--model", model_path, *FAST, "--workers", "2", "--output-json", str(report)])
     assert code == 1  # a task failed; the others were built
     table = capsys.readouterr().out
     assert "failed: missing (line 2): `task_dir`" in table and "2 worker(s)" in table
@@ -41,14 +41,14 @@ def test_manifest_with_two_worker_processes(tiny, tmp_path, capsys):
     # Again, without the failing line: nothing to build, nothing fails.
     write_manifest(manifest, [SST2, TREC])
     assert cli.main(["build", "--manifest", str(manifest), "--out-dir", str(store),
-                     "--model", tiny, *FAST, "--workers", "2", "--output-json",
+                     "--model", model_path, *FAST, "--workers", "2", "--output-json",
                      str(report)]) == 0
     assert json.loads(report.read_text())["counts"] == {"built": 0, "skipped": 2, "failed": 0}
     # A flag is a default of every line, so it changes their digests, except where a
     # line sets the field itself (both set "seed").
     for flags, built in ((["--seed", "3"], 0), (["--batch-size", "8"], 2)):
         assert cli.main(["build", "--manifest", str(manifest), "--out-dir", str(store),
-                         "--model", tiny, *FAST, *flags, "--output-json", str(report)]) == 0
+                         "--model", model_path, *FAST, *flags, "--output-json", str(report)]) == 0
         assert json.loads(report.read_text())["counts"]["built"] == built
 
 

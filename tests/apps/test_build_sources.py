@@ -13,32 +13,27 @@ import pytest
 from tests.helpers import REPO_ROOT
 from tests.helpers.datasets_files import write_reviews_dataset
 from tests.helpers.hub_cache import offline_env, publish
-from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink import DeepThinkAdapter
 from vllm_deepthink.apps import cli
 
 BUILD = ["--shots-per-class", "1", "--iterations", "2", "--dev-size", "6", "--guard-k", "0"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama")
-
-
-def test_build_from_a_local_csv_dataset(tiny, tmp_path):
+def test_build_from_a_local_csv_dataset(tiny_llama_dir, tmp_path):
     pytest.importorskip("datasets")
     write_reviews_dataset(tmp_path)
     out = tmp_path / "adapter"
-    assert cli.main(["build", "--model", str(tiny), "--dataset", str(tmp_path), *BUILD,
+    assert cli.main(["build", "--model", str(tiny_llama_dir), "--dataset", str(tmp_path), *BUILD,
                      "--out", str(out)]) == 0
     config = DeepThinkAdapter.from_pretrained(out).config
     assert config.task["name"] == "reviews" and config.task["dev_size"] == 6
     assert "Review: review number" in config.demos_text
 
 
-def test_build_from_a_model_named_by_hub_id_offline(tiny, tmp_path):
+@pytest.mark.subprocess
+def test_build_from_a_model_named_by_hub_id_offline(tiny_llama_dir, tmp_path):
     cache = tmp_path / "cache"
-    publish(tiny, cache, "org/tiny-llama")
+    publish(tiny_llama_dir, cache, "org/tiny-llama")
     out = tmp_path / "adapter"
     env = {**os.environ, **offline_env(cache), "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
@@ -49,7 +44,7 @@ def test_build_from_a_model_named_by_hub_id_offline(tiny, tmp_path):
     config = DeepThinkAdapter.from_pretrained(out).config
     assert config.base_model_name_or_path == "org/tiny-llama"
     from vllm_deepthink.format import ModelFingerprint
-    assert config.fingerprint == ModelFingerprint.from_checkpoint(tiny)
+    assert config.fingerprint == ModelFingerprint.from_checkpoint(tiny_llama_dir)
     # A hub id that is not in the cache is refused before any work, saying how to fix it.
     missing = subprocess.run(
         [sys.executable, "-m", "vllm_deepthink.apps.cli", "build", "--model", "org/missing",
@@ -58,7 +53,7 @@ def test_build_from_a_model_named_by_hub_id_offline(tiny, tmp_path):
     assert missing.returncode != 0 and "HF_HUB_OFFLINE=1" in missing.stderr
 
 
-def test_eval_on_a_local_jsonl_dataset_with_its_task_json(tiny, tmp_path):
+def test_eval_on_a_local_jsonl_dataset_with_its_task_json(tiny_llama_dir, tmp_path):
     """`eval --dataset DIR` reads the rows through the datasets library, the columns
     mapped by DIR's task.json, and scores exactly what `--task-dir` scores on the same
     rows written as the built-in jsonl layout."""
@@ -83,7 +78,7 @@ def test_eval_on_a_local_jsonl_dataset_with_its_task_json(tiny, tmp_path):
     for name, source in (("dataset", ["--dataset", str(data)]),
                          ("task-dir", ["--task-dir", str(plain)])):
         out = tmp_path / f"{name}.json"
-        assert cli.main(["eval", "--model", str(tiny), *source, "--engine", "hf",
+        assert cli.main(["eval", "--model", str(tiny_llama_dir), *source, "--engine", "hf",
                          "--no-progress", "--output-json", str(out)]) == 0
         results[name] = json.loads(out.read_text())
     by_dataset, by_dir = results["dataset"], results["task-dir"]
@@ -95,7 +90,8 @@ def test_eval_on_a_local_jsonl_dataset_with_its_task_json(tiny, tmp_path):
     bare = tmp_path / "bare.jsonl"
     bare.write_text(json.dumps({"text": "x", "label": 0}) + "\n")
     with pytest.raises(SystemExit, match="task.json"):
-        cli.main(["eval", "--model", str(tiny), "--dataset", str(bare), "--engine", "hf"])
+        cli.main(["eval", "--model", str(tiny_llama_dir), "--dataset", str(bare),
+                  "--engine", "hf"])
 
 
 # The split names of the hub datasets named in examples/tasks (their dataset cards);

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import SHIPPED_DATA
 from tests.format.test_methods import imported
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.apps import cli
 from vllm_deepthink.format import DeepThinkAdapter
@@ -121,7 +121,7 @@ def test_refusals_name_the_flag(llama, tmp_path, extra, message):
 def test_learned_positions_are_refused(tmp_path):
     model_dir = tmp_path / "gpt2"
     model, tokenizer = load_tiny("gpt2", model_dir)
-    build_adapter(model, tokenizer, tmp_path / "src", 24)
+    noisy_adapter(model, tokenizer, tmp_path / "src", 24)
     queries = tmp_path / "q.txt"
     queries.write_text("The lazy dog\nA charming film\n")
     with pytest.raises(SystemExit, match="learned absolute positions"):

@@ -36,9 +36,9 @@ def write_task(directory, spec=TASK_JSON, n_train=12, n_test=10):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_llama_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
-    model_dir = base / "tiny-llama"
+    model_dir = tiny_llama_dir
     model, tok = load_tiny("llama", model_dir)
     task = load_task(write_task(base / "sent"))
     demos = sample_demos(task, shots_per_class=2, seed=0)

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps import cli
 from vllm_deepthink.tasks import calibration
 
@@ -16,9 +15,9 @@ TEXTS = ["a charming film", "contains no wit , only labored gags", "the quick br
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tiny_llama_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("evalcal")
-    model_dir = make_tiny_model("llama", base / "tiny-llama")
+    model_dir = tiny_llama_dir
     task = base / "sent"
     task.mkdir()
     (task / "task.json").write_text(json.dumps({

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.adapter_factory import hf_reference
+from tests.helpers.references import hf_reference
 from tests.helpers.openai_server import VLLM_SCRIPT, VllmServer, engine_env
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import DeepThinkAdapter
@@ -38,9 +38,9 @@ def run_example(script: str, *args: str, timeout: float = 900) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
     task_dir = root / "reviews"
     task_dir.mkdir()
     (task_dir / "task.json").write_text(json.dumps(TASK))
@@ -48,13 +48,14 @@ def built(tmp_path_factory):
     (task_dir / "train.jsonl").write_text("\n".join(rows * 3) + "\n")
     (task_dir / "test.jsonl").write_text("\n".join(rows[:4]) + "\n")
     out = root / "store" / "reviews"
-    result = run_example("build_adapter.py", "--model", root / "tiny-llama", "--task-dir",
+    result = run_example("build_adapter.py", "--model", tiny_llama_dir, "--task-dir",
                          task_dir, "--out", out, "--iterations", 3, "--dev-size", 8)
     assert f"{out}: prefix of" in result.stdout
-    return SimpleNamespace(root=root, model_dir=root / "tiny-llama", model=model,
+    return SimpleNamespace(root=root, model_dir=tiny_llama_dir, model=model,
                            tokenizer=tokenizer, adapter_dir=out)
 
 
+@pytest.mark.subprocess
 def test_build_adapter_writes_an_adapter_for_the_model(built):
     adapter = DeepThinkAdapter.from_pretrained(
         built.adapter_dir, expected_fingerprint=ModelFingerprint.from_model(built.model))

@@ -11,7 +11,7 @@ import pytest
 openai = pytest.importorskip("openai")
 peft = pytest.importorskip("peft")
 
-from tests.helpers.adapter_factory import hf_reference, max_abs_diff  # noqa: E402
+from tests.helpers.references import hf_reference, max_abs_diff  # noqa: E402
 from tests.helpers.openai_server import VLLM_SCRIPT, VllmServer, openai_client  # noqa: E402
 from tests.helpers.peft_adapters import (load_reference_model, make_peft_adapter,  # noqa: E402
                                          peft_reference)
@@ -35,7 +35,7 @@ def served(request, tmp_path_factory):
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
     family = request.param
     root = tmp_path_factory.mktemp(f"import-serve-{family}")
-    model_dir = root / f"tiny-{family}"
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
     model, tokenizer = load_tiny(family, model_dir)
     references = {}
     for i, (name, (kind, virtual)) in enumerate(PEFT.items()):

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink.apps import cli
 from vllm_deepthink.apps.results import checkpoints as row_files
 from vllm_deepthink.apps.results import runs, specs, table
@@ -19,9 +18,9 @@ TEXTS = ["a charming film", "contains no wit , only labored gags", "the quick br
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_llama_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("results")
-    model_dir = make_tiny_model("llama", base / "tiny-llama")
+    model_dir = tiny_llama_dir
     task = base / "data" / "sst2"  # a built-in task name: the paper's template and shots
     task.mkdir(parents=True)
     rows = [{"text": TEXTS[i % len(TEXTS)] + f" {i}", "label": (i * 7 // 3) % 2}

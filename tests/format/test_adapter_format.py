@@ -21,13 +21,8 @@ DEMOS = "Review: a charming film\nSentiment: positive\n\n"
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def adapter(llama_dir):
-    model, tokenizer = load_tiny("llama", llama_dir)
+def adapter(tiny_llama_dir):
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
     return builder.build_adapter(model, tokenizer, DEMOS, iterations=3, progress=False,
                                  task={"name": "toy", "shots_per_class": 1},
                                  build_args={"iterations": 3})
@@ -69,20 +64,20 @@ def test_round_trip_is_exact(adapter, saved):
     assert not list(saved.glob("*.tmp"))
 
 
-def test_fingerprint_from_checkpoint_matches_model(adapter, llama_dir, saved):
-    from_dir = ModelFingerprint.from_checkpoint(llama_dir)
+def test_fingerprint_from_checkpoint_matches_model(adapter, tiny_llama_dir, saved):
+    from_dir = ModelFingerprint.from_checkpoint(tiny_llama_dir)
     assert from_dir.mismatches(adapter.config.fingerprint) == []
     DeepThinkAdapter.from_pretrained(saved, expected_fingerprint=from_dir)  # no error
 
 
-def test_a_model_loaded_in_bfloat16_has_its_checkpoints_fingerprint(llama_dir):
+def test_a_model_loaded_in_bfloat16_has_its_checkpoints_fingerprint(tiny_llama_dir):
     """Its embeddings are rounded in memory; before, an adapter built in bfloat16 from
     a float32 checkpoint carried a digest no server of that checkpoint matched."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     rounded = ModelFingerprint.from_hf_config(model.config, model.get_input_embeddings().weight)
-    from_dir = ModelFingerprint.from_checkpoint(llama_dir)
+    from_dir = ModelFingerprint.from_checkpoint(tiny_llama_dir)
     assert rounded.embedding_sha256 != from_dir.embedding_sha256
     assert ModelFingerprint.from_model(model) == from_dir
 
@@ -159,12 +154,12 @@ def test_save_refuses_nan(adapter, tmp_path):
     assert not (tmp_path / "bad" / WEIGHTS_NAME).exists()
 
 
-def test_wrong_base_model(adapter, saved, tmp_path):
+def test_wrong_base_model(adapter, saved, tmp_path, tiny_gpt2_dir):
     other_weights = ModelFingerprint.from_checkpoint(
         make_tiny_model("llama", tmp_path / "other", seed=1))
     with pytest.raises(AdapterFormatError, match="different base model.*embedding_sha256"):
         DeepThinkAdapter.from_pretrained(saved, expected_fingerprint=other_weights)
-    gpt2 = ModelFingerprint.from_checkpoint(make_tiny_model("gpt2", tmp_path / "gpt2"))
+    gpt2 = ModelFingerprint.from_checkpoint(tiny_gpt2_dir)
     with pytest.raises(AdapterFormatError,
                        match="architecture: adapter 'LlamaForCausalLM', model 'GPT2LMHeadModel'"):
         DeepThinkAdapter.from_pretrained(saved, expected_fingerprint=gpt2)
@@ -223,15 +218,15 @@ def test_inconsistent_config_rejected(saved):
         DeepThinkAdapter.from_pretrained(saved)
 
 
-def test_readme_transformers_usage(adapter, llama_dir, saved):
+def test_readme_transformers_usage(adapter, tiny_llama_dir, saved):
     """docs/format.md, "In plain transformers" (README.md, "From Python"): the query after
     `as_cache` equals the query after the demonstrations' own K/V recomputed as the
     prefix (iteration 1 would be ICL; here the adapter's K/V, checked against
     tests.helpers' reference), and `generate` on placeholder ids + query continues
     exactly as a step-by-step greedy decode over the same cache."""
-    from tests.helpers.adapter_factory import hf_reference
+    from tests.helpers.references import hf_reference
 
-    model, tokenizer = load_tiny("llama", llama_dir)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
     loaded = DeepThinkAdapter.from_pretrained(saved)
     query = tokenizer("Review: a dull film\nSentiment:", add_special_tokens=False).input_ids
     ids = torch.tensor([query])

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.hostile_adapters import CASES, make_hostile, resign
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import (CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError,
@@ -21,22 +21,22 @@ from vllm_deepthink.format.errors import MAX_JSON_BYTES, read_json
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def base_files(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
-    adapter = build_adapter(model, tokenizer, root / "good", 24, seed=3)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    adapter = noisy_adapter(model, tokenizer, root / "good", 24, seed=3)
     return root, model, adapter
 
 
 @pytest.fixture(scope="module")
-def hostile(tiny):
-    root, *_ = tiny
+def hostile(base_files):
+    root, *_ = base_files
     return make_hostile(root / "good", root / "hostile")
 
 
 @pytest.fixture
-def good(tiny, tmp_path):
-    return shutil.copytree(tiny[0] / "good", tmp_path / "good")
+def good(base_files, tmp_path):
+    return shutil.copytree(base_files[0] / "good", tmp_path / "good")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -50,17 +50,17 @@ def test_each_hostile_adapter_is_refused_naming_the_field(hostile, case):
     assert CASES[case][1] in str(info.value)
 
 
-def test_the_hostile_copies_differ_only_where_intended(tiny, hostile):
+def test_the_hostile_copies_differ_only_where_intended(base_files, hostile):
     """The re-signed cases pass every check but their own: the good adapter, re-signed
     the same way, loads."""
-    root, _, adapter = tiny
+    root, _, adapter = base_files
     again = shutil.copytree(root / "good", root / "resigned")
     resign(again)
     assert DeepThinkAdapter.from_pretrained(again).config == adapter.config
 
 
-def test_token_ids_of_imported_methods_are_checked_against_the_vocabulary(tiny, tmp_path):
-    _, _, adapter = tiny
+def test_token_ids_of_imported_methods_are_checked_against_the_vocabulary(base_files, tmp_path):
+    _, _, adapter = base_files
     fp = adapter.config.fingerprint
     config = DeepThinkConfig(
         base_model_name_or_path="tiny", fingerprint=fp, prefix_len=adapter.prefix_len,
@@ -91,10 +91,10 @@ def test_the_message_says_what_was_expected_and_found(hostile):
         DeepThinkAdapter.from_pretrained(hostile["4000-digit-vocab"])
 
 
-def test_the_fingerprint_is_compared_before_the_weights_are_read(tiny, good):
+def test_the_fingerprint_is_compared_before_the_weights_are_read(base_files, good):
     """A corrupt weights file of an adapter for another model: the fingerprint answers
     (before the fix: the weights were read and parsed first)."""
-    _, _, adapter = tiny
+    _, _, adapter = base_files
     other = dataclasses.replace(adapter.config.fingerprint, embedding_sha256="f" * 64)
     (good / WEIGHTS_NAME).write_bytes(b"\0" * 10)
     with pytest.raises(AdapterFormatError, match="different base model.*embedding_sha256"):
@@ -118,8 +118,8 @@ def test_a_weights_file_of_the_wrong_size_is_never_read(good, monkeypatch):
     assert reads == []
 
 
-def test_the_weights_file_size_is_exact(tiny, good):
-    _, _, adapter = tiny
+def test_the_weights_file_size_is_exact(base_files, good):
+    _, _, adapter = base_files
     size = (good / WEIGHTS_NAME).stat().st_size
     header = int.from_bytes((good / WEIGHTS_NAME).read_bytes()[:8], "little")
     assert size == 8 + header + adapter.config.kv_bytes()
@@ -176,9 +176,9 @@ def test_read_json_maps_every_parse_failure(tmp_path, content, fragment):
     assert str(info.value).startswith(str(path)) and str(info.value).endswith(". Fix it.")
 
 
-def test_fingerprint_fields_keep_their_python_values(tiny):
+def test_fingerprint_fields_keep_their_python_values(base_files):
     """The checks accept what from_model writes (ints, strings, a rope dict)."""
-    _, model, adapter = tiny
+    _, model, adapter = base_files
     fp = ModelFingerprint.from_model(model)
     assert ModelFingerprint.from_dict(fp.to_dict()) == fp == adapter.config.fingerprint
     with pytest.raises(AdapterFormatError, match="fingerprint.num_kv_heads must be an integer"):

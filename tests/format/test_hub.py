@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.tiny_models import load_tiny
 
@@ -21,8 +21,8 @@ from tests.helpers.tiny_models import load_tiny
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     model, tokenizer = load_tiny("llama", root / "tiny")
-    build_adapter(model, tokenizer, root / "adapter-v1", 20, seed=1)
-    build_adapter(model, tokenizer, root / "adapter-v2", 24, seed=2)
+    noisy_adapter(model, tokenizer, root / "adapter-v1", 20, seed=1)
+    noisy_adapter(model, tokenizer, root / "adapter-v2", 24, seed=2)
     cache = root / "cache"
     publish(root / "tiny", cache, "org/tiny-llama")
     v1 = publish(root / "adapter-v1", cache, "org/sst2-adapter", refs=("v1",))
@@ -38,6 +38,7 @@ def run_offline(cache, code: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_hub_ids_resolve_from_the_cache_offline(hub):
     root, cache, v1 = hub
     out = run_offline(cache, f"""
@@ -59,6 +60,7 @@ def test_hub_ids_resolve_from_the_cache_offline(hub):
     assert out["lengths"] == [24, 20, 20]
 
 
+@pytest.mark.subprocess
 def test_unknown_hub_id_offline_says_what_to_do(hub):
     _, cache, _ = hub
     out = run_offline(cache, """

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers.adapter_factory import (V1_KEYS, V2_FIRST_KEYS, build_adapter,
+from tests.helpers.adapter_factory import (V1_KEYS, V2_FIRST_KEYS, noisy_adapter,
                                           write_first_v2_adapter, write_v1_adapter)
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import (CONFIG_NAME, FORMAT_VERSION, METHODS, PLACEHOLDER_TOKEN_ID,
@@ -22,16 +22,15 @@ SHA = "ab" * 32
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    model, tokenizer = load_tiny("llama", directory)
-    return directory, model, tokenizer
+def llama(tiny_llama_dir):
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return tiny_llama_dir, model, tokenizer
 
 
 @pytest.fixture(scope="module")
 def deepthink(llama, tmp_path_factory):
     _, model, tokenizer = llama
-    return build_adapter(model, tokenizer, tmp_path_factory.mktemp("dt") / "a", 12, seed=3)
+    return noisy_adapter(model, tokenizer, tmp_path_factory.mktemp("dt") / "a", 12, seed=3)
 
 
 def imported(model, method="peft-prefix-tuning", virtual=5, specials=(1,), **provenance):

@@ -1,4 +1,6 @@
-"""Helpers shared by the tests (tiny models, adapters, a real `vllm serve`)."""
+"""Helpers shared by the tests: tiny models (tiny_models), noisy test adapters
+(adapter_factory), HF references (references), test engines and the parity check
+(engines), a real `vllm serve` (openai_server)."""
 
 from pathlib import Path
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.adapter_factory import (
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import (
     BLOCK_SIZE,
     QUERIES,
     assert_parity,
-    build_adapter,
-    hf_reference,
-    icl_reference,
-    max_abs_diff,
     parity_params,
     shutdown,
     start_engine,
 )
+from tests.helpers.references import hf_reference, icl_reference, max_abs_diff
 from tests.helpers.tiny_models import load_tiny
 
 PREFIX_LENS = {"aligned": 2 * BLOCK_SIZE, "unaligned": 45}
@@ -31,11 +29,11 @@ class ParitySuite:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def setup(cls, tmp_path_factory):
-        model_dir = tmp_path_factory.mktemp(cls.kind)
+    def setup(cls, request, tmp_path_factory):
+        model_dir = request.getfixturevalue(f"tiny_{cls.kind}_dir")
         model, tokenizer = load_tiny(cls.kind, model_dir)
         root = tmp_path_factory.mktemp(f"{cls.kind}-adapters")
-        adapters = {name: build_adapter(model, tokenizer, root / name, length,
+        adapters = {name: noisy_adapter(model, tokenizer, root / name, length,
                                         seed=i, offset=i)
                     for i, (name, length) in enumerate(PREFIX_LENS.items())}
         return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}

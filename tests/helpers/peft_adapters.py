@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers.adapter_factory import Reference
+from tests.helpers.references import Reference
 
 # kind -> what it is
 KINDS = {

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.adapter_factory import build_adapter, count_reads
+from tests.helpers.adapter_factory import noisy_adapter, count_reads
 from tests.helpers.hostile_adapters import CASES, make_hostile
 from tests.helpers.tiny_models import load_tiny
 
@@ -35,42 +35,42 @@ def registered():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def files(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter-files")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
-    build_adapter(model, tokenizer, root / "good", 40, seed=1)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    noisy_adapter(model, tokenizer, root / "good", 40, seed=1)
     store = root / "store"
     store.mkdir()
     hostile = make_hostile(root / "good", store)
-    return SimpleNamespace(root=root, model_dir=root / "tiny-llama", good=root / "good",
+    return SimpleNamespace(root=root, model_dir=tiny_llama_dir, good=root / "good",
                            store=store, hostile=hostile)
 
 
 @pytest.fixture(scope="module")
-def served(tiny):
-    return processor(tiny, **vllm_deepthink.engine_args(adapters={"good": tiny.good}))
+def served(files):
+    return processor(files, **vllm_deepthink.engine_args(adapters={"good": files.good}))
 
 
 # ------------------------------------------------------------------ items 1 and 2
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_the_registry_refuses_each_hostile_adapter_naming_the_field(tiny, case):
+def test_the_registry_refuses_each_hostile_adapter_naming_the_field(files, case):
     """Runtime load endpoint and add_adapter: register() raises AdapterFormatError (a 400
     there); before the fix several cases raised TypeError / ValueError / RecursionError
     (a 500) or were served (float ids: the engine hung)."""
-    registry = adapter_registry.AdapterRegistry(tiny.model_dir)
+    registry = adapter_registry.AdapterRegistry(files.model_dir)
     with pytest.raises(AdapterFormatError) as info:
-        registry.register(case, tiny.hostile[case])
+        registry.register(case, files.hostile[case])
     assert CASES[case][1] in str(info.value)
     assert registry.names() == []
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_hostile_adapter_in_an_adapter_dir_is_refused_once(tiny, case, monkeypatch):
+def test_a_hostile_adapter_in_an_adapter_dir_is_refused_once(files, case, monkeypatch):
     """--deepthink-adapter-dir: the first request naming it gets the reason (a 400); the
     refusal is remembered until the files change, so the next one reads nothing."""
-    registry = adapter_registry.AdapterRegistry(tiny.model_dir,
-                                                resolvers=[DirectoryResolver(tiny.store)])
+    registry = adapter_registry.AdapterRegistry(files.model_dir,
+                                                resolvers=[DirectoryResolver(files.store)])
     with pytest.raises(request_checks.AdapterRequestError) as info:
         registry.get(case)
     assert CASES[case][1] in str(info.value) and info.value.param in (None, "model")
@@ -82,14 +82,14 @@ def test_a_hostile_adapter_in_an_adapter_dir_is_refused_once(tiny, case, monkeyp
     assert reads == []
 
 
-def test_hostile_start_adapters_stop_the_server_naming_each_field(tiny, served, monkeypatch):
+def test_hostile_start_adapters_stop_the_server_naming_each_field(files, served, monkeypatch):
     """--deepthink-adapter: the server does not start, and says which adapter and which
     field (vLLM prints the ValueError of init_static_loras and exits)."""
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
-    registry = adapter_registry.AdapterRegistry(tiny.model_dir)
-    registry.register_at_start({"good": str(tiny.good),
-                                **{case: str(path) for case, path in tiny.hostile.items()}})
+    registry = adapter_registry.AdapterRegistry(files.model_dir)
+    registry.register_at_start({"good": str(files.good),
+                                **{case: str(path) for case, path in files.hostile.items()}})
     assert registry.names() == ["good"]
     monkeypatch.setattr(serving_models, "registry_for", lambda vllm_config: registry)
     models = SimpleNamespace(static_lora_modules=None,
@@ -144,7 +144,8 @@ def test_the_request_state_patch_is_inert_without_our_connector(served, monkeypa
     assert type(plain) is RequestState and list(plain.prompt_token_ids) == placeholders + [5, 6, 7]
 
 
-def test_vllm_serve_with_hostile_start_adapters_exits_naming_each_field(tiny):
+@pytest.mark.subprocess
+def test_vllm_serve_with_hostile_start_adapters_exits_naming_each_field(files):
     """`vllm serve --deepthink-adapter` / `--deepthink-adapter-dir` with hostile adapters:
     exit status 1 before the engine starts, one line per adapter naming the field, no
     traceback (before: a traceback, and for several cases a TypeError / RecursionError
@@ -156,10 +157,10 @@ def test_vllm_serve_with_hostile_start_adapters_exits_naming_each_field(tiny):
     if not VLLM_SCRIPT.exists():
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
     result = subprocess.run(
-        [str(VLLM_SCRIPT), "serve", str(tiny.model_dir), "--max-model-len", "512",
-         "--port", "0", "--deepthink-adapter", f"good={tiny.good}",
-         "--deepthink-adapter", f"start-float={tiny.hostile['float-demo-id']}",
-         "--deepthink-adapter-dir", str(tiny.store)],
+        [str(VLLM_SCRIPT), "serve", str(files.model_dir), "--max-model-len", "512",
+         "--port", "0", "--deepthink-adapter", f"good={files.good}",
+         "--deepthink-adapter", f"start-float={files.hostile['float-demo-id']}",
+         "--deepthink-adapter-dir", str(files.store)],
         capture_output=True, text=True, timeout=300, env=engine_env())
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -17,9 +17,10 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from tests.conftest import SHIPPED_DATA  # noqa: E402
-from tests.helpers.adapter_factory import (QUERIES, build_adapter, hf_reference,  # noqa: E402
-                                           max_abs_diff, write_first_v2_adapter,
+from tests.helpers.adapter_factory import (noisy_adapter, write_first_v2_adapter,  # noqa: E402
                                            write_v1_adapter)
+from tests.helpers.engines import QUERIES  # noqa: E402
+from tests.helpers.references import hf_reference, max_abs_diff  # noqa: E402
 from tests.helpers.openai_server import VLLM_SCRIPT, VllmServer, openai_client  # noqa: E402
 from tests.helpers.tiny_models import load_tiny  # noqa: E402
 from vllm_deepthink.apps import cli  # noqa: E402
@@ -46,10 +47,10 @@ def served(tmp_path_factory):
                      "--out", str(store / "small"), "--ratio", "4", "--num-queries", "24",
                      "--compress-dev-size", "6", "--distill", "--steps", "2",
                      "--eval-every", "1", "--batch-size", "8"]) == 0
-    build_adapter(model, tokenizer, store / "full", 70, seed=1)
-    write_v1_adapter(build_adapter(model, tokenizer, root / "v1-source", 30, seed=2, offset=1),
+    noisy_adapter(model, tokenizer, store / "full", 70, seed=1)
+    write_v1_adapter(noisy_adapter(model, tokenizer, root / "v1-source", 30, seed=2, offset=1),
                      store / "v1")
-    write_first_v2_adapter(build_adapter(model, tokenizer, root / "v2-source", 50, seed=3,
+    write_first_v2_adapter(noisy_adapter(model, tokenizer, root / "v2-source", 50, seed=3,
                                          offset=2), store / "v2")
     adapters = {name: DeepThinkAdapter.from_pretrained(store / name) for name in ADAPTERS}
     server = VllmServer(model_dir, ["--deepthink-adapter-dir", str(store)],

@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    QUERIES,
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    max_abs_diff,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import QUERIES, assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference, max_abs_diff
 from tests.helpers.tiny_models import CORPUS, load_tiny
 from vllm_deepthink.format import DeepThinkAdapter
 from vllm_deepthink.producers.compress import DistillSettings, compress_adapter
@@ -26,11 +19,11 @@ CALIBRATION = [f"{line.split(chr(10))[0]} {i}" for i in range(4) for line in COR
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("llama")
+def setup(tiny_llama_dir, tmp_path_factory):
+    model_dir = tiny_llama_dir
     model, tokenizer = load_tiny("llama", model_dir)
     root = tmp_path_factory.mktemp("adapters")
-    source = build_adapter(model, tokenizer, root / "full", 70)
+    source = noisy_adapter(model, tokenizer, root / "full", 70)
     compressed = compress_adapter(
         DeepThinkAdapter.from_pretrained(root / "full"), model, tokenizer, CALIBRATION,
         prefix_len=20, distill=DistillSettings(steps=3, eval_every=3, batch_size=8),

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 from vllm_deepthink.plugin import protocol, request_checks, rewrite
 from vllm_deepthink.plugin import registry as adapter_registry
@@ -17,24 +17,24 @@ from vllm_deepthink.format import AdapterFormatError
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    model, tokenizer = load_tiny("llama", directory)
-    return directory, model, tokenizer
+def llama(tiny_llama_dir):
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return tiny_llama_dir, model, tokenizer
 
 
 @pytest.fixture(scope="module")
 def adapters(llama, tmp_path_factory):
     _, model, tokenizer = llama
     root = tmp_path_factory.mktemp("adapters")
-    build_adapter(model, tokenizer, root / "a", 12, seed=1)
-    build_adapter(model, tokenizer, root / "b", 20, seed=2)
+    noisy_adapter(model, tokenizer, root / "a", 12, seed=1)
+    noisy_adapter(model, tokenizer, root / "b", 20, seed=2)
     other_dir = make_tiny_model("llama", tmp_path_factory.mktemp("other"), seed=1)
     other, _ = load_tiny("llama", other_dir)
-    build_adapter(other, tokenizer, root / "foreign", 12)
+    noisy_adapter(other, tokenizer, root / "foreign", 12)
     return root
 
 
+@pytest.mark.subprocess
 def test_import_does_not_import_vllm():
     code = ("import sys, vllm_deepthink, vllm_deepthink.plugin.registry, "
             "vllm_deepthink.plugin.request_checks, vllm_deepthink.plugin.rewrite, "
@@ -233,6 +233,7 @@ def test_a_registered_resolver_is_consulted_by_new_engines(llama, adapters):
         resolvers._registered.pop("test-mapping")
 
 
+@pytest.mark.subprocess
 def test_hub_resolver_finds_org_name_in_the_hub_cache_offline(llama, adapters, tmp_path):
     """HubResolver("org"): NAME -> org/NAME from a real hub-cache layout, offline (a fresh
     process: huggingface_hub reads its environment at import)."""

@@ -17,7 +17,8 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from tests.helpers.datasets_files import write_reviews_dataset
-from tests.helpers.adapter_factory import build_adapter, hf_reference, max_abs_diff
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.references import hf_reference, max_abs_diff
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.openai_server import VllmServer, openai_client
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
@@ -46,16 +47,16 @@ def build_from_hub_model_and_dataset(root: Path, home: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-serving")
-    model, tokenizer = load_tiny("llama", root / "tiny")
-    adapter = build_adapter(model, tokenizer, root / "adapter", 40, seed=3)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    adapter = noisy_adapter(model, tokenizer, root / "adapter", 40, seed=3)
     home = root / "hf-home"
     cache = home / "hub"  # HF_HOME/hub is where huggingface_hub looks by default
     # main is another model (other weights): only --revision v1 reaches the tiny model
     make_tiny_model("llama", root / "other", seed=1)
     publish(root / "other", cache, "org/tiny-llama", refs=("main",))
-    publish(root / "tiny", cache, "org/tiny-llama", refs=("v1",))
+    publish(tiny_llama_dir, cache, "org/tiny-llama", refs=("v1",))
     commit = publish(root / "adapter", cache, "org/sst2-adapter")
     built = build_from_hub_model_and_dataset(root, home)
     reviews = cache / "models--org--reviews-adapter" / "snapshots" / publish(

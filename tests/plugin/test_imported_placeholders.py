@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers.adapter_factory import build_adapter, write_v1_adapter
+from tests.helpers.adapter_factory import noisy_adapter, write_v1_adapter
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import PLACEHOLDER_TOKEN_ID, ModelFingerprint
 from vllm_deepthink.plugin import registry as adapter_registry
@@ -14,10 +14,9 @@ from vllm_deepthink.producers.past_kv import import_past_kv
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    model, tokenizer = load_tiny("llama", directory)
-    return directory, model, tokenizer
+def llama(tiny_llama_dir):
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return tiny_llama_dir, model, tokenizer
 
 
 def test_registry_uses_the_configs_placeholder_ids(llama, tmp_path):
@@ -29,7 +28,7 @@ def test_registry_uses_the_configs_placeholder_ids(llama, tmp_path):
                for i in range(fp.num_layers) for kind in ("key", "value")},
               str(tmp_path / "kv.safetensors"))
     import_past_kv(tmp_path / "kv.safetensors", model_dir).save_pretrained(tmp_path / "kv")
-    built = build_adapter(model, tokenizer, tmp_path / "dt", 9)
+    built = noisy_adapter(model, tokenizer, tmp_path / "dt", 9)
     write_v1_adapter(built, tmp_path / "v1")
     registry = adapter_registry.AdapterRegistry(model_dir)
     kv = registry.register("kv", tmp_path / "kv")

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    QUERIES,
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    icl_reference,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import QUERIES, assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference, icl_reference
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 import vllm_deepthink
 from vllm_deepthink.plugin import registry as adapter_registry
@@ -26,16 +19,16 @@ PREFIX_LENS = {"a": 45, "b": 64, "c": 45}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("llama")
+def setup(tiny_llama_dir, tmp_path_factory):
+    model_dir = tiny_llama_dir
     model, tokenizer = load_tiny("llama", model_dir)
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {name: build_adapter(model, tokenizer, root / name, length, seed=i, offset=i)
+    adapters = {name: noisy_adapter(model, tokenizer, root / name, length, seed=i, offset=i)
                 for i, (name, length) in enumerate(PREFIX_LENS.items())}
     # Built on another model (same architecture, other weights): refused at start.
     other, _ = load_tiny("llama", make_tiny_model("llama", tmp_path_factory.mktemp("other"),
                                                   seed=1))
-    build_adapter(other, tokenizer, root / "foreign", 32)
+    noisy_adapter(other, tokenizer, root / "foreign", 32)
     return model_dir, model, tokenizer, adapters, root
 
 
@@ -164,14 +157,14 @@ def test_runtime_registration_and_changed_weights(setup, llm, tmp_path):
     registry = adapter_registry.registry_for(llm.llm_engine.vllm_config)
     ids = tokenizer.encode(QUERIES[1], add_special_tokens=False)
 
-    first = build_adapter(model, tokenizer, tmp_path / "late", 40, seed=7)
+    first = noisy_adapter(model, tokenizer, tmp_path / "late", 40, seed=7)
     registry.register("late", tmp_path / "late")
     (output,) = llm.generate([QUERIES[1]], parity_params("late"), use_tqdm=False)
     assert_parity(output, hf_reference(model, first, ids), ids, label="runtime-registered")
 
     # New weights at the same path: served only once registered again (new
     # digest, new cache salt), never mixed with the old blocks.
-    second = build_adapter(model, tokenizer, tmp_path / "late", 40, seed=8)
+    second = noisy_adapter(model, tokenizer, tmp_path / "late", 40, seed=8)
     (output,) = llm.generate([QUERIES[1]], parity_params("late"), use_tqdm=False)
     assert_parity(output, hf_reference(model, first, ids), ids, label="old weights still served")
     registry.register("late", tmp_path / "late")
@@ -186,11 +179,11 @@ def test_runtime_registration_and_changed_weights(setup, llm, tmp_path):
 def test_weights_changed_before_first_load_fail_the_request(setup, llm, tmp_path):
     _, model, tokenizer, _, _ = setup
     registry = adapter_registry.registry_for(llm.llm_engine.vllm_config)
-    build_adapter(model, tokenizer, tmp_path / "swapped", 40, seed=9)
+    noisy_adapter(model, tokenizer, tmp_path / "swapped", 40, seed=9)
     registry.register("swapped", tmp_path / "swapped")
     # The files change after validation and before any worker loaded them: the
     # worker finds another digest and the request fails instead of answering.
-    build_adapter(model, tokenizer, tmp_path / "swapped", 40, seed=10)
+    noisy_adapter(model, tokenizer, tmp_path / "swapped", 40, seed=10)
     (output,) = llm.generate([QUERIES[1]], parity_params("swapped"), use_tqdm=False)
     assert output.outputs[0].finish_reason == "error"
     registry.unregister("swapped")

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.hub_cache import offline_env, publish
 from tests.helpers.tiny_models import load_tiny, make_tiny_lora
 from vllm_deepthink.plugin.resolvers import DEFAULT_MAX_LOOKUPS
@@ -80,20 +80,20 @@ def write_plugin(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_llama_dir, tmp_path_factory):
     from tests.helpers.openai_server import VLLM_SCRIPT, VllmServer
 
     if not VLLM_SCRIPT.exists():
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
     httpx = pytest.importorskip("httpx")
     root = tmp_path_factory.mktemp("names")
-    model, tokenizer = load_tiny("llama", root / "tiny")
-    adapters = {name: build_adapter(model, tokenizer, path, 20 + n, seed=n)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    adapters = {name: noisy_adapter(model, tokenizer, path, 20 + n, seed=n)
                 for n, (name, path) in enumerate({
                     "good": root / "good", "folder": root / "store" / "folder",
                     "hubbed": root / "hubbed"}.items())}
     # Over the server's resident budget (BUDGET_GIB), kept out of the directory at start.
-    big = build_adapter(model, tokenizer, root / "big", BIG_PREFIX_LEN, seed=5)
+    big = noisy_adapter(model, tokenizer, root / "big", BIG_PREFIX_LEN, seed=5)
     (root / "store" / "broken").mkdir()
     (root / "store" / "broken" / "deepthink_config.json").write_text("{}")
     cache = root / "hub"
@@ -109,10 +109,10 @@ def server(tmp_path_factory):
             "--deepthink-adapter-dir", str(root / "store"),
             "--deepthink-resident-gib", str(BUDGET_GIB),
             "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
-            "--lora-modules", f"lora1={make_tiny_lora(root / 'tiny', root / 'lora1')}"]
+            "--lora-modules", f"lora1={make_tiny_lora(tiny_llama_dir, root / 'lora1')}"]
     # broken is in the directory: the server must not start with it; it is added later
     (root / "store" / "broken").rename(root / "broken-later")
-    proc = VllmServer(root / "tiny", args, log_path=root / "server.log", env=env)
+    proc = VllmServer(tiny_llama_dir, args, log_path=root / "server.log", env=env)
     try:
         proc.start()
         proc.wait_until_healthy()
@@ -246,10 +246,10 @@ def test_an_edited_directory_adapter_is_served_with_its_new_weights(server):
     files' mtime changed) and served with its new digest (before: the first digest was
     kept, /v1/models showed it, and the workers refused the changed files)."""
     path = server.root / "store" / "edited"
-    first = build_adapter(server.model, server.tokenizer, path, 30, seed=21)
+    first = noisy_adapter(server.model, server.tokenizer, path, 30, seed=21)
     assert complete(server, "edited").status_code == 200
     assert models(server)["edited"]["root"] == f"edited@sha256:{first.digest}"
-    second = build_adapter(server.model, server.tokenizer, path, 34, seed=22)
+    second = noisy_adapter(server.model, server.tokenizer, path, 34, seed=22)
     for file in path.iterdir():  # a clock tick later than the first build
         os.utime(file, (file.stat().st_atime, file.stat().st_mtime + 5))
     response = complete(server, "edited")

@@ -8,8 +8,13 @@ import pytest
 
 peft = pytest.importorskip("peft")
 
-from tests.helpers.adapter_factory import (assert_parity, hf_reference, max_abs_diff,  # noqa: E402
-                                           parity_params, shutdown, start_engine)
+from tests.helpers.engines import (  # noqa: E402
+    assert_parity,
+    parity_params,
+    shutdown,
+    start_engine,
+)
+from tests.helpers.references import hf_reference, max_abs_diff  # noqa: E402
 from tests.helpers.peft_adapters import (load_base, load_reference_model,  # noqa: E402
                                          make_peft_adapter, peft_reference)
 from vllm_deepthink.producers.peft import import_peft_adapter, special_prefix_ids  # noqa: E402

@@ -18,19 +18,16 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from tests.helpers.adapter_factory import (  # noqa: E402
+from tests.helpers.adapter_factory import noisy_adapter, write_v1_adapter  # noqa: E402
+from tests.helpers.engines import (  # noqa: E402
     BLOCK_SIZE,
     QUERIES,
-    Reference,
     assert_parity,
-    build_adapter,
-    hf_reference,
-    max_abs_diff,
     parity_params,
     shutdown,
     start_engine,
-    write_v1_adapter,
 )
+from tests.helpers.references import Reference, hf_reference, max_abs_diff  # noqa: E402
 from tests.helpers.peft_adapters import (load_reference_model, make_peft_adapter,  # noqa: E402
                                          peft_reference)
 from tests.helpers.tiny_models import load_tiny  # noqa: E402
@@ -81,7 +78,7 @@ def past_kv_file(model, tokenizer, path, length=33):
 def setup(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"peft-serving-{family}")
-    model_dir = root / family
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
     model, tokenizer = load_tiny(family, model_dir)
     bos = tokenizer.bos_token_id
     served: dict[str, Served] = {}
@@ -101,8 +98,8 @@ def setup(request, tmp_path_factory):
     adapter = import_past_kv(past_kv_file(model, tokenizer, root / "cache.safetensors"),
                              model_dir)
     adapter.save_pretrained(root / "store" / "past-kv")
-    deepthink = build_adapter(model, tokenizer, root / "store" / "deepthink", 45, seed=3)
-    v1 = write_v1_adapter(build_adapter(model, tokenizer, root / "v1-source", 20, seed=4,
+    deepthink = noisy_adapter(model, tokenizer, root / "store" / "deepthink", 45, seed=3)
+    v1 = write_v1_adapter(noisy_adapter(model, tokenizer, root / "v1-source", 20, seed=4,
                                         offset=2), root / "store" / "deepthink-v1")
     for name, a in (("past-kv", adapter), ("deepthink", deepthink),
                     ("deepthink-v1", DeepThinkAdapter.from_pretrained(v1))):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.plugin.connector.residency import Footprint, ResidencyPlan, pin_set_error
 
@@ -138,10 +138,10 @@ from vllm_deepthink.plugin.connector.worker import WorkerSide  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def adapters(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("pinned")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
-    built = {name: build_adapter(model, tokenizer, root / name, L, seed=n, offset=n)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    built = {name: noisy_adapter(model, tokenizer, root / name, L, seed=n, offset=n)
              for n, name in enumerate("abc")}
     return root, built
 

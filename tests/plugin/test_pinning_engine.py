@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.adapter_factory import QUERIES, parity_params, shutdown, start_engine
+from tests.helpers.engines import QUERIES, parity_params, shutdown, start_engine
 from tests.plugin.test_resident_thrash import (  # noqa: F401  (setup is a fixture)
     NAMES,
     PREFIX_LEN,

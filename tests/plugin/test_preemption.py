@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    QUERIES,
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import QUERIES, assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference
 from tests.helpers.tiny_models import load_tiny
 
 pytestmark = pytest.mark.engine
@@ -22,12 +16,12 @@ NUM_GREEDY = 40
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("llama")
+def setup(tiny_llama_dir, tmp_path_factory):
+    model_dir = tiny_llama_dir
     model, tokenizer = load_tiny("llama", model_dir)
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {"a": build_adapter(model, tokenizer, root / "a", 45, seed=2, offset=1),
-                "b": build_adapter(model, tokenizer, root / "b", 64, seed=1)}
+    adapters = {"a": noisy_adapter(model, tokenizer, root / "a", 45, seed=2, offset=1),
+                "b": noisy_adapter(model, tokenizer, root / "b", 64, seed=1)}
     return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}
 
 

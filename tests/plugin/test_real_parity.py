@@ -6,16 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.adapter_factory import (
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    icl_reference,
-    max_abs_diff,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference, icl_reference, max_abs_diff
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 
@@ -38,7 +31,7 @@ class RealParity:
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         root = tmp_path_factory.mktemp("adapters")
-        adapters = {name: build_adapter(model, tokenizer, root / name, length, seed=i, offset=i,
+        adapters = {name: noisy_adapter(model, tokenizer, root / name, length, seed=i, offset=i,
                                         noise=0.1)
                     for i, (name, length) in enumerate(PREFIX_LENS.items())}
         return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 
 from tests.helpers.adapter_factory import count_reads
-from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.apps.registration_cost import synthetic_adapters
 from vllm_deepthink.format import WEIGHTS_NAME, load_config
 from vllm_deepthink.format.adapter import clear_checked_files
@@ -25,11 +24,10 @@ COUNT = 24
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
-    load_tiny("llama", root / "tiny-llama")
-    synthetic_adapters(root / "tiny-llama", root / "store", COUNT, prefix_len=12)
-    return SimpleNamespace(model_dir=root / "tiny-llama", dir=root / "store")
+    synthetic_adapters(tiny_llama_dir, root / "store", COUNT, prefix_len=12)
+    return SimpleNamespace(model_dir=tiny_llama_dir, dir=root / "store")
 
 
 def start(store) -> adapter_registry.AdapterRegistry:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.plugin.connector import resident as resident_module
 from vllm_deepthink.plugin.connector.residency import load_footprint
@@ -16,10 +16,10 @@ from vllm_deepthink.plugin.protocol import resident_budget_bytes
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
+def adapters(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("resident")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
-    return {name: (root / name, build_adapter(model, tokenizer, root / name, 40, seed=n, offset=n))
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return {name: (root / name, noisy_adapter(model, tokenizer, root / name, 40, seed=n, offset=n))
             for n, name in enumerate("abc")}
 
 

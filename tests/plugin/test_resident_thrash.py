@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    QUERIES,
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import QUERIES, assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.plugin.api import connector_stats
 from vllm_deepthink.plugin.connector.residency import MAX_FILE_ITEMSIZE, load_footprint
@@ -26,11 +20,11 @@ PREFIX_LEN = 40  # 32 positions come from the prefix cache, 8 are loaded every t
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("llama")
+def setup(tiny_llama_dir, tmp_path_factory):
+    model_dir = tiny_llama_dir
     model, tokenizer = load_tiny("llama", model_dir)
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {name: build_adapter(model, tokenizer, root / name, PREFIX_LEN, seed=i, offset=i)
+    adapters = {name: noisy_adapter(model, tokenizer, root / name, PREFIX_LEN, seed=i, offset=i)
                 for i, name in enumerate(NAMES)}
     return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}
 

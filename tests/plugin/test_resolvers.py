@@ -17,7 +17,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.hf_api import HfApi, RepoSibling
 
-from tests.helpers.adapter_factory import build_adapter, count_reads
+from tests.helpers.adapter_factory import noisy_adapter, count_reads
 from tests.helpers.hub_cache import publish
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import CONFIG_NAME, WEIGHTS_NAME, load_config
@@ -216,16 +216,15 @@ def test_the_load_endpoint_reads_org_name_from_the_hub_not_the_working_directory
 # ------------------------------------------------------------------- the registry
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llama")
-    model, tokenizer = load_tiny("llama", directory)
-    return directory, model, tokenizer
+def llama(tiny_llama_dir):
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return tiny_llama_dir, model, tokenizer
 
 
 @pytest.fixture()
 def store(llama, tmp_path):
     _, model, tokenizer = llama
-    build_adapter(model, tokenizer, tmp_path / "store" / "a", 12, seed=1)
+    noisy_adapter(model, tokenizer, tmp_path / "store" / "a", 12, seed=1)
     return tmp_path / "store"
 
 
@@ -317,7 +316,7 @@ def test_an_adapter_larger_than_the_resident_budget_is_refused_at_registration(
     before the weights are read, naming the bytes needed and the budget (before: served,
     and only refused by the workers when a request named it, finish reason `error`)."""
     _, model, tokenizer = llama
-    build_adapter(model, tokenizer, store / "big", 40, seed=2)
+    noisy_adapter(model, tokenizer, store / "big", 40, seed=2)
     budget = footprint_of(store / "a")  # "a" (12 positions) fits exactly, "big" does not
     registry = adapter_registry.AdapterRegistry(llama[0], resolvers=[DirectoryResolver(store)],
                                         resident_budget=budget)
@@ -363,7 +362,7 @@ def test_an_edited_folder_adapter_is_served_with_its_new_digest(llama, store, mo
     assert registry.get("a") is first and reads == []
 
     def edit(**kwargs):
-        adapter = build_adapter(model, tokenizer, store / "a", **kwargs)
+        adapter = noisy_adapter(model, tokenizer, store / "a", **kwargs)
         for path in (store / "a").iterdir():  # a clock tick later than the first build
             os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5 * len(reads) + 5))
         return adapter

@@ -7,15 +7,9 @@ import shutil
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    QUERIES,
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import QUERIES, assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference
 from tests.helpers.tiny_models import load_tiny
 import vllm_deepthink
 from vllm_deepthink.plugin import api
@@ -25,15 +19,15 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
-    model, tokenizer = load_tiny("llama", root / "tiny")
-    built = {name: build_adapter(model, tokenizer, root / "built" / name, n, seed=n)
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    built = {name: noisy_adapter(model, tokenizer, root / "built" / name, n, seed=n)
              for name, n in (("early", 40), ("late", 45), ("added", 33))}
     store = root / "store"
     store.mkdir()
     shutil.copytree(root / "built" / "early", store / "early")
-    llm = start_engine(root / "tiny", {}, adapter_dirs=[store], resident_gib=0.25)
+    llm = start_engine(tiny_llama_dir, {}, adapter_dirs=[store], resident_gib=0.25)
     yield root, store, model, tokenizer, built, llm
     shutdown(llm)
 

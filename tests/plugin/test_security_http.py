@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    build_adapter,
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.references import (
     hf_beam_search,
     hf_greedy_with_repetition_penalty,
     hf_reference,
@@ -60,20 +60,20 @@ RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_DEEPTHINK_UPDATING"
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
+def art(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sec-http")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
     adapters, paths = {}, {}
     for n, (name, length) in enumerate({**PREFIX_LENS, "victim": VICTIM_LEN}.items()):
         paths[name] = root / "adapters" / name
-        adapters[name] = build_adapter(model, tokenizer, paths[name], length, seed=n + 1,
+        adapters[name] = noisy_adapter(model, tokenizer, paths[name], length, seed=n + 1,
                                        offset=n % 6)
     store = root / "store"   # --deepthink-adapter-dir, empty at start (issue 32)
     store.mkdir()
-    return dict(root=root, model_dir=root / "tiny-llama", model=model, tokenizer=tokenizer,
+    return dict(root=root, model_dir=tiny_llama_dir, model=model, tokenizer=tokenizer,
                 adapters=adapters, paths=paths, store=store,
                 hostile=make_hostile(paths["a1"], root / "hostile"),
-                lora_dir=make_tiny_lora(root / "tiny-llama", root / "lora1"))
+                lora_dir=make_tiny_lora(tiny_llama_dir, root / "lora1"))
 
 
 @pytest.fixture(scope="module")

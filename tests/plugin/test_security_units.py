@@ -1,7 +1,7 @@
 """Issue 11, the engine-free half of the security contract: the plugin never weakens a
 vLLM server.
 
-No engine starts here: a real vLLM `InputProcessor` built from a `VllmConfig` (tiny
+No engine starts here: a real vLLM `InputProcessor` built from a `VllmConfig` (units
 Llama, with and without the DeepThink connector, LoRA enabled) runs the frontend patch
 exactly as `LLM` and `AsyncLLM` call it; scheduler- and worker-side code runs on
 stand-ins of its `self`. Each test names the issue item it guards. The HTTP half is
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.http_probe import QUERY
 from tests.helpers.tiny_models import load_tiny
 
@@ -49,33 +49,33 @@ def registered():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def units(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("sec-units")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
     a1 = root / "a1"
-    adapter = build_adapter(model, tokenizer, a1, 40, seed=1)
-    return SimpleNamespace(root=root, model_dir=root / "tiny-llama", model=model,
+    adapter = noisy_adapter(model, tokenizer, a1, 40, seed=1)
+    return SimpleNamespace(root=root, model_dir=tiny_llama_dir, model=model,
                            tokenizer=tokenizer, a1=a1, adapter=adapter)
 
 
-def processor(tiny, **engine_kwargs) -> InputProcessor:
+def processor(units, **engine_kwargs) -> InputProcessor:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    args = EngineArgs(model=str(tiny.model_dir), dtype="float32", max_model_len=512,
+    args = EngineArgs(model=str(units.model_dir), dtype="float32", max_model_len=512,
                       enforce_eager=True, **engine_kwargs)
     return InputProcessor(args.create_engine_config())
 
 
 @pytest.fixture(scope="module")
-def plain(tiny) -> InputProcessor:
+def plain(units) -> InputProcessor:
     """The frontend of an engine without the DeepThink connector (plugin installed)."""
-    return processor(tiny)
+    return processor(units)
 
 
 @pytest.fixture(scope="module")
-def served(tiny) -> InputProcessor:
+def served(units) -> InputProcessor:
     """The frontend of an engine serving adapter a1, with LoRA enabled."""
-    return processor(tiny, enable_lora=True, max_lora_rank=8,
-                     **vllm_deepthink.engine_args(adapters={"a1": tiny.a1}))
+    return processor(units, enable_lora=True, max_lora_rank=8,
+                     **vllm_deepthink.engine_args(adapters={"a1": units.a1}))
 
 
 def tokens(ids, **fields) -> dict:
@@ -319,7 +319,7 @@ def test_item4_lora_and_adapter_together_are_refused(served):
     {"vllm_xargs": {"deepthink_anything": 1}},
     {"kv_transfer_params": {"deepthink": {"prefix_len": 40}}},
     {"cache_salt": "deepthink:a1:" + "0" * 64}], ids=lambda f: next(iter(f)))
-def test_item4_reserved_http_fields(fields, tiny, monkeypatch):
+def test_item4_reserved_http_fields(fields, units, monkeypatch):
     """What the _check_model patch answers before a request is rendered (a 400)."""
     from vllm_deepthink.plugin.serving import models as serving
 
@@ -346,13 +346,13 @@ def test_item5_client_salts_in_the_deepthink_namespace_are_refused(served, salt)
         assert status == 400 and "cache_salt" in message and param == "cache_salt"
 
 
-def test_item5_other_salts_still_work(served, tiny):
+def test_item5_other_salts_still_work(served, units):
     request = run(served, tokens([5, 6], cache_salt="tenant"), SamplingParams())
     assert request.cache_salt == "tenant"
     request = run(served, tokens([5, 6], cache_salt="tenant"),
                   vllm_deepthink.sampling_params(adapter="a1"))
-    assert request.cache_salt == f"deepthink:a1:{tiny.adapter.digest}:tenant"
-    assert request.prompt_token_ids == list(tiny.adapter.config.demo_token_ids) + [5, 6]
+    assert request.cache_salt == f"deepthink:a1:{units.adapter.digest}:tenant"
+    assert request.prompt_token_ids == list(units.adapter.config.demo_token_ids) + [5, 6]
 
 
 # ------------------------------------------------------------------ item 6
@@ -377,14 +377,14 @@ def test_item6_our_connector_does_not_turn_on_embedding_inputs():
     assert resolved("NixlConnector") == (True, True)  # vLLM's rule for real consumers
 
 
-def test_item6_a_multimodal_engine_with_our_connector_takes_no_embedding_inputs(tiny):
+def test_item6_a_multimodal_engine_with_our_connector_takes_no_embedding_inputs(units):
     """A real engine configuration of a multimodal model (tiny LLaVA): with our connector
     embedding inputs stay off, as without a connector; another consumer gets vLLM's rule."""
     from vllm.config import KVTransferConfig
 
     from tests.helpers.tiny_models import make_tiny_llava_config
 
-    model = make_tiny_llava_config(tiny.root / "tiny-llava")
+    model = make_tiny_llava_config(units.root / "tiny-llava")
 
     def resolved(**kwargs):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -401,9 +401,9 @@ def test_item6_a_multimodal_engine_with_our_connector_takes_no_embedding_inputs(
 
 # ------------------------------------------------------------------ item 7
 
-def test_item7_bos_strip_is_a_prefix_match(tiny):
+def test_item7_bos_strip_is_a_prefix_match(units):
     """Beam search re-submits the rendered ids (with BOS) plus the ids it grew."""
-    tok = tiny.tokenizer
+    tok = units.tokenizer
     with_bos = tok(QUERY)["input_ids"]
     plain_ids = tok(QUERY, add_special_tokens=False)["input_ids"]
     assert with_bos[0] == tok.bos_token_id and with_bos[1:] == plain_ids
@@ -430,7 +430,7 @@ def test_item8_resident_adapters_are_host_memory_pinned_on_accelerators():
     assert [pin_memory_for(p) for p in (cuda, wsl, cpu)] == [True, False, False]
 
 
-def test_item8_a_load_copies_only_its_rows_to_the_device(tiny):
+def test_item8_a_load_copies_only_its_rows_to_the_device(units):
     """The write hands do_kv_cache_update rows [start, end) on the cache's device; the
     resident copy stays in host memory."""
     from vllm_deepthink.plugin.connector.resident import ResidentAdapters
@@ -439,7 +439,7 @@ def test_item8_a_load_copies_only_its_rows_to_the_device(tiny):
     from vllm_deepthink.plugin.connector.worker import WorkerSide
 
     store = ResidentAdapters(torch.float32, 1, 0)
-    resident = store.load("a1", str(tiny.a1))
+    resident = store.load("a1", str(units.a1))
     seen = []
 
     class Impl:
@@ -451,7 +451,7 @@ def test_item8_a_load_copies_only_its_rows_to_the_device(tiny):
     worker._layers = {f"model.layers.{i}.self_attn.attn": (SimpleNamespace(
         impl=Impl(), kv_cache=torch.empty(0, device="meta"), num_kv_heads=2, head_size=64), i)
         for i in range(len(resident.keys))}
-    load = AdapterLoad("r", "a1", str(tiny.a1), resident.digest, 32, 40, [3, 5])
+    load = AdapterLoad("r", "a1", str(units.a1), resident.digest, 32, 40, [3, 5])
     worker.start_load(DeepThinkConnectorMetadata(loads=[load]),
                       SimpleNamespace(no_compile_layers={}))
     worker.shutdown()
@@ -463,10 +463,10 @@ def test_item8_a_load_copies_only_its_rows_to_the_device(tiny):
 # ------------------------------------------------------------------ item 9
 
 @pytest.fixture(scope="module")
-def huge(tiny):
+def huge(units):
     """An adapter whose keys overflow float16 (fine in float32)."""
-    path = tiny.root / "huge"
-    adapter = build_adapter(tiny.model, tiny.tokenizer, path, 24, seed=2)
+    path = units.root / "huge"
+    adapter = noisy_adapter(units.model, units.tokenizer, path, 24, seed=2)
     adapter.keys[0].mul_(1e6)
     adapter.save_pretrained(path)
     return path
@@ -496,22 +496,22 @@ def test_item9_an_adapter_overflowing_fp16_is_a_load_error(huge):
     worker.shutdown()
 
 
-def test_item9_the_frontend_reports_an_adapter_overflowing_the_engine_dtype(tiny, huge):
-    registry = adapter_registry.AdapterRegistry(tiny.model_dir, dtype=torch.float16)
+def test_item9_the_frontend_reports_an_adapter_overflowing_the_engine_dtype(units, huge):
+    registry = adapter_registry.AdapterRegistry(units.model_dir, dtype=torch.float16)
     with pytest.raises(AdapterFormatError, match="overflow torch.float16"):
         registry.register("huge", huge)
-    registry.register_at_start({"huge": str(huge), "a1": str(tiny.a1)})
+    registry.register_at_start({"huge": str(huge), "a1": str(units.a1)})
     assert registry.names() == ["a1"] and "overflow" in registry.failed()["huge"]
     with pytest.raises(request_checks.AdapterRequestError, match="failed to load at engine start"):
         registry.get("huge")
-    adapter_registry.AdapterRegistry(tiny.model_dir, dtype=torch.float32).register("huge", huge)
+    adapter_registry.AdapterRegistry(units.model_dir, dtype=torch.float32).register("huge", huge)
 
 
 @pytest.mark.parametrize("field,what", [
     ("pipeline_parallel_size", "pipeline parallel"),
     ("decode_context_parallel_size", "decode context parallel"),
     ("prefill_context_parallel_size", "prefill context parallel")])
-def test_item9_unsupported_parallelism_is_refused_at_start(tiny, field, what, monkeypatch):
+def test_item9_unsupported_parallelism_is_refused_at_start(units, field, what, monkeypatch):
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from vllm_deepthink.plugin.connector.connector import DeepThinkConnector
@@ -519,11 +519,11 @@ def test_item9_unsupported_parallelism_is_refused_at_start(tiny, field, what, mo
 
     monkeypatch.delenv(flags.RUNTIME_UPDATING_ENV, raising=False)
     with pytest.raises(ValueError, match=f"does not support {what}"):
-        vllm_deepthink.engine_args(adapters={"a1": tiny.a1}, **{field: 2})
+        vllm_deepthink.engine_args(adapters={"a1": units.a1}, **{field: 2})
     args = flags.add_cli_args(argparse.ArgumentParser()).parse_args(
-        ["--deepthink-adapter", f"a1={tiny.a1}"])
+        ["--deepthink-adapter", f"a1={units.a1}"])
     with pytest.raises(ValueError, match=f"does not support {what}"):
-        flags.apply_adapter_args(EngineArgs(model=str(tiny.model_dir), **{field: 2}), args)
+        flags.apply_adapter_args(EngineArgs(model=str(units.model_dir), **{field: 2}), args)
     # However the engine was configured, the connector refuses it at engine start.
     config = SimpleNamespace(
         kv_transfer_config=vllm_deepthink.engine_args()["kv_transfer_config"],

@@ -16,7 +16,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tests.helpers.adapter_factory import build_adapter, hf_reference, max_abs_diff  # noqa: E402
+from tests.helpers.adapter_factory import noisy_adapter  # noqa: E402
+from tests.helpers.references import hf_reference, max_abs_diff  # noqa: E402
 from tests.helpers.openai_server import CHAT_TEMPLATE, VLLM_SCRIPT, VllmServer, openai_client  # noqa: E402
 from tests.helpers.tiny_models import CORPUS, load_tiny  # noqa: E402
 
@@ -28,19 +29,19 @@ PREFIX_LENS = {"a1": 40, "a2": 150, "a3": 128}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tiny_llama_dir, tmp_path_factory):
     if not VLLM_SCRIPT.exists():
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
     root = tmp_path_factory.mktemp("server")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
     store = root / "store"  # a1, a2 come from --deepthink-adapter-dir
     paths = {"a1": store / "a1", "a2": store / "a2", "a3": root / "single" / "a3"}
-    adapters = {name: build_adapter(model, tokenizer, paths[name], PREFIX_LENS[name],
+    adapters = {name: noisy_adapter(model, tokenizer, paths[name], PREFIX_LENS[name],
                                     seed=n + 1, offset=2 * n)
                 for n, name in enumerate(PREFIX_LENS)}
     template = root / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    server = VllmServer(root / "tiny-llama",
+    server = VllmServer(tiny_llama_dir,
                         ["--deepthink-adapter-dir", str(store),
                          "--deepthink-adapter", f"a3={paths['a3']}",
                          "--deepthink-resident-gib", "1",
@@ -51,7 +52,7 @@ def served(tmp_path_factory):
         server.wait_until_healthy()
         yield SimpleNamespace(client=openai_client(server), server=server, model=model,
                               tokenizer=tokenizer, adapters=adapters, paths=paths,
-                              base=str(root / "tiny-llama"), root=root, store=store)
+                              base=str(tiny_llama_dir), root=root, store=store)
     finally:
         server.stop()
 
@@ -211,7 +212,7 @@ def test_metrics_count_adapter_loads(served):
 
 
 def test_adapter_dropped_into_the_adapter_dir_is_served_without_restart(served):
-    late = build_adapter(served.model, served.tokenizer, served.root / "late", 50, seed=9)
+    late = noisy_adapter(served.model, served.tokenizer, served.root / "late", 50, seed=9)
     shutil.copytree(served.root / "late", served.store / "late")
     ids = query_ids(served, QUERY)
     reference = hf_reference(served.model, late, ids, num_greedy=6)

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers.adapter_factory import build_adapter, hf_reference, max_abs_diff
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.references import hf_reference, max_abs_diff
 from tests.helpers.tiny_models import load_tiny, make_tiny_model
 from vllm_deepthink.plugin.serving import flags as serving
 from vllm_deepthink.format import WEIGHTS_NAME, AdapterFormatError, DeepThinkAdapter
@@ -116,10 +117,10 @@ def test_adapter_names_must_not_shadow_served_models_or_loras():
 # ------------------------------------------------------------------------- adapters
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def admin(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("admin")
-    model, tokenizer = load_tiny("llama", root / "tiny-llama")
-    return SimpleNamespace(root=root, model_dir=root / "tiny-llama", model=model,
+    model, tokenizer = load_tiny("llama", tiny_llama_dir)
+    return SimpleNamespace(root=root, model_dir=tiny_llama_dir, model=model,
                            tokenizer=tokenizer)
 
 
@@ -131,17 +132,17 @@ def rewrite_weights(adapter_dir: Path, edit) -> Path:
     return adapter_dir
 
 
-def make_bad_adapter(tiny, kind: str) -> Path:
+def make_bad_adapter(admin, kind: str) -> Path:
     """An adapter directory broken in one way; see BAD_ADAPTERS for the expected reason."""
-    out = tiny.root / "bad" / kind
+    out = admin.root / "bad" / kind
     if out.exists():
         return out
     if kind == "wrong-base":
-        other, other_tok = load_tiny("llama", make_tiny_model("llama", tiny.root / "other",
+        other, other_tok = load_tiny("llama", make_tiny_model("llama", admin.root / "other",
                                                               seed=1))
-        build_adapter(other, other_tok, out, 24)
+        noisy_adapter(other, other_tok, out, 24)
         return out
-    build_adapter(tiny.model, tiny.tokenizer, out, 24)
+    noisy_adapter(admin.model, admin.tokenizer, out, 24)
     weights = out / WEIGHTS_NAME
     if kind == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -167,14 +168,14 @@ BAD_ADAPTERS = {
 }
 
 
-def test_start_check_names_every_bad_adapter(tiny):
-    good = build_adapter(tiny.model, tiny.tokenizer, tiny.root / "good", 24)
+def test_start_check_names_every_bad_adapter(admin):
+    good = noisy_adapter(admin.model, admin.tokenizer, admin.root / "good", 24)
     assert good.prefix_len == 24
-    serving.check_adapters_at_start(str(tiny.model_dir), {"good": str(tiny.root / "good")})
-    bad = {f"bad-{kind}": str(make_bad_adapter(tiny, kind)) for kind in BAD_ADAPTERS}
+    serving.check_adapters_at_start(str(admin.model_dir), {"good": str(admin.root / "good")})
+    bad = {f"bad-{kind}": str(make_bad_adapter(admin, kind)) for kind in BAD_ADAPTERS}
     with pytest.raises(AdapterFormatError) as info:
-        serving.check_adapters_at_start(str(tiny.model_dir),
-                                        {"good": str(tiny.root / "good"), **bad})
+        serving.check_adapters_at_start(str(admin.model_dir),
+                                        {"good": str(admin.root / "good"), **bad})
     message = str(info.value)
     assert f"cannot serve {len(bad)} of {len(bad) + 1}" in message
     for kind, reason in BAD_ADAPTERS.items():
@@ -183,60 +184,60 @@ def test_start_check_names_every_bad_adapter(tiny):
     assert "good (" not in message
 
 
-def test_flags_become_the_connector_config(tiny, monkeypatch):
+def test_flags_become_the_connector_config(admin, monkeypatch):
     vllm = pytest.importorskip("vllm")
     from vllm_deepthink.plugin import protocol
 
     monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
-    build_adapter(tiny.model, tiny.tokenizer, tiny.root / "good", 24)
-    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}"])
-    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+    noisy_adapter(admin.model, admin.tokenizer, admin.root / "good", 24)
+    args = parse(["--deepthink-adapter", f"good={admin.root / 'good'}"])
+    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(admin.model_dir)), args)
     kv = engine_args.kv_transfer_config
     assert kv.kv_connector == protocol.CONNECTOR_NAME
     assert kv.kv_connector_extra_config[protocol.EXTRA_CONFIG_ADAPTERS] == {
-        "good": str((tiny.root / "good").resolve())}
+        "good": str((admin.root / "good").resolve())}
     assert engine_args.enable_prefix_caching is True
     # No flag, no runtime updating: vLLM's engine args are left alone.
-    plain = vllm.EngineArgs(model=str(tiny.model_dir))
+    plain = vllm.EngineArgs(model=str(admin.model_dir))
     assert serving.apply_adapter_args(plain, parse([])).kv_transfer_config is None
     # Runtime updating alone sets the connector up with no adapter.
     monkeypatch.setenv(serving.RUNTIME_UPDATING_ENV, "True")
-    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)),
+    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(admin.model_dir)),
                                              parse([]))
     assert engine_args.kv_transfer_config.kv_connector_extra_config[
         protocol.EXTRA_CONFIG_ADAPTERS] == {}
     args.api_server_count = 2
     with pytest.raises(ValueError, match="api_server_count > 1"):
-        serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+        serving.apply_adapter_args(vllm.EngineArgs(model=str(admin.model_dir)), args)
 
 
-def test_pin_flags_become_the_connector_config(tiny, monkeypatch):
+def test_pin_flags_become_the_connector_config(admin, monkeypatch):
     vllm = pytest.importorskip("vllm")
     from vllm_deepthink.plugin import protocol
 
     monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
     for name in ("good", "other"):
-        build_adapter(tiny.model, tiny.tokenizer, tiny.root / name, 24)
-    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}",
-                  json.dumps({"name": "other", "path": str(tiny.root / "other"), "pin": True}),
+        noisy_adapter(admin.model, admin.tokenizer, admin.root / name, 24)
+    args = parse(["--deepthink-adapter", f"good={admin.root / 'good'}",
+                  json.dumps({"name": "other", "path": str(admin.root / "other"), "pin": True}),
                   "--deepthink-pin", "good"])
-    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+    engine_args = serving.apply_adapter_args(vllm.EngineArgs(model=str(admin.model_dir)), args)
     extra = engine_args.kv_transfer_config.kv_connector_extra_config
     assert extra[protocol.EXTRA_CONFIG_PINNED] == ["other", "good"]
-    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}", "--deepthink-pin", "x"])
+    args = parse(["--deepthink-adapter", f"good={admin.root / 'good'}", "--deepthink-pin", "x"])
     with pytest.raises(ValueError, match="--deepthink-pin: no adapter named 'x'"):
-        serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+        serving.apply_adapter_args(vllm.EngineArgs(model=str(admin.model_dir)), args)
 
 
-def test_an_adapter_larger_than_the_resident_budget_stops_the_server(tiny, monkeypatch):
+def test_an_adapter_larger_than_the_resident_budget_stops_the_server(admin, monkeypatch):
     vllm = pytest.importorskip("vllm")
     monkeypatch.delenv(serving.RUNTIME_UPDATING_ENV, raising=False)
-    build_adapter(tiny.model, tiny.tokenizer, tiny.root / "good", 24)
+    noisy_adapter(admin.model, admin.tokenizer, admin.root / "good", 24)
     tiny_budget = str(1 / (1 << 30))  # one byte
-    args = parse(["--deepthink-adapter", f"good={tiny.root / 'good'}",
+    args = parse(["--deepthink-adapter", f"good={admin.root / 'good'}",
                   "--deepthink-resident-gib", tiny_budget])
     with pytest.raises(ValueError, match="adapter 'good' .*Raise --deepthink-resident-gib"):
-        serving.apply_adapter_args(vllm.EngineArgs(model=str(tiny.model_dir)), args)
+        serving.apply_adapter_args(vllm.EngineArgs(model=str(admin.model_dir)), args)
 
 
 def test_routes_exist_only_with_runtime_updating(monkeypatch):
@@ -264,23 +265,23 @@ def test_routes_exist_only_with_runtime_updating(monkeypatch):
 # ---------------------------------------------------------------- the real server
 
 @pytest.fixture(scope="module")
-def server(tiny):
+def server(admin):
     from tests.helpers.openai_server import VLLM_SCRIPT, VllmServer
 
     if not VLLM_SCRIPT.exists():
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
     httpx = pytest.importorskip("httpx")
-    good = tiny.root / "served-good"
-    build_adapter(tiny.model, tiny.tokenizer, good, 24, seed=7)
-    proc = VllmServer(tiny.model_dir, ["--deepthink-adapter", f"good={good}",
+    good = admin.root / "served-good"
+    noisy_adapter(admin.model, admin.tokenizer, good, 24, seed=7)
+    proc = VllmServer(admin.model_dir, ["--deepthink-adapter", f"good={good}",
                                        "--deepthink-pin", "good"],
-                      log_path=tiny.root / "server.log",
+                      log_path=admin.root / "server.log",
                       env={serving.RUNTIME_UPDATING_ENV: "True"})
     try:
         proc.start()
         proc.wait_until_healthy()
         with httpx.Client(base_url=proc.base_url, timeout=180.0) as client:
-            yield SimpleNamespace(http=client, proc=proc, base=str(tiny.model_dir))
+            yield SimpleNamespace(http=client, proc=proc, base=str(admin.model_dir))
     finally:
         proc.stop()
 
@@ -314,10 +315,10 @@ def assert_openai_error(response, status: int, *fragments: str) -> None:
         assert fragment in error["message"], error["message"]
 
 
-def assert_matches_hf(tiny, response, adapter) -> None:
+def assert_matches_hf(admin, response, adapter) -> None:
     assert response.status_code == 200, response.text
-    ids = tiny.tokenizer(QUERY, add_special_tokens=False)["input_ids"]
-    reference = hf_reference(tiny.model, adapter, ids, num_greedy=6)
+    ids = admin.tokenizer(QUERY, add_special_tokens=False)["input_ids"]
+    reference = hf_reference(admin.model, adapter, ids, num_greedy=6)
     choice = response.json()["choices"][0]
     logprobs = choice["logprobs"]["token_logprobs"]
     assert logprobs[0] is None
@@ -326,12 +327,12 @@ def assert_matches_hf(tiny, response, adapter) -> None:
 
 
 @pytest.mark.engine
-def test_a_pinned_adapter_is_shown_kept_and_served(tiny, server):
+def test_a_pinned_adapter_is_shown_kept_and_served(admin, server):
     cards = served_models(server)
     assert cards["good"]["pinned"] is True
     assert "pinned" not in cards[server.base]  # vLLM's own card is unchanged
     assert_openai_error(unload(server, "good"), 400, "'good' is pinned")
-    assert_openai_error(load(server, "good", tiny.root / "served-good", load_inplace=True),
+    assert_openai_error(load(server, "good", admin.root / "served-good", load_inplace=True),
                         400, "'good' is pinned")
     assert complete(server, "good").status_code == 200
     metrics = server.http.get("/metrics").text
@@ -345,15 +346,15 @@ def test_a_pinned_adapter_is_shown_kept_and_served(tiny, server):
 
 
 @pytest.mark.engine
-def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(tiny, server):
-    path = tiny.root / "runtime" / "rt"
-    first = build_adapter(tiny.model, tiny.tokenizer, path, PREFIX_LEN, seed=11)
+def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(admin, server):
+    path = admin.root / "runtime" / "rt"
+    first = noisy_adapter(admin.model, admin.tokenizer, path, PREFIX_LEN, seed=11)
     assert load(server, "rt", path).status_code == 200
     card = served_models(server)["rt"]
     assert card["parent"] == server.base and card["root"] == f"rt@sha256:{first.digest}"
     response = complete(server, "rt", echo=True, logprobs=0)
     assert response.json()["model"] == "rt"
-    assert_matches_hf(tiny, response, first)
+    assert_matches_hf(admin, response, first)
 
     assert unload(server, "rt").status_code == 200
     assert "rt" not in served_models(server)
@@ -362,29 +363,29 @@ def test_runtime_load_use_unload_and_reload_a_rebuilt_adapter(tiny, server):
 
     # Same name, same path, same length, new weights: the prefix blocks cached for the
     # first build must not be reused (the cache salt holds the weights digest).
-    second = build_adapter(tiny.model, tiny.tokenizer, path, PREFIX_LEN, seed=12)
+    second = noisy_adapter(admin.model, admin.tokenizer, path, PREFIX_LEN, seed=12)
     assert second.digest != first.digest
     assert load(server, "rt", path).status_code == 200
     response = complete(server, "rt", echo=True, logprobs=0)
-    assert_matches_hf(tiny, response, second)
+    assert_matches_hf(admin, response, second)
     assert complete(server, "rt").json()["choices"][0]["token_ids"] != \
-        hf_reference(tiny.model, first, tiny.tokenizer(QUERY, add_special_tokens=False)[
+        hf_reference(admin.model, first, admin.tokenizer(QUERY, add_special_tokens=False)[
             "input_ids"], num_greedy=6).greedy_tokens
 
     # A loaded name is only replaced on request (like LoRA's load_inplace).
-    third_path = tiny.root / "runtime" / "rt-v3"
-    third = build_adapter(tiny.model, tiny.tokenizer, third_path, 60, seed=13)
+    third_path = admin.root / "runtime" / "rt-v3"
+    third = noisy_adapter(admin.model, admin.tokenizer, third_path, 60, seed=13)
     assert_openai_error(load(server, "rt", third_path), 400, "already loaded")
     assert load(server, "rt", third_path, load_inplace=True).status_code == 200
     assert served_models(server)["rt"]["root"] == f"rt@sha256:{third.digest}"
-    assert_matches_hf(tiny, complete(server, "rt", echo=True, logprobs=0), third)
+    assert_matches_hf(admin, complete(server, "rt", echo=True, logprobs=0), third)
     assert unload(server, "rt").status_code == 200
 
 
 @pytest.mark.engine
-def test_running_request_finishes_with_the_adapter_it_started_with(tiny, server):
-    path = tiny.root / "runtime" / "long"
-    build_adapter(tiny.model, tiny.tokenizer, path, PREFIX_LEN, seed=14)
+def test_running_request_finishes_with_the_adapter_it_started_with(admin, server):
+    path = admin.root / "runtime" / "long"
+    noisy_adapter(admin.model, admin.tokenizer, path, PREFIX_LEN, seed=14)
     assert load(server, "long", path).status_code == 200
     alone = complete(server, "long", max_tokens=96).json()["choices"][0]["text"]
     body = {"model": "long", "prompt": QUERY, "max_tokens": 96, "temperature": 0.0,
@@ -404,9 +405,9 @@ def test_running_request_finishes_with_the_adapter_it_started_with(tiny, server)
 
 @pytest.mark.engine
 @pytest.mark.parametrize("kind", list(BAD_ADAPTERS))
-def test_bad_adapter_is_refused_and_the_others_keep_serving(tiny, server, kind):
+def test_bad_adapter_is_refused_and_the_others_keep_serving(admin, server, kind):
     name = f"bad-{kind}"
-    assert_openai_error(load(server, name, make_bad_adapter(tiny, kind)), 400, name,
+    assert_openai_error(load(server, name, make_bad_adapter(admin, kind)), 400, name,
                         BAD_ADAPTERS[kind])
     assert name not in served_models(server)
     assert_openai_error(complete(server, name), 404, name)
@@ -420,26 +421,26 @@ def test_bad_adapter_is_refused_and_the_others_keep_serving(tiny, server, kind):
     ("a/b", 400, "a name is never a path"),
     ("", 400, "must be provided"),
 ])
-def test_path_like_adapter_names_are_refused(tiny, server, name, status, reason):
-    assert_openai_error(load(server, name, tiny.root / "served-good"), status, reason)
+def test_path_like_adapter_names_are_refused(admin, server, name, status, reason):
+    assert_openai_error(load(server, name, admin.root / "served-good"), status, reason)
     assert set(served_models(server)) == {server.base, "good"}
 
 
 @pytest.mark.engine
-def test_missing_adapter_is_refused(tiny, server):
-    assert_openai_error(load(server, "x", tiny.root / "nowhere"), 400, "no such adapter")
+def test_missing_adapter_is_refused(admin, server):
+    assert_openai_error(load(server, "x", admin.root / "nowhere"), 400, "no such adapter")
     response = server.http.post("/v1/load_deepthink_adapter", json={"adapter_name": "x"})
     assert_openai_error(response, 400)  # adapter_path missing: vLLM's validation error
 
 
 # ------------------------------------------------------------- refusing to start
 
-def start_and_expect_exit(tiny, args: list[str], log_name: str):
+def start_and_expect_exit(admin, args: list[str], log_name: str):
     from tests.helpers.openai_server import VLLM_SCRIPT, VllmServer
 
     if not VLLM_SCRIPT.exists():
         pytest.skip(f"{VLLM_SCRIPT} not found (run `make install`)")
-    proc = VllmServer(tiny.model_dir, args, log_path=tiny.root / log_name)
+    proc = VllmServer(admin.model_dir, args, log_path=admin.root / log_name)
     try:
         proc.start()
         code = proc.wait_for_exit(timeout=300)
@@ -449,12 +450,12 @@ def start_and_expect_exit(tiny, args: list[str], log_name: str):
 
 
 @pytest.mark.engine
-def test_server_refuses_to_start_with_a_bad_adapter(tiny):
-    build_adapter(tiny.model, tiny.tokenizer, tiny.root / "good", 24)
-    code, log = start_and_expect_exit(tiny, [
-        "--deepthink-adapter", f"good={tiny.root / 'good'}",
-        "--deepthink-adapter", f"broken={make_bad_adapter(tiny, 'nan')}",
-        "--deepthink-adapter", f"alien={make_bad_adapter(tiny, 'wrong-base')}"], "start-bad.log")
+def test_server_refuses_to_start_with_a_bad_adapter(admin):
+    noisy_adapter(admin.model, admin.tokenizer, admin.root / "good", 24)
+    code, log = start_and_expect_exit(admin, [
+        "--deepthink-adapter", f"good={admin.root / 'good'}",
+        "--deepthink-adapter", f"broken={make_bad_adapter(admin, 'nan')}",
+        "--deepthink-adapter", f"alien={make_bad_adapter(admin, 'wrong-base')}"], "start-bad.log")
     assert code != 0
     assert "cannot serve 2 of 3 Deep-Thinking adapters" in log
     assert "broken (" in log and BAD_ADAPTERS["nan"] in log
@@ -462,16 +463,16 @@ def test_server_refuses_to_start_with_a_bad_adapter(tiny):
 
 
 @pytest.mark.engine
-def test_server_refuses_to_start_when_the_pinned_set_leaves_no_room_to_read(tiny):
+def test_server_refuses_to_start_when_the_pinned_set_leaves_no_room_to_read(admin):
     from vllm_deepthink.plugin.connector.residency import load_footprint
 
     for name in ("good", "other"):
-        adapter = build_adapter(tiny.model, tiny.tokenizer, tiny.root / name, 24)
+        adapter = noisy_adapter(admin.model, admin.tokenizer, admin.root / name, 24)
     fp = adapter.config.fingerprint
     one = load_footprint(24, fp.num_layers, fp.num_kv_heads, fp.head_dim, fp.num_kv_heads, 4)
     # Each adapter fits alone; the pinned copy plus a read of the other does not.
-    code, log = start_and_expect_exit(tiny, [
-        "--deepthink-adapter", f"good={tiny.root / 'good'}", f"other={tiny.root / 'other'}",
+    code, log = start_and_expect_exit(admin, [
+        "--deepthink-adapter", f"good={admin.root / 'good'}", f"other={admin.root / 'other'}",
         "--deepthink-pin", "good", "--deepthink-resident-gib", str(one.total / (1 << 30))],
         "start-pinned.log")
     assert code != 0
@@ -480,8 +481,8 @@ def test_server_refuses_to_start_when_the_pinned_set_leaves_no_room_to_read(tiny
 
 
 @pytest.mark.engine
-def test_server_refuses_a_path_like_adapter_name(tiny):
+def test_server_refuses_a_path_like_adapter_name(admin):
     code, log = start_and_expect_exit(
-        tiny, ["--deepthink-adapter", f"../good={tiny.root / 'good'}"], "start-name.log")
+        admin, ["--deepthink-adapter", f"../good={admin.root / 'good'}"], "start-name.log")
     assert code == 2  # argparse
     assert "invalid Deep-Thinking adapter name '../good'" in log

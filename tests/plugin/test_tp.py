@@ -7,15 +7,9 @@ import os
 
 import pytest
 
-from tests.helpers.adapter_factory import (
-    QUERIES,
-    assert_parity,
-    build_adapter,
-    hf_reference,
-    parity_params,
-    shutdown,
-    start_engine,
-)
+from tests.helpers.adapter_factory import noisy_adapter
+from tests.helpers.engines import QUERIES, assert_parity, parity_params, shutdown, start_engine
+from tests.helpers.references import hf_reference
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.plugin.api import connector_stats
 
@@ -25,12 +19,12 @@ PREFIX_LENS = {"aligned": 64, "unaligned": 45}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("llama")
+def setup(tiny_llama_dir, tmp_path_factory):
+    model_dir = tiny_llama_dir
     model, tokenizer = load_tiny("llama", model_dir)
     assert model.config.num_key_value_heads == 2
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {name: build_adapter(model, tokenizer, root / name, length, seed=i, offset=i)
+    adapters = {name: noisy_adapter(model, tokenizer, root / name, length, seed=i, offset=i)
                 for i, (name, length) in enumerate(PREFIX_LENS.items())}
     return model_dir, model, tokenizer, adapters, {n: root / n for n in adapters}
 

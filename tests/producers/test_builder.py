@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from tests.helpers import REPO_ROOT
-from tests.helpers.tiny_models import load_tiny, make_tiny_model
+from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import hf_cache
 from vllm_deepthink.producers.deepthink import builder, rotary
 from vllm_deepthink.producers.deepthink.errors import BuildError
@@ -25,16 +25,6 @@ DEMOS = ("Review: a charming film\nSentiment: positive\n\n"
          "Review: contains no wit , only labored gags\nSentiment: negative\n\n")
 QUERY = "Review: the quick brown fox\nSentiment:"
 ITERATIONS = 5
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return load_tiny("llama", tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return load_tiny("gpt2", tmp_path_factory.mktemp("gpt2"))
 
 
 def _random_model(config, seed=0):
@@ -167,8 +157,8 @@ def max_diff(a, b):
     ("llama", "momentum", "aligned"), ("llama", "ema", "aligned"),
     ("gpt2", "momentum", "published"), ("gpt2", "ema", "published"),
 ])
-def test_parity_with_naive(kind, optimizer, mode, llama, gpt2):
-    model, tokenizer = llama if kind == "llama" else gpt2
+def test_parity_with_naive(kind, optimizer, mode, tiny_llama_loaded, tiny_gpt2_loaded):
+    model, tokenizer = tiny_llama_loaded if kind == "llama" else tiny_gpt2_loaded
     ids = demo_ids(tokenizer)
     # eta 0.3 so that a wrong EMA update would show well above float noise
     kwargs = {"eta": 0.3} if optimizer == "ema" else {}
@@ -186,8 +176,8 @@ def test_parity_with_naive(kind, optimizer, mode, llama, gpt2):
     assert max_diff(got[-1][1], got[0][1]) > 1e-3
 
 
-def test_step_one_is_plain_forward(llama):
-    model, tokenizer = llama
+def test_step_one_is_plain_forward(tiny_llama_loaded):
+    model, tokenizer = tiny_llama_loaded
     ids = demo_ids(tokenizer)
     cache = model(input_ids=torch.tensor([ids])).past_key_values
     (_, keys, values), = deep_thinking_steps(model, ids, iterations=1)
@@ -196,8 +186,8 @@ def test_step_one_is_plain_forward(llama):
         assert torch.equal(values[i], layer.values[0])
 
 
-def test_demos_start_with_bos(llama):
-    _, tokenizer = llama
+def test_demos_start_with_bos(tiny_llama_loaded):
+    _, tokenizer = tiny_llama_loaded
     assert demo_ids(tokenizer)[0] == tokenizer.bos_token_id
 
 
@@ -241,9 +231,9 @@ def _keys_at(model, ids, start):
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_yarn", "gemma3"])
-def test_rotate_back_inverts_the_shift(kind, llama):
+def test_rotate_back_inverts_the_shift(kind, tiny_llama_loaded):
     if kind == "llama":
-        model, tokenizer = llama
+        model, tokenizer = tiny_llama_loaded
         ids = demo_ids(tokenizer)
     else:
         model = tiny_llama_yarn() if kind == "llama_yarn" else tiny_gemma3()
@@ -273,8 +263,8 @@ def test_gemma3_layers_use_their_own_rope():
 # ----------------------------------------------------------------- inference semantics
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_adapter_prefix_equals_icl_prompt(kind, llama, gpt2):
-    model, tokenizer = llama if kind == "llama" else gpt2
+def test_adapter_prefix_equals_icl_prompt(kind, tiny_llama_loaded, tiny_gpt2_loaded):
+    model, tokenizer = tiny_llama_loaded if kind == "llama" else tiny_gpt2_loaded
     adapter = builder.build_adapter(model, tokenizer, DEMOS, iterations=1, progress=False)
     L = adapter.prefix_len
     query = tokenizer(QUERY, add_special_tokens=False)["input_ids"]
@@ -286,8 +276,8 @@ def test_adapter_prefix_equals_icl_prompt(kind, llama, gpt2):
     assert torch.allclose(with_prefix.log_softmax(-1), full[:, L:].log_softmax(-1), atol=1e-5)
 
 
-def test_cache_from_kv_expands_batch(llama):
-    model, tokenizer = llama
+def test_cache_from_kv_expands_batch(tiny_llama_loaded):
+    model, tokenizer = tiny_llama_loaded
     adapter = builder.build_adapter(model, tokenizer, DEMOS, iterations=2, progress=False)
     query = tokenizer(QUERY, add_special_tokens=False)["input_ids"]
     L = adapter.prefix_len
@@ -304,8 +294,8 @@ def test_cache_from_kv_expands_batch(llama):
 
 # ----------------------------------------------------------------- build_adapter
 
-def test_build_adapter_fills_config(llama):
-    model, tokenizer = llama
+def test_build_adapter_fills_config(tiny_llama_loaded):
+    model, tokenizer = tiny_llama_loaded
     adapter = builder.build_adapter(model, tokenizer, DEMOS, iterations=3, optimizer="ema",
                                     eta=0.2, position_mode="aligned", progress=False,
                                     task={"name": "toy"}, build_args={"x": 1})
@@ -323,9 +313,9 @@ def test_build_adapter_fills_config(llama):
     assert cfg.dtype == "float32" and cfg.fingerprint.model_type == "llama"
 
 
-def test_dev_scoring_uses_the_current_kv(llama):
+def test_dev_scoring_uses_the_current_kv(tiny_llama_loaded):
     scoring = pytest.importorskip("vllm_deepthink.tasks.scoring")
-    model, tokenizer = llama
+    model, tokenizer = tiny_llama_loaded
     items = [scoring.ChoiceItem(query=QUERY, choices=[" positive", " negative"], label=0),
              scoring.ChoiceItem(query="Review: only labored gags\nSentiment:",
                                 choices=[" positive", " negative"], label=1)]
@@ -342,15 +332,15 @@ def test_dev_scoring_uses_the_current_kv(llama):
 
 # ----------------------------------------------------------------- errors
 
-def test_aligned_rejects_learned_positions(gpt2):
-    model, tokenizer = gpt2
+def test_aligned_rejects_learned_positions(tiny_gpt2_loaded):
+    model, tokenizer = tiny_gpt2_loaded
     with pytest.raises(BuildError, match="learned absolute positions.*published"):
         next(deep_thinking_steps(model, demo_ids(tokenizer), iterations=2,
                                  position_mode="aligned"))
 
 
-def test_demos_too_long_for_positions(gpt2):
-    model, _ = gpt2  # n_positions 1024
+def test_demos_too_long_for_positions(tiny_gpt2_loaded):
+    model, _ = tiny_gpt2_loaded  # n_positions 1024
     with pytest.raises(BuildError, match=r"2\*L = 1026 must be <= the model's 1024"):
         next(deep_thinking_steps(model, [5] * 513, iterations=2))
 
@@ -373,8 +363,9 @@ def test_unsupported_architecture():
 
 # ----------------------------------------------------------------- CLI, no vLLM
 
-def test_cli_build_never_imports_vllm(tmp_path):
-    model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
+@pytest.mark.subprocess
+def test_cli_build_never_imports_vllm(tiny_llama_dir, tmp_path):
+    model_dir = tiny_llama_dir
     demos = tmp_path / "toy.txt"
     demos_text = DEMOS.replace("\n\n", "\r\n\n", 1)  # read back exactly, \r included
     demos.write_bytes(demos_text.encode("utf-8"))
@@ -407,10 +398,10 @@ def test_cli_build_never_imports_vllm(tmp_path):
     assert summary["selected_iteration"] == 3 and summary["out"] == str(out)
 
 
-def test_cli_rejects_aligned_gpt2_before_loading(tmp_path, capsys):
+def test_cli_rejects_aligned_gpt2_before_loading(tiny_gpt2_dir, tmp_path, capsys):
     from vllm_deepthink.apps import cli
 
-    model_dir = make_tiny_model("gpt2", tmp_path / "tiny-gpt2")
+    model_dir = tiny_gpt2_dir
     demos = tmp_path / "toy.txt"
     demos.write_text(DEMOS, encoding="utf-8")
     with pytest.raises(SystemExit, match="learned absolute positions"):
@@ -439,11 +430,11 @@ def test_default_out_name():
     assert default_out(args) == Path(f"adapters_store/d-{Path.cwd().name}".lower())
 
 
-def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
+def test_cli_build_from_task_dir_selects_on_dev(tiny_llama_dir, tmp_path, capsys):
     from vllm_deepthink.apps import cli
 
     sst2 = REPO / "examples" / "data" / "sst2"  # shipped with the repository
-    model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
+    model_dir = tiny_llama_dir
     out = tmp_path / "adapter"
     assert cli.main(["build", "--model", str(model_dir), "--task-dir", str(sst2),
                      "--shots-per-class", "1", "--seed", "3", "--iterations", "3",
@@ -465,7 +456,7 @@ def test_cli_build_from_task_dir_selects_on_dev(tmp_path, capsys):
     assert cfg.selection["select_on"] == "dev" and cfg.selection["guard"]["k"] == 0
 
 
-def test_cli_build_selects_on_a_held_out_split(tmp_path, capsys):
+def test_cli_build_selects_on_a_held_out_split(tiny_llama_dir, tmp_path, capsys):
     """--dev-split validation: the dev rows come from validation.jsonl, the record says
     so (eval --calibrate dev-prior rebuilds the same rows), and the evaluation split is
     refused before any model is loaded."""
@@ -478,7 +469,7 @@ def test_cli_build_selects_on_a_held_out_split(tmp_path, capsys):
     shutil.copytree(REPO / "examples" / "data" / "sst2", task_dir)
     validation = [{"text": f"a held-out sentence number {i}", "label": i % 2} for i in range(10)]
     (task_dir / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in validation))
-    model_dir = make_tiny_model("llama", tmp_path / "tiny-llama")
+    model_dir = tiny_llama_dir
     out = tmp_path / "adapter"
     assert cli.main(["build", "--model", str(model_dir), "--task-dir", str(task_dir),
                      "--shots-per-class", "1", "--iterations", "2", "--dev-size", "6",

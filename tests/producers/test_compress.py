@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.format.test_methods import imported, resave_with_header
-from tests.helpers.adapter_factory import build_adapter
+from tests.helpers.adapter_factory import noisy_adapter
 from tests.helpers.tiny_models import CORPUS, load_tiny, make_tiny_model
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter
 from vllm_deepthink.producers.compress import CompressError, DistillSettings, compress_adapter
@@ -21,8 +21,8 @@ LABEL_IDS = [40, 41]
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return load_tiny("llama", tmp_path_factory.mktemp("llama"))
+def llama(tiny_llama_dir):
+    return load_tiny("llama", tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def source(llama, tmp_path_factory):
     """A Deep-Thinking-format adapter of 48 positions with a label calibration over two
     single tokens (as a classification build records it)."""
     model, tokenizer = llama
-    adapter = build_adapter(model, tokenizer, tmp_path_factory.mktemp("src") / "a", 48)
+    adapter = noisy_adapter(model, tokenizer, tmp_path_factory.mktemp("src") / "a", 48)
     adapter.config.label_calibration = {
         "label_words": ["a", "b"], "label_token_ids": LABEL_IDS,
         "content-free": {"log_prior": [-0.2, -1.7], "inputs": ["N/A", "[MASK]"]},
@@ -262,7 +262,7 @@ def test_gemma3_sliding_layers_keep_only_positions_their_window_shows(llama, tmp
     model = tiny_gemma3(sliding_window=16)  # layers: sliding, sliding, full
     # The same weights with a wide window give K/V for all 40 positions (an adapter holds
     # every position in every layer; a forward's sliding cache keeps only the last 15).
-    source = build_adapter(tiny_gemma3(sliding_window=64), tokenizer, tmp_path / "wide", 40)
+    source = noisy_adapter(tiny_gemma3(sliding_window=64), tokenizer, tmp_path / "wide", 40)
     source.config.fingerprint = ModelFingerprint.from_model(model)
     source.save_pretrained(tmp_path / "g")
     adapter = compress_adapter(source, model, tokenizer, QUERIES, prefix_len=8, dev_size=6,

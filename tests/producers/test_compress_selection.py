@@ -18,8 +18,8 @@ QUERIES = ["Review: the quick brown fox\nSentiment:", "Question: who wrote Hamle
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return load_tiny("llama", tmp_path_factory.mktemp("llama"))
+def llama(tiny_llama_dir):
+    return load_tiny("llama", tiny_llama_dir)
 
 
 def source_prefix(model, ids):

@@ -11,7 +11,6 @@ import pytest
 
 from tests.helpers.manifests import MISSING as BAD
 from tests.helpers.manifests import SST2, TREC, write_manifest
-from tests.helpers.tiny_models import make_tiny_model
 from vllm_deepthink import DeepThinkAdapter
 from vllm_deepthink.producers.deepthink import manifest_workers
 from vllm_deepthink.producers.deepthink.errors import BuildError
@@ -29,8 +28,8 @@ FAST = {"select_on": "none", "shots_per_class": 1, "policy": {"max_iterations": 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+def model_path(tiny_llama_dir):
+    return str(tiny_llama_dir)
 
 
 GOOD = [SST2, TREC]
@@ -95,9 +94,9 @@ def test_manifest_checks(tmp_path):
         build_manifest(path, tmp_path / "out", workers=0)
 
 
-def test_build_skip_fail_rebuild(tiny, tmp_path, count_builds):
+def test_build_skip_fail_rebuild(model_path, tmp_path, count_builds):
     store = tmp_path / "store"
-    defaults = {"model": tiny, **FAST}
+    defaults = {"model": model_path, **FAST}
     manifest = write_manifest(tmp_path / "tasks.jsonl", [GOOD[0], BAD, GOOD[1]])
     first = build_manifest(manifest, store, defaults=defaults, progress=False)
     assert {r.name: r.status for r in first.results} == {
@@ -143,22 +142,23 @@ def test_build_skip_fail_rebuild(tiny, tmp_path, count_builds):
     assert sorted(p.name for p in store.iterdir()) == [SUMMARY_NAME, "sst2-s0", "trec-s1"]
 
 
-def test_a_directory_that_is_not_an_adapter_is_never_replaced(tiny, tmp_path, count_builds):
+def test_a_directory_that_is_not_an_adapter_is_never_replaced(model_path, tmp_path, count_builds):
     store = tmp_path / "store"
     (store / "sst2-s0").mkdir(parents=True)
     (store / "sst2-s0" / "notes.txt").write_text("mine")
     manifest = write_manifest(tmp_path / "tasks.jsonl", GOOD[:1])
-    summary = build_manifest(manifest, store, defaults={"model": tiny, **FAST},
+    summary = build_manifest(manifest, store, defaults={"model": model_path, **FAST},
                              progress=False)
     assert "is not an adapter directory" in summary.results[0].error
     assert (store / "sst2-s0" / "notes.txt").read_text() == "mine" and count_builds == []
 
 
 @pytest.mark.ray
-def test_through_a_local_ray_instance(tiny, tmp_path):
+@pytest.mark.subprocess
+def test_through_a_local_ray_instance(model_path, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed (the `ray` extra)")
     store = tmp_path / "store"
-    defaults = {"model": tiny, **FAST}
+    defaults = {"model": model_path, **FAST}
     manifest = write_manifest(tmp_path / "tasks.jsonl", [GOOD[0], BAD])
     ray.init(address="local", num_cpus=1, include_dashboard=False,
              object_store_memory=80 * 1024**2, _node_ip_address="127.0.0.1",
@@ -178,7 +178,7 @@ def test_through_a_local_ray_instance(tiny, tmp_path):
         ray.shutdown()
 
 
-def test_a_model_opened_once_builds_what_a_fresh_one_builds(tiny):
+def test_a_model_opened_once_builds_what_a_fresh_one_builds(model_path):
     """A worker reuses its model across tasks: a build after another task equals the
     build of a freshly loaded model, to the bit."""
     from vllm_deepthink.producers.deepthink.from_task import load_base_model
@@ -186,10 +186,10 @@ def test_a_model_opened_once_builds_what_a_fresh_one_builds(tiny):
 
     policy = SelectionPolicy(max_iterations=2, min_iterations=1, guard_k=0.0)
     kwargs = {"shots_per_class": 1, "dev_size": 6, "policy": policy, "progress": False}
-    base = load_base_model(tiny)
+    base = load_base_model(model_path)
     build_from_task(base, task_dir=TREC["task_dir"], **kwargs)
     reused = build_from_task(base, task_dir=SST2["task_dir"], **kwargs)
-    fresh = build_from_task(tiny, task_dir=SST2["task_dir"], **kwargs)
+    fresh = build_from_task(model_path, task_dir=SST2["task_dir"], **kwargs)
     def trace(adapter):  # without the seconds
         return [{k: v for k, v in e.items() if k != "dev_seconds"}
                 for e in adapter.config.selection_trace]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers.adapter_factory import hf_reference, max_abs_diff
+from tests.helpers.references import hf_reference, max_abs_diff
 from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.format import PLACEHOLDER_TOKEN_ID, DeepThinkAdapter, ModelFingerprint
 from vllm_deepthink.format import hf_cache
@@ -20,8 +20,8 @@ QUERY = "Question: who wrote Hamlet ?\nType:"
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
-def family(request, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(request.param)
+def family(request):
+    directory = request.getfixturevalue(f"tiny_{request.param}_dir")
     model, tokenizer = load_tiny(request.param, directory)
     return directory, model, tokenizer
 
@@ -92,10 +92,10 @@ def test_three_dim_layout_and_dtypes(family, tmp_path):
 
 
 def test_an_adapter_weights_file_is_a_past_kv_file(family, tmp_path):
-    from tests.helpers.adapter_factory import build_adapter
+    from tests.helpers.adapter_factory import noisy_adapter
 
     model_dir, model, tokenizer = family
-    built = build_adapter(model, tokenizer, tmp_path / "dt", 12)
+    built = noisy_adapter(model, tokenizer, tmp_path / "dt", 12)
     imported = import_past_kv(tmp_path / "dt" / "deepthink_model.safetensors", model_dir)
     assert all(torch.equal(a, b) for a, b in zip(imported.keys + imported.values,
                                                   built.keys + built.values))

@@ -17,7 +17,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 from tests.helpers import REPO_ROOT  # noqa: E402
-from tests.helpers.adapter_factory import hf_reference, max_abs_diff  # noqa: E402
+from tests.helpers.references import hf_reference, max_abs_diff  # noqa: E402
 from tests.helpers.peft_adapters import (KINDS, METHODS, load_reference_model,  # noqa: E402
                                          make_peft_adapter, peft_reference)
 from tests.helpers.tiny_models import load_tiny, make_tiny_model  # noqa: E402
@@ -32,12 +32,11 @@ P = 5
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bases")
+def bases(tiny_llama_dir, tiny_gpt2_dir):
     out = {}
-    for family in ("llama", "gpt2"):
-        model, tokenizer = load_tiny(family, root / family)
-        out[family] = (root / family, model, tokenizer)
+    for family, directory in (("llama", tiny_llama_dir), ("gpt2", tiny_gpt2_dir)):
+        model, tokenizer = load_tiny(family, directory)
+        out[family] = (directory, model, tokenizer)
     return out
 
 
@@ -310,6 +309,7 @@ def test_only_the_importer_imports_peft_and_only_when_called():
     assert anywhere == {"producers/peft.py"} and module_level == set()
 
 
+@pytest.mark.subprocess
 def test_builder_cli_and_frontend_import_without_peft(tmp_path):
     """With `peft` unimportable, the builder, the importers, the CLI and the plugin's
     frontend import, and the PEFT importer refuses with how to install it."""

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.producers.deepthink import builder, candidates, dev_scoring, search
 from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 from vllm_deepthink.producers.deepthink.selection import (SelectionPolicy, StopRule,
@@ -17,11 +16,6 @@ from vllm_deepthink.producers.deepthink.selection import (SelectionPolicy, StopR
 DEMOS = ("Review: a charming film\nSentiment: positive\n\n"
          "Review: contains no wit , only labored gags\nSentiment: negative\n\n")
 N_DEV = 100
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return load_tiny("llama", tmp_path_factory.mktemp("llama"))
 
 
 def run_rule(accs, **policy):
@@ -132,8 +126,8 @@ def steps_of(model, tokenizer, candidate, iteration):
     return keys, values
 
 
-def test_grid_is_the_documented_one(llama):
-    model, _ = llama
+def test_grid_is_the_documented_one(tiny_llama_loaded):
+    model, _ = tiny_llama_loaded
     grid = search.search_grid(search.position_modes(model.config))
     assert grid[0] == search.PUBLISHED and len(grid) == 14
     names = [c.name for c in grid]
@@ -147,8 +141,8 @@ def test_grid_is_the_documented_one(llama):
     assert search.position_modes(GPT2Config()) == ("published",)
 
 
-def test_search_bookkeeping(monkeypatch, llama):
-    model, tokenizer = llama
+def test_search_bookkeeping(monkeypatch, tiny_llama_loaded):
+    model, tokenizer = tiny_llama_loaded
     grid = [search.PUBLISHED, search.Candidate("ema", {"eta": 0.2}),
             search.Candidate("momentum", {"step_size": 0.03, "beta": 0.0})]
     base = set(range(50))
@@ -188,8 +182,8 @@ def test_search_bookkeeping(monkeypatch, llama):
     assert cfg.selection_trace == runs[1].trace and cfg.selection["selected"] == grid[1].name
 
 
-def test_guard_keeps_plain_icl(monkeypatch, llama):
-    model, tokenizer = llama
+def test_guard_keeps_plain_icl(monkeypatch, tiny_llama_loaded):
+    model, tokenizer = tiny_llama_loaded
     base = set(range(50))
     fake = ScriptedDev([base, set(range(10, 62)), base, base])  # +2 points, noisy
     monkeypatch.setattr(candidates, "score_dev", fake)
@@ -207,8 +201,8 @@ def test_guard_keeps_plain_icl(monkeypatch, llama):
     assert relaxed.iteration == 2
 
 
-def test_build_adapter_stops_and_records_the_protocol(monkeypatch, llama):
-    model, tokenizer = llama
+def test_build_adapter_stops_and_records_the_protocol(monkeypatch, tiny_llama_loaded):
+    model, tokenizer = tiny_llama_loaded
     base = set(range(50))
     fake = ScriptedDev([base, set(range(60))] + [set(range(55))] * 13)
     monkeypatch.setattr(candidates, "score_dev", fake)
@@ -224,11 +218,11 @@ def test_build_adapter_stops_and_records_the_protocol(monkeypatch, llama):
     assert cfg.selection["candidates"][0]["stopped"].startswith("patience")
 
 
-def test_label_calibration_of_a_classification_build(llama):
+def test_label_calibration_of_a_classification_build(tiny_llama_loaded):
     from vllm_deepthink.tasks import calibration
     from vllm_deepthink.tasks.scoring import ChoiceItem, score_items_hf
 
-    model, tokenizer = llama
+    model, tokenizer = tiny_llama_loaded
     labels = [" the", " is"]  # one token each in the tiny tokenizer
     items = [ChoiceItem(q, labels, i % 2) for i, q in enumerate(
         ["Review: a charming film\nSentiment:", "The quick brown fox", "Question: who ?\nType:"])]

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.tasks import calibration
 from vllm_deepthink.tasks.scoring import ChoiceItem, score_items_hf
 
@@ -13,11 +12,6 @@ LABELS = [" the", " is"]  # one token each in the tiny tokenizer
 QUERIES = ["Review: a charming film\nSentiment:", "Question: who wrote Hamlet ?\nType:",
            "The quick brown fox", "Premise: the sun was rising. Answer:"]
 DEMOS = "Review: contains no wit\nSentiment: is\n\n"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_tiny("llama", tmp_path_factory.mktemp("calib") / "llama")
 
 
 def hand_label_probs(model, tok, prefix, query):
@@ -31,8 +25,8 @@ def hand_label_probs(model, tok, prefix, query):
     return (p / p.sum()).tolist()
 
 
-def test_content_free_and_dev_prior_match_a_hand_computation(tiny):
-    model, tok = tiny
+def test_content_free_and_dev_prior_match_a_hand_computation(tiny_llama_loaded):
+    model, tok = tiny_llama_loaded
     prefix_ids = tok(DEMOS)["input_ids"]
     cf_queries = [f"Review: {x}\nSentiment:" for x in calibration.CONTENT_FREE_INPUTS]
     items = [ChoiceItem(q, LABELS, 0) for q in QUERIES]

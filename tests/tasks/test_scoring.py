@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from tests.helpers.tiny_models import load_tiny
 from vllm_deepthink.tasks.scoring import (ChoiceItem, accuracy, items_from_rows, predictions,
                                     score_items_hf)
 
@@ -15,9 +14,9 @@ DEMOS = "Review: contains no wit\nSentiment: negative\n\n"
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
-def tiny(request, tmp_path_factory):
-    directory = tmp_path_factory.getbasetemp() / f"tiny-{request.param}"
-    return load_tiny(request.param, directory)
+def tiny_loaded(request):
+    """(model, tokenizer) of the tiny Llama, then of the tiny GPT-2."""
+    return request.getfixturevalue(f"tiny_{request.param}_loaded")
 
 
 def reference_scores(model, tok, items, prefix_ids):
@@ -45,29 +44,29 @@ def assert_scores_close(got, expected, tol=1e-4):
             assert a == pytest.approx(b, abs=tol)
 
 
-def test_items_cover_both_scoring_paths(tiny):
+def test_items_cover_both_scoring_paths(tiny_loaded):
     # ITEMS[-1] has one-token choices (scored from the query alone), the others do not.
-    _, tok = tiny
+    _, tok = tiny_loaded
     lengths = [[len(tok(c, add_special_tokens=False)["input_ids"]) for c in item.choices]
                for item in ITEMS]
     assert lengths[-1] == [1, 1] and all(max(n) > 1 for n in lengths[:-1])
 
 
-def test_zero_shot_matches_unbatched_forward(tiny):
-    model, tok = tiny
+def test_zero_shot_matches_unbatched_forward(tiny_loaded):
+    model, tok = tiny_loaded
     got = score_items_hf(model, tok, ITEMS, batch_size=3)
     assert_scores_close(got, reference_scores(model, tok, ITEMS, []))
 
 
-def test_prefix_ids_match_concatenated_ids(tiny):
-    model, tok = tiny
+def test_prefix_ids_match_concatenated_ids(tiny_loaded):
+    model, tok = tiny_loaded
     prefix = tok(DEMOS)["input_ids"]
     got = score_items_hf(model, tok, ITEMS, prefix_ids=prefix, batch_size=4)
     assert_scores_close(got, reference_scores(model, tok, ITEMS, prefix))
 
 
-def test_past_key_values_of_the_demos_equal_icl(tiny):
-    model, tok = tiny
+def test_past_key_values_of_the_demos_equal_icl(tiny_loaded):
+    model, tok = tiny_loaded
     prefix = tok(DEMOS)["input_ids"]
     with torch.no_grad():
         cache = model(torch.tensor([prefix]), use_cache=True).past_key_values
@@ -79,20 +78,20 @@ def test_past_key_values_of_the_demos_equal_icl(tiny):
     assert_scores_close(got_again, got, tol=1e-5)
 
 
-def test_batch_size_does_not_change_scores(tiny):
-    model, tok = tiny
+def test_batch_size_does_not_change_scores(tiny_loaded):
+    model, tok = tiny_loaded
     one = score_items_hf(model, tok, ITEMS, batch_size=1)
     assert_scores_close(score_items_hf(model, tok, ITEMS, batch_size=16), one, tol=1e-5)
 
 
-def test_both_prefix_kinds_rejected(tiny):
-    model, tok = tiny
+def test_both_prefix_kinds_rejected(tiny_loaded):
+    model, tok = tiny_loaded
     with pytest.raises(ValueError, match="not both"):
         score_items_hf(model, tok, ITEMS, prefix_ids=[1, 2], past_key_values=[])
 
 
-def test_empty_choice_rejected(tiny):
-    model, tok = tiny
+def test_empty_choice_rejected(tiny_loaded):
+    model, tok = tiny_loaded
     with pytest.raises(ValueError, match="tokenizes to no tokens"):
         score_items_hf(model, tok, [ChoiceItem("hello", ["", " x"], 0)])
 
@@ -189,10 +188,10 @@ def _demo_kv(model, tok):
 
 
 @pytest.mark.parametrize("prefix", ["none", "ids", "kv"])
-def test_fast_scorer_equals_legacy_score_encoded_hf(tiny, prefix):
+def test_fast_scorer_equals_legacy_score_encoded_hf(tiny_loaded, prefix):
     from vllm_deepthink.tasks.scoring import encode_items, score_encoded_hf
 
-    model, tok = tiny
+    model, tok = tiny_loaded
     encoded = encode_items(tok, ITEMS * 3)
     kwargs = {"none": {}, "ids": {"prefix_ids": tok(DEMOS)["input_ids"]},
               "kv": {"past_key_values": _demo_kv(model, tok)}}[prefix]
@@ -222,20 +221,20 @@ def test_fast_scorer_equals_legacy_on_sliding_window_layers():
         assert_scores_close(got, legacy_score_encoded_hf(model, encoded, **kwargs), tol=1e-5)
 
 
-def test_scoring_never_writes_the_prefix(tiny):
+def test_scoring_never_writes_the_prefix(tiny_loaded):
     from vllm_deepthink.tasks.scoring import encode_items, score_encoded_hf
 
-    model, tok = tiny
+    model, tok = tiny_loaded
     kv = _demo_kv(model, tok)
     before = [(k.clone(), v.clone()) for k, v in kv]
     score_encoded_hf(model, encode_items(tok, ITEMS), past_key_values=kv, batch_size=3)
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, before))
 
 
-def test_shared_prefix_cache_holds_views_not_copies(tiny):
+def test_shared_prefix_cache_holds_views_not_copies(tiny_loaded):
     from vllm_deepthink.format import hf_cache
 
-    model, tok = tiny
+    model, tok = tiny_loaded
     kv = _demo_kv(model, tok)
     cache = hf_cache.shared_prefix_cache(kv, model.config, batch_size=5)
     for layer, (k, v) in zip(cache.layers, kv):
