@@ -15,9 +15,9 @@ comma  := ,
 STAMP  := $(VENV)/.deepthink-installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST_ARGS ?=
 # Test modules run in this many processes (pytest-xdist; a module stays in one process,
-# so it starts its engine once). 0 runs them all in this process: with 2, each process's
-# torch also takes both cores, and the in-process tests were slower on this machine.
-TEST_WORKERS ?= 0
+# so it starts its engine once; each process keeps to one core: tests/conftest.py).
+# 0 runs them all in this process.
+TEST_WORKERS ?= 2
 # e.g. GPU_CHECK_ARGS="--device cpu" (the same machinery on the CPU settings of make test)
 GPU_CHECK_ARGS ?=
 HOST ?= 127.0.0.1

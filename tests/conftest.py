@@ -49,13 +49,22 @@ _EVAL_SPLIT = {"sst5": "validation", "mr": "validation", "agnews": "test", "copa
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (make test), the engines of each test process bind their OpenMP
-    threads to a core of their own: vLLM's automatic binding puts every engine's worker on
-    the same core, from its start, so two processes' engines would take turns on it."""
+    """Under pytest-xdist (make test), each test process keeps to one core: its engines
+    bind their OpenMP threads to a core of their own (vLLM's automatic binding puts every
+    engine's worker on the same core, from its start, so two processes' engines would take
+    turns on it), and its own torch and the processes it starts use one thread (with both
+    cores each, two test processes oversubscribe the machine)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
-    if worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    if not worker.startswith("gw"):
+        return
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cpus = sorted(os.sched_getaffinity(0))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[int(worker[2:]) % len(cpus)])
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -252,6 +252,15 @@ def test_json_is_well_formed(bench_run):
     dt = run["systems"]["deepthink"]
     assert TASKS <= dt["adapter_loads"] <= REQUESTS
     assert dt["prompt_tokens_external_loaded"] == dt["adapter_loads"] * PREFIX
+    # The plugin's own time over the pass: every adapter request rewritten and trimmed
+    # (frontend, output), the scheduler and workers counted per step too.
+    (rep,) = dt["repetitions"]
+    cost = rep["plugin_cost"]
+    assert cost["frontend"]["requests"] == REQUESTS == cost["output"]["requests"]
+    assert cost["scheduler"]["steps"] > 0 and cost["worker"]["microseconds"] > 0
+    assert dt["plugin_us_per_request"] == pytest.approx(sum(
+        p["microseconds"] for name, p in cost.items() if name != "worker_read") / REQUESTS)
+    assert apc["plugin_us_per_request"] is None
     hf = run["systems"]["hf-reference"]
     assert hf["prompt_tokens_computed"] == REQUESTS * QUERY and hf["batch_size"] == 4
     assert all(isinstance(t["met"], bool) for t in report["targets"])

@@ -170,6 +170,14 @@ def test_scale_json_fields_are_present_and_consistent(scale_run):
     assert row["adapters"] == N
     assert row["deepthink"]["request_throughput"] == fig["request_throughput"]
     assert "api_server_bytes_per_adapter" not in row["deepthink"]  # no baseline was run
+    # The plugin's own time over the timed run, from the server's /metrics.
+    cost = fig["plugin_cost"]
+    assert 0 < cost["frontend"]["requests"] <= fig["adapter_requests"]
+    assert cost["scheduler"]["steps"] > 0 and cost["worker"]["microseconds"] > 0
+    assert fig["plugin_us_per_request"] == pytest.approx(sum(
+        p["microseconds"] for name, p in cost.items() if name != "worker_read")
+        / fig["adapter_requests"])
+    assert row["deepthink"]["plugin_us_per_request"] == fig["plugin_us_per_request"]
 
 
 @pytest.mark.engine

@@ -33,7 +33,8 @@ def measure_plugin_cost(work: Path, num_adapters: int = 64, num_requests: int = 
     from vllm import LLM
 
     import vllm_deepthink
-    from vllm_deepthink.plugin.api import connector_stats
+    from vllm_deepthink.plugin.api import (connector_stats, plugin_cost_delta,
+                                          plugin_cost_per_request)
     from vllm_deepthink.plugin.resolvers import DirectoryResolver
 
     model_dir = tiny_model(work / "tiny-llama")
@@ -55,18 +56,10 @@ def measure_plugin_cost(work: Path, num_adapters: int = 64, num_requests: int = 
     llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     after = connector_stats(llm)["plugin_cost"]
-    parts = {}
-    for part, entry in after.items():
-        old = before.get(part, {})
-        delta = {key: entry[key] - old.get(key, 0)
-                 for key in ("microseconds", "requests", "steps")}
-        delta["us_per_request"] = (round(delta["microseconds"] / delta["requests"], 1)
-                                   if delta["requests"] else None)
-        delta["us_per_step"] = (round(delta["microseconds"] / delta["steps"], 1)
-                                if delta["steps"] else None)
-        parts[part] = delta
-    per_request = sum(p["microseconds"] for name, p in parts.items()
-                      if name != "worker_read") / num_requests
+    parts = {name: {key: (round(v, 1) if key.startswith("us_") and v is not None else v)
+                    for key, v in part.items()}
+             for name, part in plugin_cost_delta(before, after).items()}
+    per_request = plugin_cost_per_request(parts, num_requests)
     return {"what": "the plugin's own time per part, from connector_stats()['plugin_cost'] "
                     "(always-on perf_counter_ns counters), one LLM.generate",
             "model": "random Llama, 2 layers, 2 KV heads x 64, float32, CPU",

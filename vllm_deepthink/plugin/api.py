@@ -247,13 +247,42 @@ def connector_stats(llm) -> dict[str, Any]:
             part = by_part.setdefault(metric.labels.get("part", "?"),
                                       {"microseconds": 0, "requests": 0, "steps": 0})
             part[costs[metric.name]] += metric.value
-    for part in by_part.values():
-        for count, key in (("requests", "us_per_request"), ("steps", "us_per_step")):
-            part[key] = part["microseconds"] / part[count] if part[count] else None
     return {"adapter_loads": sum(e["loads"] for e in by_adapter.values()),
             "adapter_tokens_loaded": sum(e["tokens"] for e in by_adapter.values()),
             "adapter_reads": sum(e["reads"] for e in by_adapter.values()),
             "forward_path_load_steps": forward_path_steps,
             "pinned_adapters": gauges[PINNED_METRIC],
             "pinned_bytes": gauges[PINNED_BYTES_METRIC],
-            "by_adapter": by_adapter, "plugin_cost": by_part}
+            "by_adapter": by_adapter, "plugin_cost": plugin_cost_rates(by_part)}
+
+
+COST_FIELDS = ("microseconds", "requests", "steps")
+
+
+def plugin_cost_rates(by_part: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """{part: {"microseconds", "requests", "steps"}} (the plugin's cost counters) with
+    "us_per_request" and "us_per_step" added (None where it counts none)."""
+    out = {}
+    for name, part in by_part.items():
+        entry: dict[str, Any] = {key: part.get(key, 0) for key in COST_FIELDS}
+        for count, key in (("requests", "us_per_request"), ("steps", "us_per_step")):
+            entry[key] = entry["microseconds"] / entry[count] if entry[count] else None
+        out[name] = entry
+    return out
+
+
+def plugin_cost_delta(before: dict[str, dict[str, float]],
+                      after: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """The plugin's cost per part of what ran between two snapshots of its counters
+    (`connector_stats(llm)["plugin_cost"]`, or the same read from a server's /metrics)."""
+    return plugin_cost_rates({
+        name: {key: part.get(key, 0) - before.get(name, {}).get(key, 0) for key in COST_FIELDS}
+        for name, part in after.items()})
+
+
+def plugin_cost_per_request(cost: dict[str, dict[str, Any]], requests: int) -> float | None:
+    """Microseconds of the plugin's code on the request path per request: every part but
+    the background reads (worker_read, off the forward path), over `requests`."""
+    if not requests:
+        return None
+    return sum(p["microseconds"] for name, p in cost.items() if name != "worker_read") / requests

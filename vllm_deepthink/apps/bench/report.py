@@ -22,6 +22,7 @@ Schema of `vllm-deepthink bench --output-json` (schema_version 1)::
             latency_p50_s, latency_p99_s,   # medians over repetitions
             prompt_tokens_submitted, prompt_tokens_computed, prompt_tokens_local_cache_hit,
             prompt_tokens_external_loaded, prefix_cache_hit_rate, adapter_loads,
+            plugin_us_per_request,
             peak_rss_bytes, engine_start_s, repetitions: [per-pass figures],
             (hf-reference) batch_size, batch_size_tuning_requests_per_s,
             error (only when the system failed; then no figures)}},
@@ -76,6 +77,11 @@ DEFINITIONS = {
     "adapter_loads": "adapter loads over the timed pass, from the deepthink connector's "
                      "counters (vllm_deepthink.plugin.api.connector_stats); null for the "
                      "other systems",
+    "plugin_us_per_request": "deepthink: microseconds of the plugin's own code on the request "
+                             "path (every part of connector_stats' plugin_cost but the "
+                             "background reads) per request of the timed pass, median over "
+                             "repetitions (each repetition's parts: repetitions[].plugin_cost); "
+                             "null for the other systems",
     "peak_rss_bytes": "max over the system process's life of the summed RSS of the process and "
                       "its children (vLLM engine core), sampled every 0.1 s; shared pages count "
                       "once per process",
@@ -190,6 +196,9 @@ def system_figures(workload: Workload, result: dict[str, Any], process: dict[str
         figures["prefix_cache_hit_rate"] = _median(rates)
         figures["adapter_loads"] = _median(
             [r["adapter_loads"] for r in reps if r["adapter_loads"] is not None])
+        figures["plugin_us_per_request"] = _median(
+            [r["plugin_us_per_request"] for r in reps
+             if r.get("plugin_us_per_request") is not None])
         figures["block_size"] = (process.get("vllm_config") or {}).get("block_size")
     else:
         figures["batch_size"] = result.get("batch_size")
@@ -346,12 +355,20 @@ _OFFLINE_COLUMNS = (("req/s", "requests_per_s", ">9.2f", 1),
                     ("spread", "rel_spread", ">8.1%", 1),
                     ("p50 s", "latency_p50_s", ">9.3f", 1), ("p99 s", "latency_p99_s", ">9.3f", 1),
                     ("computed tok/s", "computed_prompt_tokens_per_s", ">16.0f", 1),
-                    ("peak RSS MB", "peak_rss_bytes", ">13.0f", 2**-20))
+                    ("peak RSS MB", "peak_rss_bytes", ">13.0f", 2**-20),
+                    ("plugin us/req", "plugin_us_per_request", ">15.1f", 1))
 _SERVER_COLUMNS = (("done", "completed", ">6d", 1), ("failed", "failed", ">7d", 1),
                    ("TTFT p50 ms", "p50_ttft_ms", ">13.1f", 1),
                    ("TTFT p99 ms", "p99_ttft_ms", ">13.1f", 1),
                    ("E2EL p50 ms", "p50_e2el_ms", ">13.1f", 1),
                    ("E2EL p99 ms", "p99_e2el_ms", ">13.1f", 1))
+
+
+def _cell(value, spec: str, scale: float) -> str:
+    """`value` * `scale` formatted by `spec`; "-" in the same width when there is none."""
+    if value is None:
+        return format("-", f">{len(format(0, spec))}")
+    return format(value * scale, spec)
 
 
 def _run_table(title: str, run: dict[str, Any], columns) -> list[str]:
@@ -363,7 +380,7 @@ def _run_table(title: str, run: dict[str, Any], columns) -> list[str]:
         if "error" in fig:
             lines.append(f"  {name:<15} FAILED: {fig['error'].splitlines()[-1][:90]}")
         else:
-            lines.append(f"  {name:<15}" + "".join(format((fig[key] or 0) * scale, spec)
+            lines.append(f"  {name:<15}" + "".join(_cell(fig.get(key), spec, scale)
                                                   for _, key, spec, scale in columns))
     if run["outputs_match"]:
         lines.append("  outputs: " + ", ".join(f"{k} {v:.0%}"

@@ -44,6 +44,7 @@ from vllm_deepthink.apps.bench.measure import uptime
 from vllm_deepthink.apps.bench.scale_workload import (adapter_dir_of, adapter_label,
                                                       scale_requests,
                                                       write_synthetic_adapters)
+from vllm_deepthink.plugin.api import plugin_cost_delta, plugin_cost_per_request
 
 SCALE_SYSTEMS = ("deepthink", "icl-apc")
 DEFINITIONS = {
@@ -62,6 +63,11 @@ DEFINITIONS = {
     "resident_hit_rate": "deepthink: 1 - adapter_reads / adapter_loads (None without loads)",
     "prefix_cache_hit_rate": "vllm:prefix_cache_hits / vllm:prefix_cache_queries over the "
                              "timed run (tokens)",
+    "plugin_cost": "deepthink: the plugin's own time per part over the timed run, from the "
+                   "/metrics cost counters (plugin.api.plugin_cost_delta): microseconds, "
+                   "requests and steps it counted, us_per_request, us_per_step",
+    "plugin_us_per_request": "deepthink: the plugin's microseconds on the request path (every "
+                             "part but worker_read, the background reads) per adapter request",
     "baseline": "a deepthink server over an empty --deepthink-adapter-dir",
 }
 
@@ -256,9 +262,9 @@ def measure(system: str, num_adapters: int, options: ScaleOptions, model_dir: Pa
             server, model_dir, sb.write_dataset(phase / "timed.jsonl", texts), len(texts),
             options.output_len, request_rate=options.request_rate, seed=options.seed,
             adapters=names, result=result_path)
-        before = counters(server)
+        before, cost_before = counters(server), sb.plugin_cost_counters(server)
         sb.run_bench_serve(argv, log.with_suffix(".bench.log"))
-        after = counters(server)
+        after, cost_after = counters(server), sb.plugin_cost_counters(server)
         figures["api_server_rss_bytes_after"] = api_server_rss(server)
     result = json.loads(result_path.read_text())
     figures.update({key: result[key] for key in sb.FIELDS})
@@ -266,6 +272,10 @@ def measure(system: str, num_adapters: int, options: ScaleOptions, model_dir: Pa
     figures.update({key: after[key] - before[key] for key in COUNTERS})
     if system != "deepthink":  # no connector: its counters do not exist
         figures.update(adapter_loads=None, adapter_reads=None)
+    else:
+        cost = plugin_cost_delta(cost_before, cost_after)
+        figures.update(plugin_cost=cost, plugin_us_per_request=plugin_cost_per_request(
+            cost, sum(p is not None for p in timed)))
     figures.update(derived(figures))
     figures.update(
         requests=len(timed), plain_requests=sum(p is None for p in timed),
@@ -332,7 +342,8 @@ def summary(report: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             row[system] = {k: fig.get(k) for k in (
                 "request_throughput", "p50_ttft_ms", "p99_ttft_ms", "startup_s",
-                "resident_hit_rate", "reads_per_s", "prefix_cache_hit_rate")}
+                "resident_hit_rate", "reads_per_s", "prefix_cache_hit_rate",
+                "plugin_us_per_request")}
             row[system]["models_list_median_ms"] = fig["models_list"]["median_ms"]
             if system == "deepthink" and baseline and "error" not in baseline:
                 row[system]["api_server_bytes_per_adapter"] = (
@@ -401,7 +412,8 @@ def failed(report: dict[str, Any]) -> list[str]:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    lines = ["adapters  system     req/s   TTFT p50 ms  p99 ms  resident hit  startup s"]
+    lines = ["adapters  system     req/s   TTFT p50 ms  p99 ms  resident hit  startup s  "
+             "plugin us/req"]
     for row in report["summary"]:
         for system in SCALE_SYSTEMS:
             fig = row.get(system)
@@ -413,5 +425,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             hit = fig["resident_hit_rate"]
             lines.append(f"{row['adapters']:>8}  {system:<9}  {fig['request_throughput']:6.2f}  "
                          f"{fig['p50_ttft_ms']:11.0f}  {fig['p99_ttft_ms']:6.0f}  "
-                         f"{'-' if hit is None else f'{hit:.2f}':>12}  {fig['startup_s']:9.1f}")
+                         f"{'-' if hit is None else f'{hit:.2f}':>12}  {fig['startup_s']:9.1f}  "
+                         f"{'-' if (us := fig.get('plugin_us_per_request')) is None else f'{us:.1f}':>13}")
     return lines

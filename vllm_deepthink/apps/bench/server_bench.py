@@ -160,6 +160,27 @@ def counter_total(server: Server, metric: str) -> float:
                for sample in family.samples if sample.name == metric + "_total")
 
 
+def plugin_cost_counters(server: Server) -> dict[str, dict[str, float]]:
+    """The plugin's cost counters so far, {part: {"microseconds", "requests", "steps"}}
+    (summed over engines), from the server's /metrics: what
+    `connector_stats(llm)["plugin_cost"]` reads in process."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_deepthink.plugin.connector.stats import (COST_MICROSECONDS_METRIC,
+                                                       COST_REQUESTS_METRIC, COST_STEPS_METRIC)
+
+    fields = {COST_MICROSECONDS_METRIC + "_total": "microseconds",
+              COST_REQUESTS_METRIC + "_total": "requests", COST_STEPS_METRIC + "_total": "steps"}
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(server.metrics()):
+        for sample in family.samples:
+            if sample.name in fields:
+                part = out.setdefault(sample.labels.get("part", "?"),
+                                      {"microseconds": 0, "requests": 0, "steps": 0})
+                part[fields[sample.name]] += sample.value
+    return out
+
+
 def adapter_loads(server: Server) -> float:
     """Adapter loads so far, summed over adapters, from the server's /metrics."""
     return counter_total(server, LOADS_METRIC)

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import vllm_deepthink.plugin.api as deepthink_api
+
 VLLM_SYSTEMS = ("deepthink", "icl-apc", "icl-no-apc", "zero-shot")
 SYSTEMS = VLLM_SYSTEMS + ("hf-reference",)
 
@@ -160,25 +162,25 @@ def run_vllm(spec: dict[str, Any]) -> dict[str, Any]:
             if not llm.reset_prefix_cache():
                 raise RuntimeError("LLM.reset_prefix_cache() failed (blocks still held) "
                                    "before a timed pass; every pass must start empty")
-            loads_before = _adapter_loads(llm, system)
+            before = _deepthink_stats(llm, system)
             one = _vllm_pass(llm, system, workload, workload["task_of"], workload["queries"],
                              record_logprobs)
-            loads_after = _adapter_loads(llm, system)
-            one["adapter_loads"] = (None if loads_before is None
-                                    else loads_after - loads_before)
+            after = _deepthink_stats(llm, system)
+            one["adapter_loads"] = (None if before is None
+                                    else after["adapter_loads"] - before["adapter_loads"])
+            one["plugin_cost"] = (None if before is None else deepthink_api.plugin_cost_delta(
+                before["plugin_cost"], after["plugin_cost"]))
             passes.append(one)
         results.append(_vllm_result(workload, passes, system))
     return {"engine_start_s": engine_start_s, "workloads": results,
             "vllm_config": {"block_size": llm.llm_engine.vllm_config.cache_config.block_size}}
 
 
-def _adapter_loads(llm, system: str) -> float | None:
-    """Adapter loads so far, from the connector's counters (deepthink only)."""
+def _deepthink_stats(llm, system: str) -> dict[str, Any] | None:
+    """The connector's counters so far (deepthink only): adapter loads, plugin cost."""
     if system != "deepthink":
         return None
-    import vllm_deepthink.plugin.api as deepthink_api
-
-    return deepthink_api.connector_stats(llm)["adapter_loads"]
+    return deepthink_api.connector_stats(llm)
 
 
 def _vllm_result(workload: dict[str, Any], passes: list[dict[str, Any]], system: str
@@ -198,6 +200,10 @@ def _vllm_result(workload: dict[str, Any], passes: list[dict[str, Any]], system:
                                       if queries else None),
             "output_tokens": sum(len(t) for t in one["token_ids"]),
             "adapter_loads": one["adapter_loads"],
+            "plugin_cost": one["plugin_cost"],
+            "plugin_us_per_request": (None if one["plugin_cost"] is None else
+                                      deepthink_api.plugin_cost_per_request(
+                                          one["plugin_cost"], len(one["token_ids"]))),
         })
     last = passes[-1]
     return {"key": workload["key"], "repetitions": reps,
