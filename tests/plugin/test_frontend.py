@@ -106,6 +106,27 @@ def test_query_token_ids(llama):
         rewrite.query_token_ids({"type": "embeds"}, tokenizer)
 
 
+def test_a_rendered_text_prompt_is_tokenized_once(llama, monkeypatch):
+    """The tokenizer's special-token frame is learnt once; a rendered prompt then costs
+    one tokenization (the plain ids), and ids the frame does not explain are checked
+    against the tokenizer's own tokenization as before."""
+    tokenizer = llama[2]
+    text = "Review: a film of few words\nSentiment:"
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    with_bos = tokenizer.encode(text, add_special_tokens=True)
+    grown = {"type": "token", "prompt_token_ids": with_bos + [7, 8], "prompt": text}
+    assert rewrite.query_token_ids(grown, tokenizer) == (plain + [7, 8], text, None)
+    calls = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(k) or encode(*a, **k))
+    assert rewrite.query_token_ids(grown, tokenizer) == (plain + [7, 8], text, None)
+    assert calls == [{"add_special_tokens": False}]
+    calls.clear()
+    truncated = {"type": "token", "prompt_token_ids": with_bos[2:], "prompt": text}
+    assert rewrite.query_token_ids(truncated, tokenizer)[0] == with_bos[2:]
+    assert calls == [{"add_special_tokens": False}, {"add_special_tokens": True}]
+
+
 def test_rewrite_request(llama, adapters):
     pytest.importorskip("vllm")
     from vllm import SamplingParams

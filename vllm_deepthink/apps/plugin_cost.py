@@ -61,7 +61,7 @@ def measure_plugin_cost(work: Path, num_adapters: int = 64, num_requests: int = 
              for name, part in plugin_cost_delta(before, after).items()}
     per_request = plugin_cost_per_request(parts, num_requests)
     return {"what": "the plugin's own time per part, from connector_stats()['plugin_cost'] "
-                    "(always-on perf_counter_ns counters), one LLM.generate",
+                    "(always-on counters of the thread's CPU time), one LLM.generate",
             "model": "random Llama, 2 layers, 2 KV heads x 64, float32, CPU",
             "adapters": len(names), "requests": num_requests, "popularity": f"Zipf({zipf})",
             "prefix_len": prefix_len, "query_len": query_len, "max_tokens": max_tokens,

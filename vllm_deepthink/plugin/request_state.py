@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from time import perf_counter_ns
 
 from vllm.v1.engine.logprobs import LogprobsProcessor
 from vllm.v1.engine.output_processor import RequestState
 from vllm.v1.outputs import LogprobsTensors
 
-from vllm_deepthink.plugin.connector.stats import FRONTEND_COSTS
+from vllm_deepthink.plugin.connector.stats import FRONTEND_COSTS, cost_clock_ns
 
 
 class QueryOnlyRequestState(RequestState):
@@ -59,7 +58,7 @@ class QueryOnlyLogprobsProcessor(LogprobsProcessor):
         return cls(**values, query_rows=max(0, query_len - 1))
 
     def _update_prompt_logprobs(self, prompt_logprobs_tensors: LogprobsTensors) -> None:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         rows = prompt_logprobs_tensors.logprobs.shape[0]
         skip = max(0, rows - self.query_rows)
         self.query_rows -= rows - skip

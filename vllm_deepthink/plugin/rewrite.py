@@ -16,9 +16,9 @@ imports vLLM.
 from __future__ import annotations
 
 import copy
-
 import re
 import secrets
+import weakref
 from typing import Any
 
 from vllm_deepthink.plugin.protocol import PARAMS_KEY, TransferEntry
@@ -67,9 +67,15 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
         # may add BOS). Ids that do not start with that tokenization (user token ids,
         # truncation) are kept as given.
         ids = list(ids)
-        with_special = _encode(tokenizer, text, add_special_tokens=True)
+        plain = _encode(tokenizer, text, add_special_tokens=False)
+        frame = _special_frame(tokenizer)
+        # The tokenizer's frame around the plain ids is its own tokenization (one
+        # tokenization per request, not two); anything else is checked the long way.
+        with_special = None if frame is None else [*frame[0], *plain, *frame[1]]
+        if with_special is None or ids[:len(with_special)] != with_special:
+            with_special = _encode(tokenizer, text, add_special_tokens=True)
         if ids[:len(with_special)] == with_special:
-            ids = _encode(tokenizer, text, add_special_tokens=False) + ids[len(with_special):]
+            ids = plain + ids[len(with_special):]
     elif kind == "token" and tokenizer is not None and list(ids) == _encode(
             tokenizer, "", add_special_tokens=True):
         # The renderer drops the text of an empty prompt and keeps only the special
@@ -82,6 +88,28 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
             "token after the adapter prefix (the engine must compute one position).",
             param="prompt")
     return ids, text if isinstance(text, str) else None, salt
+
+
+_FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FRAME_PROBE = "Review: a probe of the special tokens\nAnswer:"
+
+
+def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """(ids before, ids after) the text's own ids that `tokenizer` adds with its special
+    tokens (e.g. ([BOS], [])), from one probe text, remembered per tokenizer; None when
+    they do not frame the plain ids."""
+    try:
+        return _FRAMES[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: found again every time
+        return None
+    plain = _encode(tokenizer, _FRAME_PROBE, add_special_tokens=False)
+    full = _encode(tokenizer, _FRAME_PROBE, add_special_tokens=True)
+    frame = next(((full[:i], full[i + len(plain):]) for i in range(len(full) - len(plain) + 1)
+                  if full[i:i + len(plain)] == plain), None)
+    _FRAMES[tokenizer] = frame
+    return frame
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:

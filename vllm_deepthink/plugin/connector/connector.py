@@ -8,7 +8,6 @@ Stats: stats.py.
 
 from __future__ import annotations
 
-from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +25,8 @@ from vllm_deepthink.plugin.connector.scheduler import (
     ModelShape,
     SchedulerSide,
 )
-from vllm_deepthink.plugin.connector.stats import DeepThinkConnectorStats, DeepThinkPromMetrics
+from vllm_deepthink.plugin.connector.stats import (DeepThinkConnectorStats, DeepThinkPromMetrics,
+                                                   cost_clock_ns)
 from vllm_deepthink.plugin.connector.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
     # ---------------------------------------------------------------- worker side
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, DeepThinkConnectorMetadata)
         self._worker.start_load(metadata, forward_context)
@@ -126,25 +126,25 @@ class DeepThinkConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         result = self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
         self._scheduler.costs.since("scheduler", start)
         return result
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
         self._scheduler.costs.since("scheduler", start)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         metadata = self._scheduler.build_connector_meta(scheduler_output)
         self._scheduler.costs.since("scheduler", start, steps=1)
         return metadata
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
         self._scheduler.costs.since("scheduler", start)
 
@@ -169,7 +169,7 @@ class DeepThinkConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         self._scheduler.request_finished(request)
         self._scheduler.costs.since("scheduler", start)
         return False, None

@@ -14,7 +14,7 @@ them as Prometheus counters (`/metrics` of `vllm serve`, `LLM.get_metrics()` off
     vllm:deepthink_forward_path_load_steps_total              steps that waited on a read
 
 and what the plugin's own code costs, per part (`COST_PARTS`), from
-`time.perf_counter_ns` accumulators that are always on (two clock reads per call):
+accumulators of `cost_clock_ns` that are always on (two clock reads per call):
 
     vllm:deepthink_plugin_microseconds_total{part=PART}  time spent in our code
     vllm:deepthink_plugin_requests_total{part=PART}      adapter requests it handled
@@ -66,6 +66,14 @@ COST_PARTS = ("frontend", "scheduler", "worker", "worker_read", "output")
 _COSTS = ("cost_ns", "cost_requests", "cost_steps")  # per part
 
 
+def cost_clock_ns() -> int:
+    """The clock of the plugin's cost counters: the calling thread's CPU time. What our
+    code costs is the CPU it takes; wall time would add the waits for the GIL (the API
+    server's event loop shares it with vLLM's threads) and for a core (the engine keeps
+    both busy here), which are other code's work."""
+    return time.thread_time_ns()
+
+
 class CostCounters:
     """Nanoseconds, requests and steps per part of the plugin's code: plain ints (one
     thread updates them; `take` hands them over and starts again)."""
@@ -85,8 +93,8 @@ class CostCounters:
             self.steps[part] = self.steps.get(part, 0) + steps
 
     def since(self, part: str, start_ns: int, requests: int = 0, steps: int = 0) -> None:
-        """add the time since `start_ns` (a time.perf_counter_ns())."""
-        self.add(part, time.perf_counter_ns() - start_ns, requests, steps)
+        """add the time since `start_ns` (a cost_clock_ns() of this thread)."""
+        self.add(part, cost_clock_ns() - start_ns, requests, steps)
 
     def take(self) -> dict[str, dict[str, int]]:
         """{"cost_ns": {part: ns}, "cost_requests": ..., "cost_steps": ...} so far, and

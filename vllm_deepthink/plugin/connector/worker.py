@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -39,7 +38,7 @@ from vllm_deepthink.plugin.connector.scheduler import (
     DeepThinkConnectorMetadata,
     DeepThinkWorkerMetadata,
 )
-from vllm_deepthink.plugin.connector.stats import CostCounters
+from vllm_deepthink.plugin.connector.stats import CostCounters, cost_clock_ns
 from vllm_deepthink.plugin.protocol import resident_budget_bytes
 
 if TYPE_CHECKING:
@@ -178,8 +177,8 @@ class WorkerSide:
 
     def _timed_read(self, name: str, path: str, digest: str) -> tuple[ResidentAdapter, int]:
         """store.read in the reader thread, and its nanoseconds (counted by this thread)."""
-        start = perf_counter_ns()
-        return self.store.read(name, path, digest), perf_counter_ns() - start
+        start = cost_clock_ns()
+        return self.store.read(name, path, digest), cost_clock_ns() - start
 
     def _finish_reads(self, forward_context: ForwardContext, wait: bool) -> None:
         """Write (or fail) the loads waiting on every read that ended; report the reads."""

@@ -10,7 +10,6 @@ reads them through protocol's readers, which never raise.
 from __future__ import annotations
 
 import copy
-from time import perf_counter_ns
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -23,7 +22,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
 from vllm_deepthink.plugin import protocol
-from vllm_deepthink.plugin.connector.stats import FRONTEND_COSTS
+from vllm_deepthink.plugin.connector.stats import FRONTEND_COSTS, cost_clock_ns
 from vllm_deepthink.plugin.registry import connector_configured, registry_for
 from vllm_deepthink.plugin.request_checks import (AdapterRequestError, UnknownAdapterError,
                                                   check_request)
@@ -100,7 +99,7 @@ def patch_input_processor() -> None:
                     "DeepThink connector (build it with vllm_deepthink.engine_args(...) or "
                     "start `vllm serve` with --deepthink-adapter).", protocol.ADAPTER_ARG)
             return vllm_process_inputs(self, request_id, prompt, params, *args, **kwargs)
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         lora_request = kwargs.get("lora_request", args[2] if len(args) > 2 else None)
         try:
             name = check_request(prompt, params, lora_request)
@@ -138,7 +137,7 @@ def patch_request_state() -> None:
 
     def from_new_request(cls, tokenizer, request, prompt, parent_req, request_index,
                          queue, log_stats, stream_interval):
-        start = perf_counter_ns()
+        start = cost_clock_ns()
         entry = (protocol.params_transfer_entry(request.sampling_params)
                  if request.sampling_params is not None and connector_configured()
                  else None)
@@ -150,12 +149,12 @@ def patch_request_state() -> None:
         prefix_len = entry.prefix_len
         query_request = copy.copy(request)
         query_request.prompt_token_ids = list(request.prompt_token_ids[prefix_len:])
-        vllm_start = perf_counter_ns()
+        vllm_start = cost_clock_ns()
         state = vllm_from_new_request(
             QueryOnlyRequestState, tokenizer=tokenizer, request=query_request,
             prompt=prompt, parent_req=parent_req, request_index=request_index,
             queue=queue, log_stats=log_stats, stream_interval=stream_interval)
-        vllm_ns = perf_counter_ns() - vllm_start
+        vllm_ns = cost_clock_ns() - vllm_start
         state.prefix_len = prefix_len
         processor = state.logprobs_processor
         if processor is not None and processor.prompt_logprobs is not None:
