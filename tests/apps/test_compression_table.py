@@ -85,7 +85,7 @@ def test_cli_refusals_and_list(tmp_path, capsys):
         {"columns": {"source": {}, "sel-L/2": {}}}))
     assert main(_args(tmp_path, "--rows", "smollm2-sst2-s*,smollm2-mr-s0", "--list")) == 0
     out = capsys.readouterr().out
-    assert "smollm2-sst2-s0" in out and "1 of 8 columns" in out and "to do" in out
+    assert "smollm2-sst2-s0" in out and "1 of 9 columns" in out and "to do" in out
 
 
 def test_a_row_without_an_accuracy_table_row_is_refused(tmp_path):

@@ -14,6 +14,7 @@ from tests.helpers.tiny_models import CORPUS, load_tiny, make_tiny_model
 from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter
 from vllm_deepthink.producers.compress import CompressError, DistillSettings, compress_adapter
 from vllm_deepthink.producers.compress import teachers
+from vllm_deepthink.producers.compress.distill import answer_logp
 from vllm_deepthink.producers.compress.compress import resolve_prefix_len
 
 QUERIES = [f"{line.split(chr(10))[0]} {i}" for i in range(6) for line in CORPUS]  # 36
@@ -133,6 +134,47 @@ def test_calibrated_teacher_divides_the_prior_out_at_the_answer_position(llama, 
         # log p(a)/p(b) moves by -(prior_a - prior_b) = -(-0.2 + 1.7)
         assert (b[0] - b[1]) - (a[0] - a[1]) == pytest.approx(-1.5, abs=1e-4)
         assert torch.equal(p.ids[:-1], c.ids[:-1])  # other positions untouched
+
+
+def test_calibrated_draws_divide_each_prefixs_own_query_prior_out(llama, source):
+    """Two draws (the source and a second prefix): each one's label prior is the mean of
+    its answer distributions over the queries, divided out before the average; every
+    other position is the plain average."""
+    model, tokenizer = llama
+    first = list(zip(source.keys, source.values))
+    second = [(k.flip(-2), v.flip(-2)) for k, v in first]  # another prefix of the same shape
+    ids = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUERIES[:6]]
+    plain = teachers.Teacher("ensemble", [first, second])
+    cal = teachers.with_query_priors(model, teachers.calibrated_draws(plain), ids, LABEL_IDS)
+    assert cal.name == "ensemble-calibrated" and len(cal.info["log_priors"]) == 2
+
+    for p, prefix in enumerate((first, second)):
+        targets = teachers.teacher_targets(model, teachers.source_teacher(prefix), ids,
+                                           answer_ids=LABEL_IDS, progress=False)
+        probs = torch.stack([answer_logp(t, LABEL_IDS).exp() for t in targets])
+        assert cal.info["log_priors"][p] == pytest.approx(probs.mean(0).log().tolist(), abs=1e-5)
+    got = teachers.teacher_targets(model, cal, ids, answer_ids=LABEL_IDS, progress=False)
+    mixed = teachers.teacher_targets(model, plain, ids, answer_ids=LABEL_IDS, progress=False)
+    for q, (g, m) in enumerate(zip(got, mixed)):
+        expected = 0
+        for p, prefix in enumerate((first, second)):
+            (t,) = teachers.teacher_targets(model, teachers.source_teacher(prefix), [ids[q]],
+                                            answer_ids=LABEL_IDS, progress=False)
+            # p(answer) * exp(bias) renormalized over the whole vocabulary at that row
+            logp_row = dict(zip(t.ids[-1].tolist(), t.logp[-1].tolist()))
+            raw = torch.tensor([logp_row[i] for i in LABEL_IDS])
+            shifted = raw - torch.tensor(cal.info["log_priors"][p])
+            mass_rest = 1 - raw.exp().sum()
+            expected = expected + shifted.exp() / (shifted.exp().sum() + mass_rest) / 2
+        row = dict(zip(g.ids[-1].tolist(), g.logp[-1].tolist()))
+        assert [row[i] for i in LABEL_IDS] == pytest.approx(expected.log().tolist(), abs=1e-4)
+        assert torch.equal(g.ids[:-1], m.ids[:-1])  # other positions: the plain average
+        assert torch.allclose(g.logp[:-1], m.logp[:-1])
+    with pytest.raises(teachers.TeacherError, match="priors first"):
+        teachers.teacher_targets(model, teachers.calibrated_draws(plain), ids[:1],
+                                 answer_ids=LABEL_IDS, progress=False)
+    with pytest.raises(teachers.TeacherError, match="one token per label"):
+        teachers.with_query_priors(model, teachers.calibrated_draws(plain), ids, None)
 
 
 def test_record_is_validated(source, distilled, tmp_path):

@@ -84,7 +84,9 @@ def add_compress_args(parser: argparse.ArgumentParser, *, for_build: bool = Fals
                        help="the prior of --teacher calibrated (default content-free)")
     group.add_argument("--teacher-seeds",
                        help="comma-separated demonstration seeds: the teacher is the average "
-                            "of their prefixes (needs the source's task)")
+                            "of their prefixes (needs the source's task); with --teacher "
+                            "calibrated, each draw's own label prior (over the train "
+                            "queries) is divided out first")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,8 @@
 One row per (model, task, demo seed) of the accuracy table (results/json/), whose
 demonstrations, dev-selected recipe and test items it reuses: the source adapter rebuilt,
 then selection at k = L/2, L/4, L/8 and 16 and distillation at L/8 and 16 (source
-teacher) and at L/8 with the calibrated and the ensemble teacher, each scored on the
+teacher) and at L/8 with the calibrated, the ensemble and the calibrated ensemble
+teacher, each scored on the
 same test items. The row JSON (OUT/json/KEY.json) is rewritten after every column and
 is the checkpoint: run the same command again to continue (`--time-budget` stops after
 the next column). OUT/compression.md and compression.png are regenerated at the end of

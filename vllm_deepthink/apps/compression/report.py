@@ -104,7 +104,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"source": "o", "calibrated": "s", "ensemble": "^"}
+    markers = {"source": "o", "calibrated": "s", "ensemble": "^", "ensemble-calibrated": "v"}
     for row in rows:
         source = row["columns"].get("source", {}).get("acc")
         if source is None:
@@ -123,7 +123,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k / L (positions kept / demonstration positions)")
     ax.set_ylabel("accuracy − source adapter (points)")
-    ax.set_title("Selection (lines); distilled: ● source, ■ calibrated, ▲ ensemble teacher")
+    ax.set_title("Selection (lines); distilled: ● source, ■ calibrated, ▲ ensemble, "
+                 "▼ calibrated ensemble teacher", fontsize=9)
     if rows:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -147,12 +147,14 @@ def compress_column(column: Column, source, ctx, inputs: RowInputs, options: Tab
                DistillSettings(steps=options.steps, lr=options.lr,
                                batch_size=options.batch_size))
     teacher: Any = column.teacher or "source"
-    if column.teacher == "ensemble":
+    if column.teacher in ("ensemble", "ensemble-calibrated"):
         if "teacher" not in shared:
             shared["teacher"] = teachers.ensemble_teacher(ctx.model, ctx.tokenizer,
                                                             inputs.task, source,
                                                             ENSEMBLE_SEEDS)
         teacher = shared["teacher"]
+        if column.teacher == "ensemble-calibrated":
+            teacher = teachers.calibrated_draws(teacher)
     return compress_adapter(source, ctx.model, ctx.tokenizer, inputs.queries, prefix_len=k,
                             distill=distill, teacher=teacher, calibration_prior="dev-prior",
                             choices=inputs.choices, batch_size=options.batch_size,

@@ -19,8 +19,9 @@ ENSEMBLE_SEEDS = (0, 1, 2)
 @dataclass(frozen=True)
 class Column:
     """One compressed adapter of a row. k: "L/R" (round(L / R)) or an integer string;
-    teacher: None (selection only), "source", "calibrated" (dev-prior) or "ensemble"
-    (the source's recipe over ENSEMBLE_SEEDS)."""
+    teacher: None (selection only), "source", "calibrated" (dev-prior), "ensemble"
+    (the source's recipe over ENSEMBLE_SEEDS) or "ensemble-calibrated" (the same draws,
+    each with its own label prior over the train queries divided out)."""
 
     name: str
     k: str
@@ -38,6 +39,7 @@ COLUMNS = (
     Column("sel-16", "16"),
     Column("dist-L/8", "L/8", "source"), Column("dist-16", "16", "source"),
     Column("dist-L/8-cal", "L/8", "calibrated"), Column("dist-L/8-ens", "L/8", "ensemble"),
+    Column("dist-L/8-ens-cal", "L/8", "ensemble-calibrated"),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 

@@ -144,7 +144,8 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     k: `prefix_len`, or round(L / `ratio`). Without `distill` (DistillSettings):
     selection only. `teacher` of the distillation: "source", "calibrated" (needs the
     source's label_calibration; `calibration_prior` picks its prior) or a
-    teachers.Teacher (teachers.ensemble_teacher: several demonstration seeds). `choices`:
+    teachers.Teacher (teachers.ensemble_teacher: several demonstration seeds, with
+    `calibrated=True` each draw's own label prior divided out). `choices`:
     the task's label strings (answer tokens for the agreement, and label_calibration for
     multi-token labels). `attention_cache`: a dict kept by a caller compressing the same
     source for the same queries to several k (the selection's attention pass runs once).
@@ -184,6 +185,12 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     except teachers.TeacherError as exc:
         raise CompressError(str(exc)) from None
     answer_ids = _answer_ids(tokenizer, source.label_calibration, choices)
+    if the_teacher.query_priors and the_teacher.prefix_bias is None:
+        try:  # each prefix's own label prior, from the train queries (labels unused)
+            the_teacher = teachers.with_query_priors(model, the_teacher, train_ids, answer_ids,
+                                                     batch_size)
+        except teachers.TeacherError as exc:
+            raise CompressError(str(exc)) from None
     if distill is not None:
         try:
             distill = distill.resolved(answer_ids)

@@ -45,7 +45,9 @@ class CompressSettings:
     distill: DistillSettings, or None for selection only.
     teacher: "source" or "calibrated" (its prior: `calibration_prior`, "content-free" or
         "dev-prior"); teacher_seeds: the ensemble teacher of these demonstration seeds
-        (needs the task). Both but "source" need `distill`.
+        (needs the task); with teacher "calibrated", each draw's own label prior, over
+        the train queries, is divided out before they are averaged. Both but "source"
+        need `distill`.
     seed: query draw and dev split; batch_size: queries per scoring batch.
     """
 
@@ -102,9 +104,6 @@ class CompressSettings:
         if chosen and self.distill is None:
             raise CompressError(f"{' and '.join(chosen)} choose a distillation teacher; "
                                 f"add `distill`")
-        if len(chosen) == 2:
-            raise CompressError("`teacher` calibrated and `teacher_seeds` are two different "
-                                "teachers; give one")
         if self.teacher_seeds is not None and not has_task:
             raise CompressError("`teacher_seeds` draws demonstrations from the source's "
                                 "task: give `task_dir` / `dataset`")
@@ -175,7 +174,8 @@ def compress_for_task(adapter: DeepThinkAdapter, model, tokenizer, settings: Com
         teacher = settings.teacher
         if settings.teacher_seeds is not None:
             teacher = teachers.ensemble_teacher(model, tokenizer, task, adapter,
-                                                settings.teacher_seeds)
+                                                settings.teacher_seeds,
+                                                calibrated=settings.teacher == "calibrated")
     except (q.QueriesError, teachers.TeacherError) as exc:
         raise CompressError(str(exc)) from None
     try:

@@ -12,6 +12,11 @@ position:
 - `ensemble` (`ensemble_teacher`): the prefixes of several demonstration draws of the
   source's task, each made with the source's own recipe (its Deep-Thinking optimizer,
   position mode and selected iteration; the source itself for its own seed).
+- `ensemble-calibrated` (`ensemble_teacher(..., calibrated=True)`): the same draws, each
+  with its own label prior divided out at the answer position before they are
+  averaged. A draw other than the source has no recorded prior, so every draw's prior is
+  estimated the same way, on the compressor's train queries (`with_query_priors`: the mean
+  of its answer distributions over them, labels unused, as tasks.calibration's dev-prior).
 
 Targets are sparse: per position the teacher's `top_k` tokens (the answer tokens always
 among them at the answer position) and the log of the rest's mass, so the teacher runs
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,6 +48,10 @@ class Teacher:
     prefixes: list[list[KV]]
     answer_bias: dict[int, float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # Per prefix {token id: bias} at the answer position, before the prefixes are
+    # averaged; `query_priors`: the compressor sets them from its train queries first.
+    prefix_bias: list[dict[int, float]] | None = None
+    query_priors: bool = False
 
 
 @dataclass
@@ -89,10 +98,12 @@ def calibrated_teacher(prefix: list[KV], label_calibration: dict[str, Any] | Non
                          "label_token_ids": list(token_ids)})
 
 
-def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int]) -> Teacher:
+def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int],
+                     calibrated: bool = False) -> Teacher:
     """The ensemble teacher of `seeds`: one demonstration draw of the source's task per
     seed (the source's shot count), each run through the source's recipe; the source
-    adapter itself stands for its own seed."""
+    adapter itself stands for its own seed. `calibrated`: each draw's own label prior
+    divided out first (`calibrated_draws`)."""
     from vllm_deepthink.producers.deepthink.from_task import task_build_inputs
     from vllm_deepthink.producers.deepthink.iteration import deep_thinking_steps
 
@@ -126,8 +137,46 @@ def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int]) -> Te
         draws.append({"seed": seed, "prefix_len": len(inputs.demo_ids),
                       "demo_indices": inputs.info["demo_indices"],
                       "made": f"{cfg.optimizer} {cfg.position_mode}, iteration {iteration}"})
-    return Teacher("ensemble", prefixes, info={"name": "ensemble", "seeds": list(seeds),
-                                               "draws": draws})
+    teacher = Teacher("ensemble", prefixes, info={"name": "ensemble", "seeds": list(seeds),
+                                                  "draws": draws})
+    return calibrated_draws(teacher) if calibrated else teacher
+
+
+def calibrated_draws(teacher: Teacher) -> Teacher:
+    """`teacher` (e.g. the ensemble) with each prefix's label prior to be divided out at
+    the answer position; the priors come from the compressor's train queries
+    (`with_query_priors`, which compress_adapter runs)."""
+    name = f"{teacher.name}-calibrated"
+    return replace(teacher, name=name, query_priors=True, prefix_bias=None,
+                   info={**teacher.info, "name": name, "prior": "each draw's, over the "
+                         "train queries (labels unused)"})
+
+
+@torch.no_grad()
+def with_query_priors(model, teacher: Teacher, query_ids: Sequence[Sequence[int]],
+                      answer_ids: Sequence[int] | None, batch_size: int = 16) -> Teacher:
+    """`teacher` with its `prefix_bias` set: per prefix, -log of the mean over
+    `query_ids` of its answer distribution (renormalized over `answer_ids` at each
+    query's last position): tasks.calibration's dev-prior, estimated on these queries."""
+    from vllm_deepthink.tasks import calibration, scoring
+
+    if not answer_ids:
+        raise TeacherError(f"teacher {teacher.name!r} divides out each draw's label prior "
+                           f"and needs one token per label (a classification task whose "
+                           f"labels are single tokens); use teacher 'ensemble'")
+    ids = torch.tensor(list(answer_ids), device=model.device)
+    biases, log_priors = [], []
+    for prefix in teacher.prefixes:
+        rows = []
+        for batch in batch_indices(len(query_ids), batch_size):
+            run = forward_after_prefix(model, prefix, [query_ids[i] for i in batch])
+            hidden = run.hidden[run.valid][run.last_rows()]  # [B, hidden]
+            rows += scoring.lm_logits(model, hidden, token_ids=ids).float().tolist()  # [B, A]
+        log_prior = calibration.log_prior([[(v, 1) for v in row] for row in rows])
+        log_priors.append(log_prior)
+        biases.append(calibration.logit_bias(answer_ids, log_prior))
+    return replace(teacher, prefix_bias=biases,
+                   info={**teacher.info, "log_priors": log_priors, "queries": len(query_ids)})
 
 
 @torch.no_grad()
@@ -136,22 +185,25 @@ def teacher_targets(model, teacher: Teacher, query_ids: Sequence[Sequence[int]],
                     batch_size: int = 16, progress: bool = True) -> list[Targets]:
     """Per query its sparse targets (Targets), the teacher run once."""
     out: list[Targets] = []
-    bias_ids = torch.tensor(list(teacher.answer_bias or {}), dtype=torch.long)
-    bias = torch.tensor(list((teacher.answer_bias or {}).values()), dtype=torch.float32)
+    if teacher.query_priors and teacher.prefix_bias is None:
+        raise TeacherError(f"teacher {teacher.name!r} needs its priors first "
+                           f"(with_query_priors)")
     forced = torch.tensor(list(answer_ids or []), dtype=torch.long)
     for rows in tqdm(list(batch_indices(len(query_ids), batch_size)), desc=f"teacher "
                      f"({teacher.name})", unit="batch", disable=not progress, leave=False):
         batch = [query_ids[i] for i in rows]
         logps = []
-        for prefix in teacher.prefixes:
+        for p, prefix in enumerate(teacher.prefixes):
             run = forward_after_prefix(model, prefix, batch)
-            logps.append(torch.log_softmax(run.logits(model), dim=-1).cpu())  # [N, V]
+            logp = torch.log_softmax(run.logits(model), dim=-1).cpu()  # [N, V]
+            if teacher.prefix_bias is not None:
+                _add_bias(logp, run.last_rows().cpu(), teacher.prefix_bias[p])
+            logps.append(logp)
         # The mean of the prefixes' probabilities.
         logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
         last = run.last_rows().cpu()
-        if len(bias_ids):
-            logp[last[:, None], bias_ids] += bias
-            logp[last] = torch.log_softmax(logp[last], dim=-1)
+        if teacher.answer_bias:
+            _add_bias(logp, last, teacher.answer_bias)
         rank = logp.clone()
         if len(forced):
             rank[last[:, None], forced] = torch.inf  # answer tokens always kept
@@ -162,3 +214,11 @@ def teacher_targets(model, teacher: Teacher, query_ids: Sequence[Sequence[int]],
         for i, s in zip(torch.tensor([0] + lengths[:-1]).cumsum(0).tolist(), lengths):
             out.append(Targets(ids[i:i + s], kept[i:i + s], log_rest[i:i + s]))
     return out
+
+
+def _add_bias(logp: torch.Tensor, last: torch.Tensor, bias: dict[int, float]) -> None:
+    """In place: `bias` added to the log-probs [N, V] at the rows `last` [B] (the answer
+    positions), which are then renormalized."""
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    logp[last[:, None], ids] += torch.tensor(list(bias.values()), dtype=logp.dtype)
+    logp[last] = torch.log_softmax(logp[last], dim=-1)
