@@ -22,6 +22,19 @@ def test_columns_k_from_l():
     assert [c.name for c in COLUMNS][:4] == ["sel-L/2", "sel-L/4", "sel-L/8", "sel-16"]
 
 
+def test_scored_items_are_all_or_a_random_subset_never_the_first():
+    """A split stored by label (MR's is) must not give a subset of one label."""
+    from vllm_deepthink.apps.compression.run import items_rule, scored_indices
+
+    assert scored_indices(10, None) == list(range(10)) == scored_indices(10, 10)
+    labels = [1] * 500 + [0] * 500  # sorted by label
+    picked = scored_indices(len(labels), 500)
+    assert picked == sorted(set(picked)) and len(picked) == 500
+    assert picked == scored_indices(len(labels), 500)  # seeded
+    assert 200 < sum(labels[i] for i in picked) < 300
+    assert items_rule(None) != items_rule(500) != items_rule(400)
+
+
 def test_rows_select_by_pattern():
     assert default_rows()[0].key == "smollm2-sst2-s0"
     assert [r.key for r in select_rows("gemma3-*")] == ["gemma3-270m-sst2-s0",

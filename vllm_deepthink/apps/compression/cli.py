@@ -37,7 +37,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", default=",".join(COLUMN_NAMES),
                         help=f"comma-separated columns (default all: {','.join(COLUMN_NAMES)})")
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
-                        help=f"the first N test items of each row (default {DEFAULT_LIMIT})")
+                        help="a random N of each row's test items, seed 0 (default: all)")
     parser.add_argument("--queries", type=int, default=256,
                         help="train rows drawn as the compressor's queries (default 256)")
     parser.add_argument("--steps", type=int, default=60, help="distillation steps (default 60)")

@@ -3,9 +3,9 @@ row (its demonstrations and its dev-selected recipe), then every column compress
 `producers.compress.compress_adapter` and scored on the same test items.
 
 The accuracy table's row JSON (results/json/KEY.json) gives the demonstrations, the
-recipe (dt-search's selected candidate and iteration, else dt's), the test items (its
-first `limit`) and the zero-shot, ICL and calibrated-ICL predictions, which are reused
-rather than recomputed. The source is rebuilt deterministically (the recipe run that far,
+recipe (dt-search's selected candidate and iteration, else dt's), the test items (all of
+them, or a random `limit`: scored_indices) and the zero-shot, ICL and calibrated-ICL
+predictions, which are reused rather than recomputed. The source is rebuilt deterministically (the recipe run that far,
 no dev search) and checked twice: its dev accuracy against the recorded one, and its test
 predictions against the row's. The row JSON under OUT/json is rewritten after every
 column: it is the checkpoint (a finished column is never recomputed).
@@ -14,6 +14,7 @@ column: it is the checkpoint (a finished column is never recomputed).
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class RowInputs:
     queries: list[str]
     queries_info: dict[str, Any]
     choices: list[str] | None
+    indices: list[int]  # of the accuracy table row's test items
 
 
 def prepare(spec: RowSpec, ctx, options: TableOptions, row: dict[str, Any]) -> RowInputs:
@@ -70,14 +72,32 @@ def prepare(spec: RowSpec, ctx, options: TableOptions, row: dict[str, Any]) -> R
                          f"{inputs.info['demo_indices']} differ from the accuracy table's "
                          f"{row['demos']['indices']} (another data directory?)")
     test_rows = tasks.eval_rows(task, task.eval_split, settings["limit"], seed=0)
-    items = scoring.items_from_rows(task, test_rows[:options.limit])
+    indices = scored_indices(len(test_rows), options.limit)
+    items = scoring.items_from_rows(task, [test_rows[i] for i in indices])
     labels = [i.label for i in items]
-    if labels != row["labels"][:len(labels)]:
+    if labels != [row["labels"][i] for i in indices]:
         raise UsageError(f"{spec.key}: the test items' labels differ from the accuracy "
                          f"table's row (another data directory?)")
     plan = scoring.make_plan(scoring.encode_items(ctx.tokenizer, items))
     queries, info = task_queries(task, options.queries, spec.seed, inputs.info["demo_indices"])
-    return RowInputs(task, inputs, plan, labels, queries, info, task_choices(task))
+    return RowInputs(task, inputs, plan, labels, queries, info, task_choices(task), indices)
+
+
+def items_rule(limit: int | None) -> str:
+    """The rule of scored_indices, as the row JSON records it (a row computed under
+    another rule is started again)."""
+    if limit is None:
+        return "every test item of the row"
+    return f"a random {limit} of the row's test items (seed 0), in order"
+
+
+def scored_indices(count: int, limit: int | None) -> list[int]:
+    """Which of the row's `count` test items the table scores: all of them, or a random
+    `limit` of them (seed 0) kept in order. Never the first `limit`: a split stored by
+    label (MR's validation file is) would give a subset of one label."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted(random.Random(0).sample(range(count), limit))
 
 
 def rebuild_source(spec: RowSpec, ctx, row: dict[str, Any], inputs: RowInputs):
@@ -177,12 +197,12 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
 
 def new_row(spec: RowSpec, row: dict[str, Any], inputs: RowInputs, options: TableOptions,
             check: dict[str, Any], source_len: int) -> dict[str, Any]:
-    n = len(inputs.labels)
     base = source_name(row)
     reused = {"zero-shot": "zero-shot", "icl": "icl", "icl+dev": "icl+dev",
               "source(table)": base, "source(table)+dev": f"{base}+dev"}
-    columns = {name: {"acc": None, "predictions": row["columns"][src]["predictions"][:n],
-                      "from": f"accuracy table column {src}"}
+    columns = {name: {"acc": None, "from": f"accuracy table column {src}",
+                      "predictions": [row["columns"][src]["predictions"][i]
+                                      for i in inputs.indices]}
                for name, src in reused.items() if src in row["columns"]}
     from vllm_deepthink.tasks import scoring
 
@@ -190,7 +210,9 @@ def new_row(spec: RowSpec, row: dict[str, Any], inputs: RowInputs, options: Tabl
         c["acc"] = scoring.prediction_accuracy(c["predictions"], inputs.labels)
     return {"schema": ROW_SCHEMA, "row": {"model": spec.model, "task": spec.task,
                                           "seed": spec.seed, "key": spec.key},
-            "settings": {"limit": options.limit, "n_test": n, "queries": len(inputs.queries),
+            "settings": {"limit": options.limit, "n_test": len(inputs.labels),
+                         "items": items_rule(options.limit),
+                         "queries": len(inputs.queries),
                          "steps": options.steps, "lr": options.lr,
                          "batch_size": options.batch_size, "source_len": source_len,
                          "source": {"column": base, **check},
@@ -214,7 +236,7 @@ def compute_row(spec: RowSpec, ctx, options: TableOptions, out: Path,
     source, check = rebuild_source(spec, ctx, table_row, inputs)
     build_seconds = time.perf_counter() - t
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if data is None or data["settings"]["n_test"] != len(inputs.labels):
+    if data is None or data["settings"].get("items") != items_rule(options.limit):
         data = new_row(spec, table_row, inputs, options, check, source.prefix_len)
     if "source" not in data["columns"]:
         t = time.perf_counter()

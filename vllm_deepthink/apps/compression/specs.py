@@ -12,7 +12,7 @@ from vllm_deepthink.apps.results.specs import RowSpec
 ROW_SCHEMA = "vllm-deepthink/compression-row/1"
 SMOLLM2_TASKS = ("sst2", "sst5", "mr", "trec", "agnews")
 GEMMA_TASKS = ("sst2", "mr")
-DEFAULT_LIMIT = 500
+DEFAULT_LIMIT = None  # every test item of the row
 ENSEMBLE_SEEDS = (0, 1, 2)
 
 
@@ -70,14 +70,15 @@ class TableOptions:
     """How rows are computed (cli.py fills it from its flags).
 
     results_dir: the accuracy table whose row JSONs give the demonstrations, the source's
-    recipe, the test items and the zero-shot / ICL / calibrated-ICL columns; limit: the
-    first `limit` of that row's test items; queries: train rows drawn as the
-    compressor's queries; steps: distillation steps (early stopping on dev agreement)."""
+    recipe, the test items and the zero-shot / ICL / calibrated-ICL columns; limit: a
+    random `limit` of that row's test items (None: all of them); queries: train rows
+    drawn as the compressor's queries; steps: distillation steps (early stopping on the
+    dev KL)."""
 
     data_dir: Path
     results_dir: Path = Path("results")
     columns: tuple[str, ...] = COLUMN_NAMES
-    limit: int = DEFAULT_LIMIT
+    limit: int | None = DEFAULT_LIMIT
     queries: int = 256
     steps: int = 60
     lr: float = 1e-3
