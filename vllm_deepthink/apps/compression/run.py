@@ -5,8 +5,8 @@ row (its demonstrations and its dev-selected recipe), then every column compress
 The accuracy table's row JSON (results/json/KEY.json) gives the demonstrations, the
 recipe (dt-search's selected candidate and iteration, else dt's), the test items (all of
 them, or a random `limit`: scored_indices) and the zero-shot, ICL and calibrated-ICL
-predictions, which are reused rather than recomputed. The source is rebuilt deterministically (the recipe run that far,
-no dev search) and checked twice: its dev accuracy against the recorded one, and its test
+predictions, which are reused rather than recomputed. The source is rebuilt
+deterministically (the recipe run that far, no dev search) and checked twice: its dev accuracy against the recorded one, and its test
 predictions against the row's. The row JSON under OUT/json is rewritten after every
 column: it is the checkpoint (a finished column is never recomputed).
 """
