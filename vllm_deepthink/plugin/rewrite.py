@@ -102,7 +102,7 @@ def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
         return _FRAMES[tokenizer]
     except KeyError:
         pass
-    except TypeError:  # not weakly referenceable: found again every time
+    except TypeError:  # not weakly referenceable: the caller tokenizes twice, as before
         return None
     plain = _encode(tokenizer, _FRAME_PROBE, add_special_tokens=False)
     full = _encode(tokenizer, _FRAME_PROBE, add_special_tokens=True)
