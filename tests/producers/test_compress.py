@@ -145,7 +145,8 @@ def test_calibrated_draws_divide_each_prefixs_own_query_prior_out(llama, source)
     second = [(k.flip(-2), v.flip(-2)) for k, v in first]  # another prefix of the same shape
     ids = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUERIES[:6]]
     plain = teachers.Teacher("ensemble", [first, second])
-    cal = teachers.with_query_priors(model, teachers.calibrated_draws(plain), ids, LABEL_IDS)
+    cal, one_pass = teachers.priors_and_targets(model, teachers.calibrated_draws(plain), ids,
+                                                answer_ids=LABEL_IDS, progress=False)
     assert cal.name == "ensemble-calibrated" and len(cal.info["log_priors"]) == 2
 
     for p, prefix in enumerate((first, second)):
@@ -170,11 +171,16 @@ def test_calibrated_draws_divide_each_prefixs_own_query_prior_out(llama, source)
         assert [row[i] for i in LABEL_IDS] == pytest.approx(expected.log().tolist(), abs=1e-4)
         assert torch.equal(g.ids[:-1], m.ids[:-1])  # other positions: the plain average
         assert torch.allclose(g.logp[:-1], m.logp[:-1])
+    for g, o in zip(got, one_pass):  # the priors' run gave the same targets
+        assert torch.equal(g.ids, o.ids)
+        assert torch.allclose(g.logp, o.logp, atol=1e-6)
+        assert torch.allclose(g.log_rest, o.log_rest, atol=1e-6)
     with pytest.raises(teachers.TeacherError, match="priors first"):
         teachers.teacher_targets(model, teachers.calibrated_draws(plain), ids[:1],
                                  answer_ids=LABEL_IDS, progress=False)
     with pytest.raises(teachers.TeacherError, match="one token per label"):
-        teachers.with_query_priors(model, teachers.calibrated_draws(plain), ids, None)
+        teachers.priors_and_targets(model, teachers.calibrated_draws(plain), ids,
+                                    answer_ids=None, progress=False)
 
 
 def test_record_is_validated(source, distilled, tmp_path):

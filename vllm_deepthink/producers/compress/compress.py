@@ -185,12 +185,10 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     except teachers.TeacherError as exc:
         raise CompressError(str(exc)) from None
     answer_ids = _answer_ids(tokenizer, source.label_calibration, choices)
-    if the_teacher.query_priors and the_teacher.prefix_bias is None:
-        try:  # each prefix's own label prior, from the train queries (labels unused)
-            the_teacher = teachers.with_query_priors(model, the_teacher, train_ids, answer_ids,
-                                                     batch_size)
-        except teachers.TeacherError as exc:
-            raise CompressError(str(exc)) from None
+    try:
+        teachers.check_answer_ids(the_teacher, answer_ids)
+    except teachers.TeacherError as exc:
+        raise CompressError(str(exc)) from None
     if distill is not None:
         try:
             distill = distill.resolved(answer_ids)
@@ -222,6 +220,13 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
         model, [t.float() for t in selection.gather_positions(adapter.keys, kept)], L)
     values = [t.float() for t in selection.gather_positions(adapter.values, kept)]
     selection_seconds = time.perf_counter() - start
+    train_targets = None
+    if the_teacher.query_priors and the_teacher.prefix_bias is None:
+        # Each prefix's own label prior, from the train queries (labels unused), in the
+        # same run of the teacher as their targets; the dev targets need the priors.
+        the_teacher, train_targets = teachers.priors_and_targets(
+            model, the_teacher, train_ids, top_k=top_k, answer_ids=answer_ids,
+            batch_size=batch_size, progress=progress)
     dev_targets = targets(dev_ids)
     selected_dev = evaluate(model, list(zip(keys, values)), dev_ids, dev_targets,
                             answer_ids=answer_ids, positions=positions_mode,
@@ -229,7 +234,9 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     distill_record = None
     final_dev = selected_dev
     if distill is not None:
-        result = run_distill(model, keys, values, train_ids, targets(train_ids), dev_ids,
+        if train_targets is None:
+            train_targets = targets(train_ids)
+        result = run_distill(model, keys, values, train_ids, train_targets, dev_ids,
                              dev_targets, distill, answer_ids=answer_ids,
                              progress=progress, on_step=on_step)
         keys, values = result.keys, result.values

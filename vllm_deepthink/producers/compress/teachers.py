@@ -15,7 +15,7 @@ position:
 - `ensemble-calibrated` (`ensemble_teacher(..., calibrated=True)`): the same draws, each
   with its own label prior divided out at the answer position before they are
   averaged. A draw other than the source has no recorded prior, so every draw's prior is
-  estimated the same way, on the compressor's train queries (`with_query_priors`: the mean
+  estimated the same way, on the compressor's train queries (`priors_and_targets`: the mean
   of its answer distributions over them, labels unused, as tasks.calibration's dev-prior).
 
 Targets are sparse: per position the teacher's `top_k` tokens (the answer tokens always
@@ -145,38 +145,19 @@ def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int],
 def calibrated_draws(teacher: Teacher) -> Teacher:
     """`teacher` (e.g. the ensemble) with each prefix's label prior to be divided out at
     the answer position; the priors come from the compressor's train queries
-    (`with_query_priors`, which compress_adapter runs)."""
+    (`priors_and_targets`, which compress_adapter runs)."""
     name = f"{teacher.name}-calibrated"
     return replace(teacher, name=name, query_priors=True, prefix_bias=None,
                    info={**teacher.info, "name": name, "prior": "each draw's, over the "
                          "train queries (labels unused)"})
 
 
-@torch.no_grad()
-def with_query_priors(model, teacher: Teacher, query_ids: Sequence[Sequence[int]],
-                      answer_ids: Sequence[int] | None, batch_size: int = 16) -> Teacher:
-    """`teacher` with its `prefix_bias` set: per prefix, -log of the mean over
-    `query_ids` of its answer distribution (renormalized over `answer_ids` at each
-    query's last position): tasks.calibration's dev-prior, estimated on these queries."""
-    from vllm_deepthink.tasks import calibration, scoring
-
-    if not answer_ids:
+def check_answer_ids(teacher: Teacher, answer_ids: Sequence[int] | None) -> None:
+    """A teacher that divides out each prefix's own label prior needs the answer tokens."""
+    if teacher.query_priors and not answer_ids:
         raise TeacherError(f"teacher {teacher.name!r} divides out each draw's label prior "
                            f"and needs one token per label (a classification task whose "
                            f"labels are single tokens); use teacher 'ensemble'")
-    ids = torch.tensor(list(answer_ids), device=model.device)
-    biases, log_priors = [], []
-    for prefix in teacher.prefixes:
-        rows = []
-        for batch in batch_indices(len(query_ids), batch_size):
-            run = forward_after_prefix(model, prefix, [query_ids[i] for i in batch])
-            hidden = run.hidden[run.valid][run.last_rows()]  # [B, hidden]
-            rows += scoring.lm_logits(model, hidden, token_ids=ids).float().tolist()  # [B, A]
-        log_prior = calibration.log_prior([[(v, 1) for v in row] for row in rows])
-        log_priors.append(log_prior)
-        biases.append(calibration.logit_bias(answer_ids, log_prior))
-    return replace(teacher, prefix_bias=biases,
-                   info={**teacher.info, "log_priors": log_priors, "queries": len(query_ids)})
 
 
 @torch.no_grad()
@@ -184,36 +165,99 @@ def teacher_targets(model, teacher: Teacher, query_ids: Sequence[Sequence[int]],
                     top_k: int = 64, answer_ids: Sequence[int] | None = None,
                     batch_size: int = 16, progress: bool = True) -> list[Targets]:
     """Per query its sparse targets (Targets), the teacher run once."""
-    out: list[Targets] = []
     if teacher.query_priors and teacher.prefix_bias is None:
         raise TeacherError(f"teacher {teacher.name!r} needs its priors first "
-                           f"(with_query_priors)")
+                           f"(priors_and_targets)")
     forced = torch.tensor(list(answer_ids or []), dtype=torch.long)
+    out: list[Targets] = []
+    for logps, last, lengths in _prefix_logps(model, teacher, query_ids, batch_size,
+                                              progress):
+        if teacher.prefix_bias is not None:
+            for logp, bias in zip(logps, teacher.prefix_bias):
+                _add_bias(logp, last, bias)
+        out += _sparse(_answer_biased(_mean(logps), last, teacher), last, lengths, forced,
+                       top_k)
+    return out
+
+
+@torch.no_grad()
+def priors_and_targets(model, teacher: Teacher, query_ids: Sequence[Sequence[int]], *,
+                       top_k: int = 64, answer_ids: Sequence[int] | None = None,
+                       batch_size: int = 16, progress: bool = True
+                       ) -> tuple[Teacher, list[Targets]]:
+    """For a teacher that divides out each prefix's own label prior (`query_priors`):
+    the priors estimated on `query_ids` (per prefix, -log of the mean over them of its
+    answer distribution renormalized over `answer_ids` at each query's last position:
+    tasks.calibration's dev-prior) and these queries' targets, in one run of the
+    teacher. Returns (the teacher with its `prefix_bias` set, the targets): the same as
+    teacher_targets of that teacher."""
+    from vllm_deepthink.tasks import calibration
+
+    check_answer_ids(teacher, answer_ids)
+    ids = torch.tensor(list(answer_ids), dtype=torch.long)
+    out: list[Targets] = []
+    answer_rows: list[list[torch.Tensor]] = [[] for _ in teacher.prefixes]  # [B, V] each
+    for logps, last, lengths in _prefix_logps(model, teacher, query_ids, batch_size,
+                                              progress):
+        for rows, logp in zip(answer_rows, logps):
+            rows.append(logp[last])
+        # Every row but the answer rows is final now; those are replaced below.
+        out += _sparse(_mean(logps), last, lengths, ids, top_k)
+    answers = [torch.cat(rows) for rows in answer_rows]  # per prefix [Q, V]
+    log_priors = [calibration.log_prior([[(v, 1) for v in row]
+                                         for row in logp[:, ids].tolist()])
+                  for logp in answers]
+    biases = [calibration.logit_bias(answer_ids, lp) for lp in log_priors]
+    teacher = replace(teacher, prefix_bias=biases,
+                      info={**teacher.info, "log_priors": log_priors, "queries": len(query_ids)})
+    every = torch.arange(len(query_ids))
+    for logp, bias in zip(answers, biases):
+        _add_bias(logp, every, bias)
+    last_targets = _sparse(_answer_biased(_mean(answers), every, teacher), every,
+                           [1] * len(query_ids), ids, top_k)
+    for target, answer in zip(out, last_targets):
+        target.ids[-1], target.logp[-1] = answer.ids[0], answer.logp[0]
+        target.log_rest[-1] = answer.log_rest[0]
+    return teacher, out
+
+
+def _prefix_logps(model, teacher: Teacher, query_ids, batch_size: int, progress: bool):
+    """Per batch: (per prefix the log-probs [N, V] at the batch's N valid positions, the
+    answer rows `last` [B], the queries' lengths)."""
     for rows in tqdm(list(batch_indices(len(query_ids), batch_size)), desc=f"teacher "
                      f"({teacher.name})", unit="batch", disable=not progress, leave=False):
         batch = [query_ids[i] for i in rows]
         logps = []
-        for p, prefix in enumerate(teacher.prefixes):
+        for prefix in teacher.prefixes:
             run = forward_after_prefix(model, prefix, batch)
-            logp = torch.log_softmax(run.logits(model), dim=-1).cpu()  # [N, V]
-            if teacher.prefix_bias is not None:
-                _add_bias(logp, run.last_rows().cpu(), teacher.prefix_bias[p])
-            logps.append(logp)
-        # The mean of the prefixes' probabilities.
-        logp = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
-        last = run.last_rows().cpu()
-        if teacher.answer_bias:
-            _add_bias(logp, last, teacher.answer_bias)
-        rank = logp.clone()
-        if len(forced):
-            rank[last[:, None], forced] = torch.inf  # answer tokens always kept
-        ids = torch.topk(rank, min(top_k, logp.shape[-1]), dim=-1).indices  # [N, K]
-        kept = logp.gather(1, ids)
-        log_rest = torch.logsumexp(logp.scatter(1, ids, -torch.inf), dim=-1)  # [N]
-        lengths = run.valid.sum(dim=1).tolist()
-        for i, s in zip(torch.tensor([0] + lengths[:-1]).cumsum(0).tolist(), lengths):
-            out.append(Targets(ids[i:i + s], kept[i:i + s], log_rest[i:i + s]))
-    return out
+            logps.append(torch.log_softmax(run.logits(model), dim=-1).cpu())  # [N, V]
+        yield logps, run.last_rows().cpu(), run.valid.sum(dim=1).tolist()
+
+
+def _mean(logps: list[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean of the prefixes' probabilities."""
+    return torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(logps))
+
+
+def _answer_biased(logp: torch.Tensor, last: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    if teacher.answer_bias:
+        _add_bias(logp, last, teacher.answer_bias)
+    return logp
+
+
+def _sparse(logp: torch.Tensor, last: torch.Tensor, lengths: list[int],
+            forced: torch.Tensor, top_k: int) -> list[Targets]:
+    """Per query (of `lengths` rows of `logp` [N, V] each) its top_k tokens, the
+    `forced` (answer) tokens always among them at its answer row."""
+    rank = logp.clone()
+    if len(forced):
+        rank[last[:, None], forced] = torch.inf
+    ids = torch.topk(rank, min(top_k, logp.shape[-1]), dim=-1).indices  # [N, K]
+    kept = logp.gather(1, ids)
+    log_rest = torch.logsumexp(logp.scatter(1, ids, -torch.inf), dim=-1)  # [N]
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+    return [Targets(ids[i:i + s], kept[i:i + s], log_rest[i:i + s])
+            for i, s in zip(starts, lengths)]
 
 
 def _add_bias(logp: torch.Tensor, last: torch.Tensor, bias: dict[int, float]) -> None:
