@@ -151,33 +151,37 @@ def run_bench_serve(argv: list[str], log_path: Path) -> dict[str, Any]:
         return main(args)
 
 
-def counter_total(server: Server, metric: str) -> float:
-    """A Prometheus counter of the server's /metrics so far, summed over its labels
-    (engines, adapters); `metric` without the `_total` suffix."""
+def counter_samples(server: Server, metrics: list[str]) -> list[tuple[str, dict, float]]:
+    """(metric, labels, value) of every sample of the Prometheus counters `metrics`
+    (names without the `_total` suffix) on the server's /metrics so far."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(sample.value for family in text_string_to_metric_families(server.metrics())
-               for sample in family.samples if sample.name == metric + "_total")
+    wanted = {m + "_total": m for m in metrics}
+    return [(wanted[sample.name], sample.labels, sample.value)
+            for family in text_string_to_metric_families(server.metrics())
+            for sample in family.samples if sample.name in wanted]
+
+
+def counter_total(server: Server, metric: str) -> float:
+    """A counter of the server's /metrics so far, summed over its labels (engines,
+    adapters); `metric` without the `_total` suffix."""
+    return sum(value for _, _, value in counter_samples(server, [metric]))
 
 
 def plugin_cost_counters(server: Server) -> dict[str, dict[str, float]]:
     """The plugin's cost counters so far, {part: {"microseconds", "requests", "steps"}}
     (summed over engines), from the server's /metrics: what
     `connector_stats(llm)["plugin_cost"]` reads in process."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     from vllm_deepthink.plugin.connector.stats import (COST_MICROSECONDS_METRIC,
                                                        COST_REQUESTS_METRIC, COST_STEPS_METRIC)
 
-    fields = {COST_MICROSECONDS_METRIC + "_total": "microseconds",
-              COST_REQUESTS_METRIC + "_total": "requests", COST_STEPS_METRIC + "_total": "steps"}
+    fields = {COST_MICROSECONDS_METRIC: "microseconds", COST_REQUESTS_METRIC: "requests",
+              COST_STEPS_METRIC: "steps"}
     out: dict[str, dict[str, float]] = {}
-    for family in text_string_to_metric_families(server.metrics()):
-        for sample in family.samples:
-            if sample.name in fields:
-                part = out.setdefault(sample.labels.get("part", "?"),
-                                      {"microseconds": 0, "requests": 0, "steps": 0})
-                part[fields[sample.name]] += sample.value
+    for metric, labels, value in counter_samples(server, list(fields)):
+        part = out.setdefault(labels.get("part", "?"),
+                              {"microseconds": 0, "requests": 0, "steps": 0})
+        part[fields[metric]] += value
     return out
 
 
