@@ -106,10 +106,11 @@ def test_query_token_ids(llama):
         rewrite.query_token_ids({"type": "embeds"}, tokenizer)
 
 
-def test_a_rendered_text_prompt_is_tokenized_once(llama, monkeypatch):
-    """The tokenizer's special-token frame is learnt once; a rendered prompt then costs
-    one tokenization (the plain ids), and ids the frame does not explain are checked
-    against the tokenizer's own tokenization as before."""
+def test_a_rendered_text_prompt_is_not_tokenized_again(llama, monkeypatch):
+    """The tokenizer's special-token frame is learnt once; then a rendered text prompt
+    whose text cannot tokenize to the frame's tokens loses the renderer's BOS without a
+    tokenization. A text that holds the BOS string, and a raw prompt with both text and
+    ids, are checked against the tokenizer's own tokenization as before."""
     tokenizer = llama[2]
     text = "Review: a film of few words\nSentiment:"
     plain = tokenizer.encode(text, add_special_tokens=False)
@@ -119,11 +120,29 @@ def test_a_rendered_text_prompt_is_tokenized_once(llama, monkeypatch):
     calls = []
     encode = tokenizer.encode
     monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(k) or encode(*a, **k))
-    assert rewrite.query_token_ids(grown, tokenizer) == (plain + [7, 8], text, None)
-    assert calls == [{"add_special_tokens": False}]
+
+    def query(ids, prompt_text=text, kind="token"):
+        return rewrite.query_token_ids({"type": kind, "prompt_token_ids": ids,
+                                        "prompt": prompt_text}, tokenizer)[0]
+
+    assert query(with_bos + [7, 8]) == plain + [7, 8]
+    assert query(with_bos[2:]) == with_bos[2:]   # truncated on the left: as given
+    assert query(with_bos[:4]) == plain[:3]      # on the right: the renderer's BOS goes
+    assert query(plain) == plain                 # rendered without special tokens
+    assert calls == []
+    # A text that holds the BOS string tokenizes to BOS itself: that one stays.
+    bos_text = tokenizer.bos_token + text
+    own = tokenizer.encode(bos_text, add_special_tokens=False)
+    assert own[0] == tokenizer.bos_token_id
+    assert query([tokenizer.bos_token_id, *own], bos_text) == own
+    assert query(own, bos_text) == own
+    assert query(with_bos, text.upper().replace("REVIEW", tokenizer.bos_token.upper())) \
+        == with_bos                              # case-insensitive: checked the long way
+    assert {"add_special_tokens": False} in calls
     calls.clear()
-    truncated = {"type": "token", "prompt_token_ids": with_bos[2:], "prompt": text}
-    assert rewrite.query_token_ids(truncated, tokenizer)[0] == with_bos[2:]
+    # A raw prompt with text and ids (no "type"): ids that are not the text's are kept.
+    assert rewrite.query_token_ids({"prompt_token_ids": with_bos[:4], "prompt": text},
+                                   tokenizer)[0] == with_bos[:4]
     assert calls == [{"add_special_tokens": False}, {"add_special_tokens": True}]
 
 

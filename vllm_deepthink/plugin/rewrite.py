@@ -19,6 +19,7 @@ import copy
 import re
 import secrets
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from vllm_deepthink.plugin.protocol import PARAMS_KEY, TransferEntry
@@ -34,9 +35,12 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
     Text is tokenized WITHOUT special tokens (the adapter is the whole prefix); a
     prompt given as token ids is used as given. `prompt` is a rendered engine
     input (dict with "type") or a raw prompt (str or dict). A rendered text prompt
-    whose ids start with the text's own tokenization (which may add BOS) gets that
-    start replaced by the text tokenized without special tokens; the ids after it
-    are kept (beam search re-submits the rendered ids plus the grown ones).
+    (the renderer tokenized it with its defaults, which may add BOS) loses the
+    special tokens the renderer put before the text; the ids after them are kept
+    (beam search re-submits the rendered ids plus the grown ones; truncation keeps a
+    part). When the text cannot tokenize to those special tokens itself (it does not
+    contain their strings) that needs no tokenization (_special_frame); otherwise the
+    ids must start with the text's own tokenization to lose its special start.
     """
     if isinstance(prompt, str):
         prompt = {"prompt": prompt}
@@ -63,21 +67,23 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
                                       param="prompt")
         ids = _encode(tokenizer, text, add_special_tokens=False)
     elif isinstance(text, str) and tokenizer is not None:
-        # A rendered text prompt: the renderer tokenized it with its defaults (which
-        # may add BOS). Ids that do not start with that tokenization (user token ids,
-        # truncation) are kept as given.
         ids = list(ids)
-        plain = _encode(tokenizer, text, add_special_tokens=False)
         frame = _special_frame(tokenizer)
-        # The tokenizer's frame around the plain ids is its own tokenization (one
-        # tokenization per request, not two); anything else is checked the long way.
-        with_special = None if frame is None else [*frame[0], *plain, *frame[1]]
-        if with_special is None or ids[:len(with_special)] != with_special:
-            with_special = _encode(tokenizer, text, add_special_tokens=True)
-        if ids[:len(with_special)] == with_special:
-            ids = plain + ids[len(with_special):]
-    elif kind == "token" and tokenizer is not None and list(ids) == _encode(
-            tokenizer, "", add_special_tokens=True):
+        if kind == "token" and frame is not None and frame.own_start(text):
+            # Rendered: the frame's tokens at the start are the renderer's, the rest
+            # the text's own ids.
+            if ids[:len(frame.before)] == frame.before:
+                ids = ids[len(frame.before):]
+        else:
+            # Ids that do not start with the text's own tokenization (user token ids,
+            # truncation) are kept as given.
+            plain = _encode(tokenizer, text, add_special_tokens=False)
+            with_special = None if frame is None else [*frame.before, *plain, *frame.after]
+            if with_special is None or ids[:len(with_special)] != with_special:
+                with_special = _encode(tokenizer, text, add_special_tokens=True)
+            if ids[:len(with_special)] == with_special:
+                ids = plain + ids[len(with_special):]
+    elif kind == "token" and tokenizer is not None and list(ids) == _empty_ids(tokenizer):
         # The renderer drops the text of an empty prompt and keeps only the special
         # tokens it added (e.g. [BOS]): an empty text query.
         ids = []
@@ -90,26 +96,68 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
     return ids, text if isinstance(text, str) else None, salt
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """The special tokens `tokenizer` puts around a text's own ids: `before` and `after`;
+    `empty`: its ids of the empty text. `before_strings`: the (lowercased) strings of
+    `before`'s tokens when each is an added token (its id comes from nothing but its
+    string) and `after` is empty; else None."""
+
+    before: list[int]
+    after: list[int]
+    empty: list[int]
+    before_strings: tuple[str, ...] | None
+
+    def own_start(self, text: str) -> bool:
+        """Whether `text`'s own ids cannot start with `before` (it holds none of its
+        strings), so a rendered prompt's ids are `before` (when the renderer added it)
+        and the text's own."""
+        if self.before_strings is None:
+            return False
+        lowered = text.lower()  # an added token may match normalized (lowercased) text
+        return not any(s in lowered for s in self.before_strings)
+
+
 _FRAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FRAME_PROBE = "Review: a probe of the special tokens\nAnswer:"
 
 
-def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
-    """(ids before, ids after) the text's own ids that `tokenizer` adds with its special
-    tokens (e.g. ([BOS], [])), from one probe text, remembered per tokenizer; None when
-    they do not frame the plain ids."""
+def _special_frame(tokenizer: Any) -> _Frame | None:
+    """`tokenizer`'s _Frame, from one probe text, remembered per tokenizer; None when its
+    special tokens do not frame the plain ids (or it cannot be remembered)."""
     try:
         return _FRAMES[tokenizer]
     except KeyError:
         pass
-    except TypeError:  # not weakly referenceable: the caller tokenizes twice, as before
+    except TypeError:  # not weakly referenceable: the caller tokenizes, as before
         return None
     plain = _encode(tokenizer, _FRAME_PROBE, add_special_tokens=False)
     full = _encode(tokenizer, _FRAME_PROBE, add_special_tokens=True)
-    frame = next(((full[:i], full[i + len(plain):]) for i in range(len(full) - len(plain) + 1)
-                  if full[i:i + len(plain)] == plain), None)
+    frame = None
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            before, after = full[:i], full[i + len(plain):]
+            added = {int(v): k for k, v in _added_vocab(tokenizer).items()}
+            strings = (tuple(added[t].lower() for t in before)
+                       if not after and all(t in added for t in before) else None)
+            frame = _Frame(before, after, _encode(tokenizer, "", add_special_tokens=True),
+                           strings)
+            break
     _FRAMES[tokenizer] = frame
     return frame
+
+
+def _added_vocab(tokenizer: Any) -> dict[str, int]:
+    try:
+        return dict(tokenizer.get_added_vocab())
+    except (AttributeError, NotImplementedError):
+        return {}
+
+
+def _empty_ids(tokenizer: Any) -> list[int]:
+    frame = _special_frame(tokenizer)
+    return frame.empty if frame is not None else _encode(tokenizer, "",
+                                                         add_special_tokens=True)
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
