@@ -69,7 +69,7 @@ def query_token_ids(prompt: Any, tokenizer: Any) -> tuple[list[int], str | None,
     elif isinstance(text, str) and tokenizer is not None:
         ids = list(ids)
         frame = _special_frame(tokenizer)
-        if kind == "token" and frame is not None and frame.own_start(text):
+        if kind == "token" and frame is not None and frame.added_by_renderer(text):
             # Rendered: the frame's tokens at the start are the renderer's, the rest
             # the text's own ids.
             if ids[:len(frame.before)] == frame.before:
@@ -108,10 +108,10 @@ class _Frame:
     empty: list[int]
     before_strings: tuple[str, ...] | None
 
-    def own_start(self, text: str) -> bool:
-        """Whether `text`'s own ids cannot start with `before` (it holds none of its
-        strings), so a rendered prompt's ids are `before` (when the renderer added it)
-        and the text's own."""
+    def added_by_renderer(self, text: str) -> bool:
+        """Whether `before` at the start of a rendered prompt of `text` can only be the
+        renderer's: the text holds none of its tokens' strings, so its own ids cannot
+        hold them."""
         if self.before_strings is None:
             return False
         lowered = text.lower()  # an added token may match normalized (lowercased) text
