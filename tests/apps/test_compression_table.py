@@ -74,9 +74,12 @@ def test_report_cells_and_means():
     rows = [_row(f"r{i}", source=[0, 1, 0, 1, 1, 0, 0, 1], sel=[0, 1, 0, 1, 1, 0, 1, 0],
                  icl_dev=[1, 1, 0, 1, 1, 0, 0, 0]) for i in range(3)]
     rows[0]["columns"]["sel-L/4"] = {"skipped": "k >= L = 8"}
+    rows[1]["columns"]["dist-L/8-cal"] = {"skipped": "teacher 'calibrated' needs ..."}
     text = report.markdown(rows)
     line = next(l for l in text.splitlines() if l.startswith("| r0 "))
     assert "| 75.0 (75% k=4) |" in line and "| k≥L |" in line and "| … |" in line
+    assert "| refused† |" in next(l for l in text.splitlines() if l.startswith("| r1 "))
+    assert "† r1 dist-L/8-cal: teacher 'calibrated' needs ..." in text.splitlines()
     mean = next(l for l in text.splitlines() if l.startswith("| sel-L/2 |"))
     assert "-25.0 [-25.0, -25.0] (n=3)" in mean and "| 75.0% | 3 |" in mean
     assert report.gains(rows, "sel-L/2", "icl+dev")[0] == pytest.approx(0.0)

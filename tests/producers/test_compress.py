@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from vllm_deepthink.format import AdapterFormatError, DeepThinkAdapter
 from vllm_deepthink.producers.compress import CompressError, DistillSettings, compress_adapter
 from vllm_deepthink.producers.compress import teachers
 from vllm_deepthink.producers.compress.distill import answer_logp
-from vllm_deepthink.producers.compress.compress import resolve_prefix_len
+from vllm_deepthink.producers.compress.compress import answer_ids, resolve_prefix_len
 
 QUERIES = [f"{line.split(chr(10))[0]} {i}" for i in range(6) for line in CORPUS]  # 36
 LABEL_IDS = [40, 41]
@@ -178,9 +179,51 @@ def test_calibrated_draws_divide_each_prefixs_own_query_prior_out(llama, source)
     with pytest.raises(teachers.TeacherError, match="priors first"):
         teachers.teacher_targets(model, teachers.calibrated_draws(plain), ids[:1],
                                  answer_ids=LABEL_IDS, progress=False)
-    with pytest.raises(teachers.TeacherError, match="one token per label"):
+    with pytest.raises(teachers.TeacherError, match="one answer token per label"):
         teachers.priors_and_targets(model, teachers.calibrated_draws(plain), ids,
                                     answer_ids=None, progress=False)
+
+
+def test_answer_tokens_are_the_labels_tokens_or_their_distinct_first_tokens(llama):
+    tokenizer = llama[1]
+    first = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in
+             (" negative", " positive", " neutral")]
+    assert len(first[0]) > 1 and first[0][0] != first[1][0]
+    assert answer_ids(tokenizer, None, [" negative", " positive"]) == [first[0][0],
+                                                                       first[1][0]]
+    assert first[0][0] == first[2][0]  # " n..." twice: they do not decide between labels
+    assert answer_ids(tokenizer, None, [" negative", " positive", " neutral"]) is None
+    assert answer_ids(tokenizer, {"label_token_ids": [5, 6]}, [" negative", " positive"]) \
+        == [5, 6]
+    assert answer_ids(tokenizer, None, None) is None
+
+
+def test_calibrated_teacher_on_labels_of_several_tokens(llama, source):
+    """Labels of several tokens that begin differently: the prior is divided out on
+    their first tokens; labels that are not the calibration's are refused."""
+    model, tokenizer = llama
+    calibration = {**source.config.label_calibration, "label_token_ids": None,
+                   "label_words": ["negative", "positive"]}
+    multi = DeepThinkAdapter(config=dataclasses.replace(source.config,
+                                                        label_calibration=calibration),
+                             keys=source.keys, values=source.values)
+    settings = DistillSettings(steps=1, eval_every=1, patience=0, batch_size=8)
+    adapter = compress_adapter(multi, model, tokenizer, QUERIES, prefix_len=12,
+                               distill=settings, teacher="calibrated",
+                               choices=[" negative", " positive"], dev_size=8,
+                               progress=False)
+    firsts = answer_ids(tokenizer, None, [" negative", " positive"])
+    record = adapter.config.compression
+    assert record["distill"]["teacher"]["label_token_ids"] == firsts
+    assert record["dev"]["answer_token_ids"] == firsts
+    assert record["distill"]["settings"]["positions"] == "answer"
+    with pytest.raises(CompressError, match="are not the labels of the source"):
+        compress_adapter(multi, model, tokenizer, QUERIES, prefix_len=12, distill=settings,
+                         teacher="calibrated", choices=[" positive", " negative"],
+                         dev_size=8, progress=False)
+    with pytest.raises(CompressError, match="begin with different tokens"):
+        compress_adapter(multi, model, tokenizer, QUERIES, prefix_len=12, distill=settings,
+                         teacher="calibrated", dev_size=8, progress=False)
 
 
 def test_record_is_validated(source, distilled, tmp_path):

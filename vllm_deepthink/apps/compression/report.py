@@ -34,7 +34,7 @@ def _cell(row: dict[str, Any], name: str) -> str:
     if column is None:
         return "…"
     if "skipped" in column:
-        return "k≥L"
+        return "k≥L" if column["skipped"].startswith("k >= L") else "refused†"
     agreement = row.get("agreement", {}).get(name)
     k = f" k={column['k']}" if "k" in column and name != "source" else ""
     return _pct(column["acc"]) + (f" ({100 * agreement:.0f}%{k})" if agreement is not None
@@ -74,6 +74,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         s = row["settings"]
         lines.append(f"| {row['row']['key']} (n={s['n_test']}) | {s['source_len']} | "
                      + " | ".join(_cell(row, n) for n in names) + " |")
+    refused = [(row["row"]["key"], n, c["skipped"]) for row in rows
+               for n, c in row["columns"].items()
+               if "skipped" in c and not c["skipped"].startswith("k >= L")]
+    if refused:
+        lines += [""] + [f"† {key} {name}: {why}" for key, name, why in refused]
     lines += ["", "## Means over (task, seed) pairs", "",
               "Mean accuracy difference in points with a 95% bootstrap interval over the "
               "pairs; `+dev`: each adapter with its own dev-prior calibration (the "

@@ -227,6 +227,7 @@ def compute_row(spec: RowSpec, ctx, options: TableOptions, out: Path,
     `deadline` (time.time())."""
     from vllm_deepthink.apps.compression import paired
     from vllm_deepthink.apps.results.checkpoints import write_json_atomic
+    from vllm_deepthink.producers.compress import CompressError
 
     write = write or write_json_atomic
     path = Path(out) / "json" / f"{spec.key}.json"
@@ -259,7 +260,12 @@ def compute_row(spec: RowSpec, ctx, options: TableOptions, out: Path,
         if deadline is not None and time.time() > deadline:
             raise Deadline("time budget reached")
         t = time.perf_counter()
-        adapter = compress_column(column, source, ctx, inputs, options, shared)
+        try:
+            adapter = compress_column(column, source, ctx, inputs, options, shared)
+        except CompressError as exc:  # this row cannot have this column (e.g. its labels)
+            data["columns"][column.name] = {"skipped": str(exc)}
+            write(path, data)
+            continue
         if adapter is None:
             data["columns"][column.name] = {"skipped": f"k >= L = {source.prefix_len}"}
             write(path, data)

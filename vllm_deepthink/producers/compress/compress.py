@@ -66,13 +66,19 @@ def split_queries(count: int, dev_size: int | None, seed: int) -> tuple[list[int
     return order[dev_size:], order[:dev_size]
 
 
-def _answer_ids(tokenizer, source_calibration, choices) -> list[int] | None:
+def answer_ids(tokenizer, source_calibration, choices) -> list[int] | None:
+    """The answer tokens, one per label in label order: the label's token when each is
+    one token, else each label's first token when those differ; None otherwise. A label's
+    probability after the query is its first token's times the rest's given that token,
+    so the first tokens decide between the labels, and a bias on a first token scales its
+    label's probability alone."""
     if source_calibration and source_calibration.get("label_token_ids"):
         return list(source_calibration["label_token_ids"])
-    if choices:
+    if choices:  # as the query is followed (label_words are kept without their space)
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
-        if all(len(i) == 1 for i in ids):
-            return [i[0] for i in ids]
+        first = [i[0] for i in ids if i]
+        if len(first) == len(ids) and len(set(first)) == len(first):
+            return first
     return None
 
 
@@ -114,14 +120,15 @@ def _source_digest(adapter: DeepThinkAdapter) -> str:
     return adapter.digest or hashlib.sha256(adapter.to_safetensors_bytes()).hexdigest()
 
 
-def _make_teacher(teacher, adapter, source_prefix, calibration_prior) -> teachers.Teacher:
+def _make_teacher(teacher, adapter, source_prefix, calibration_prior,
+                  answers) -> teachers.Teacher:
     if isinstance(teacher, teachers.Teacher):
         return teacher
     if teacher == "source":
         return teachers.source_teacher(source_prefix)
     if teacher == "calibrated":
         return teachers.calibrated_teacher(source_prefix, adapter.config.label_calibration,
-                                           calibration_prior)
+                                           calibration_prior, answers)
     raise CompressError(f"`teacher` must be 'source', 'calibrated' or a teachers.Teacher (e.g. "
                         f"teachers.ensemble_teacher of several seeds), found {teacher!r}")
 
@@ -180,26 +187,28 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
     train, dev = split_queries(len(queries), dev_size, seed)
     train_ids, dev_ids = [query_ids[i] for i in train], [query_ids[i] for i in dev]
     source_prefix = list(zip(adapter.keys, adapter.values))
+    words = (source.label_calibration or {}).get("label_words")
+    if words and choices and [w.strip() for w in words] != [c.strip() for c in choices]:
+        raise CompressError(f"`choices` {list(choices)} are not the labels of the source's "
+                            f"label_calibration {list(words)} (in that order)")
+    answers = answer_ids(tokenizer, source.label_calibration, choices)
     try:
-        the_teacher = _make_teacher(teacher, adapter, source_prefix, calibration_prior)
-    except teachers.TeacherError as exc:
-        raise CompressError(str(exc)) from None
-    answer_ids = _answer_ids(tokenizer, source.label_calibration, choices)
-    try:
-        teachers.check_answer_ids(the_teacher, answer_ids)
+        the_teacher = _make_teacher(teacher, adapter, source_prefix, calibration_prior,
+                                    answers)
+        teachers.check_answer_ids(the_teacher, answers)
     except teachers.TeacherError as exc:
         raise CompressError(str(exc)) from None
     if distill is not None:
         try:
-            distill = distill.resolved(answer_ids)
+            distill = distill.resolved(answers)
         except ValueError as exc:
             raise CompressError(str(exc)) from None
     top_k = distill.top_k if distill else 64
-    positions_mode = (distill or DistillSettings()).resolved(answer_ids).positions
+    positions_mode = (distill or DistillSettings()).resolved(answers).positions
 
     def targets(ids):
         return teachers.teacher_targets(model, the_teacher, ids, top_k=top_k,
-                                        answer_ids=answer_ids, batch_size=batch_size,
+                                        answer_ids=answers, batch_size=batch_size,
                                         progress=progress)
 
     # Attention scores do not depend on k: a caller compressing one source to several
@@ -225,11 +234,11 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
         # Each prefix's own label prior, from the train queries (labels unused), in the
         # same run of the teacher as their targets; the dev targets need the priors.
         the_teacher, train_targets = teachers.priors_and_targets(
-            model, the_teacher, train_ids, top_k=top_k, answer_ids=answer_ids,
+            model, the_teacher, train_ids, top_k=top_k, answer_ids=answers,
             batch_size=batch_size, progress=progress)
     dev_targets = targets(dev_ids)
     selected_dev = evaluate(model, list(zip(keys, values)), dev_ids, dev_targets,
-                            answer_ids=answer_ids, positions=positions_mode,
+                            answer_ids=answers, positions=positions_mode,
                             batch_size=batch_size)
     distill_record = None
     final_dev = selected_dev
@@ -237,7 +246,7 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
         if train_targets is None:
             train_targets = targets(train_ids)
         result = run_distill(model, keys, values, train_ids, train_targets, dev_ids,
-                             dev_targets, distill, answer_ids=answer_ids,
+                             dev_targets, distill, answer_ids=answers,
                              progress=progress, on_step=on_step)
         keys, values = result.keys, result.values
         best = next(e for e in result.trace if e["step"] == result.best_step)
@@ -266,7 +275,7 @@ def compress_adapter(adapter: DeepThinkAdapter, model, tokenizer, queries: Seque
                     **({"info": queries_info} if queries_info else {})},
         "distill": distill_record,
         "dev": {"teacher": the_teacher.name if distill else "source",
-                "answer_token_ids": answer_ids, "selection": selected_dev,
+                "answer_token_ids": answers, "selection": selected_dev,
                 "final": final_dev},
         "label_calibration": calibration_note,
         "seconds": round(time.perf_counter() - start, 3),

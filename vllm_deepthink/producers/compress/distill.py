@@ -7,7 +7,8 @@ positions, with the teacher's sparse targets (teachers.py). `positions`:
   last    each query's last position, the answer position (whole distribution);
   answer  the answer position over the answer tokens only (renormalized): the
           classification decision itself, which is what selection loses; the cheapest;
-  auto    "answer" when the answer tokens are known (one token per label), else "all".
+  auto    "answer" when the answer tokens are known (one per label: its token, or its
+          first token when the labels begin differently; compress.answer_ids), else "all".
 
 Adam on float32 copies of the K/V; every `eval_every` steps the dev queries give the KL
 and the agreement (the compressed prefix's answer equals the teacher's: argmax over the

@@ -73,29 +73,37 @@ def source_teacher(prefix: list[KV]) -> Teacher:
 
 
 def calibrated_teacher(prefix: list[KV], label_calibration: dict[str, Any] | None,
-                       prior: str = "content-free") -> Teacher:
+                       prior: str = "content-free",
+                       answer_ids: Sequence[int] | None = None) -> Teacher:
     """The source with its `prior` ("content-free" or "dev-prior") label prior divided
-    out at the answer position."""
+    out at the answer position, on the label tokens (`answer_ids`: compress.answer_ids,
+    each label's first token when labels are longer; default the calibration's
+    label_token_ids)."""
     from vllm_deepthink.tasks import calibration
 
-    token_ids = (label_calibration or {}).get("label_token_ids")
-    if not token_ids:
+    token_ids = list(answer_ids or (label_calibration or {}).get("label_token_ids") or [])
+    if not label_calibration or not token_ids:
         found = ("has none" if not label_calibration else
-                 "has one, but its labels are not one token each (label_token_ids is null)")
+                 "has one, but its labels have no answer tokens (not one token each, and "
+                 "their first tokens are not all different)")
         raise TeacherError(
-            "teacher 'calibrated' needs the source's label_calibration with one token per "
-            f"label (a Deep-Thinking adapter built from a classification task); the source "
-            f"{found}. Use teacher 'source'.")
+            "teacher 'calibrated' needs the source's label_calibration and one answer token "
+            "per label (a Deep-Thinking adapter built from a classification task whose "
+            f"labels are one token each or begin with different tokens); the source {found}. "
+            f"Use teacher 'source'.")
     if prior not in label_calibration:
         raise TeacherError(
             f"teacher 'calibrated': the source's label_calibration has no {prior!r} prior "
             f"(it has {sorted(k for k in label_calibration if k.endswith('prior') or '-' in k)}); "
             f"choose one of those.")
     log_prior = label_calibration[prior]["log_prior"]
+    if len(log_prior) != len(token_ids):
+        raise TeacherError(f"teacher 'calibrated': the {prior!r} prior has {len(log_prior)} "
+                           f"labels but there are {len(token_ids)} answer tokens")
     bias = calibration.logit_bias(token_ids, log_prior)
     return Teacher("calibrated", [prefix], answer_bias=bias,
                    info={"name": "calibrated", "prior": prior, "log_prior": log_prior,
-                         "label_token_ids": list(token_ids)})
+                         "label_token_ids": token_ids})
 
 
 def ensemble_teacher(model, tokenizer, task, source, seeds: Sequence[int],
@@ -156,8 +164,9 @@ def check_answer_ids(teacher: Teacher, answer_ids: Sequence[int] | None) -> None
     """A teacher that divides out each prefix's own label prior needs the answer tokens."""
     if teacher.query_priors and not answer_ids:
         raise TeacherError(f"teacher {teacher.name!r} divides out each draw's label prior "
-                           f"and needs one token per label (a classification task whose "
-                           f"labels are single tokens); use teacher 'ensemble'")
+                           f"and needs one answer token per label (a classification task "
+                           f"whose labels are one token each or begin with different "
+                           f"tokens); use teacher 'ensemble'")
 
 
 @torch.no_grad()
