@@ -110,3 +110,64 @@ def test_a_row_without_an_accuracy_table_row_is_refused(tmp_path):
 
     with pytest.raises(UsageError, match="vllm-deepthink results --rows smollm2-mr-s1"):
         results_row(tmp_path, RowSpec("smollm2", "mr", 1))
+
+
+def test_compute_row_records_a_refused_column_and_goes_on(tmp_path, monkeypatch):
+    """The row loop without an engine: a column the compressor refuses is recorded with
+    its reason, a column with k >= L is recorded as such, the others are computed, each
+    write is a checkpoint, and a second run recomputes nothing."""
+    from types import SimpleNamespace
+
+    from vllm_deepthink.apps.compression import run
+    from vllm_deepthink.apps.compression.specs import TableOptions
+    from vllm_deepthink.apps.results.specs import RowSpec
+    from vllm_deepthink.producers.compress import CompressError
+
+    labels = [0, 1, 1, 0]
+    table_row = {"selection": {"dt": {}}, "settings": {"split": "test"}, "labels": labels,
+                 "columns": {"icl+dev": {"predictions": [0, 1, 0, 0]}}}
+    inputs = run.RowInputs(task=None, inputs=None, plan=None, labels=labels, queries=[],
+                           queries_info={}, choices=None, indices=[0, 1, 2, 3])
+
+    def adapter(k):
+        return SimpleNamespace(prefix_len=k, keys=[k], values=[k], config=SimpleNamespace(
+            label_calibration=None, compression={"selection": {"positions": []}}))
+
+    def compress_column(column, source, ctx, inputs_, options, shared):
+        calls.append(column.name)
+        if column.name == "dist-L/8-cal":
+            raise CompressError("teacher 'calibrated' needs answer tokens")
+        k = column.prefix_len(source.prefix_len)
+        return None if column.name == "sel-16" else adapter(k)
+
+    def score(ctx, plan, keys, values, batch_size):  # the k-position adapter answers 1
+        return [[(0.0, 1), (1.0 if keys[0] != 32 else -1.0, 1)] for _ in labels]
+
+    calls, writes = [], []
+    monkeypatch.setattr(run, "results_row", lambda *a: table_row)
+    monkeypatch.setattr(run, "prepare", lambda *a: inputs)
+    monkeypatch.setattr(run, "rebuild_source", lambda *a: (adapter(32), {"recipe": "r"}))
+    monkeypatch.setattr(run, "compress_column", compress_column)
+    monkeypatch.setattr(run, "score", score)
+    options = TableOptions(data_dir=tmp_path, results_dir=tmp_path,
+                           columns=("sel-L/2", "sel-16", "dist-L/8-cal", "dist-16"))
+    spec = RowSpec("smollm2", "sst2", 0)
+
+    def write(path, data):
+        writes.append(sorted(data["columns"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data), encoding="utf-8")
+
+    data = run.compute_row(spec, None, options, tmp_path, write=write)
+    cols = data["columns"]
+    assert calls == ["sel-L/2", "sel-16", "dist-16", "dist-L/8-cal"]  # COLUMNS order
+    assert cols["dist-L/8-cal"] == {"skipped": "teacher 'calibrated' needs answer tokens"}
+    assert cols["sel-16"] == {"skipped": "k >= L = 32"}
+    assert cols["sel-L/2"]["k"] == 16 and cols["sel-L/2"]["acc"] == 0.5
+    assert cols["dist-16"]["predictions"] == [1, 1, 1, 1]
+    assert cols["source"]["predictions"] == [0, 0, 0, 0]
+    assert data["agreement"]["sel-L/2"] == 0.0 and "dist-L/8-cal" not in data["agreement"]
+    assert len(writes) == 5 and "dist-16" in writes[-1]  # the source, then every column
+    calls.clear()
+    again = run.compute_row(spec, None, options, tmp_path, write=write)
+    assert calls == [] and again["columns"] == json.loads(json.dumps(cols))

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from vllm_deepthink.format import (COMPRESSED, AdapterFormatError, DeepThinkAdapter,
                                    DeepThinkConfig, ModelFingerprint, check_fingerprint,
                                    torch_dtype)
