@@ -85,6 +85,25 @@ def test_report_cells_and_means():
     assert report.gains(rows, "sel-L/2", "icl+dev")[0] == pytest.approx(0.0)
 
 
+def test_report_means_per_model_when_the_table_holds_two():
+    rows = [_row("a", source=[0, 1, 0, 1, 1, 0, 0, 1], sel=[0, 1, 0, 1, 1, 0, 1, 0],
+                 icl_dev=[1, 1, 0, 1, 1, 0, 0, 0]),
+            _row("b", source=[0, 1, 0, 1, 1, 0, 0, 1], sel=[0, 1, 0, 1, 1, 0, 0, 1],
+                 icl_dev=[1, 1, 0, 1, 1, 0, 0, 0])]
+    rows[0]["row"]["model"], rows[1]["row"]["model"] = "m1", "m2"
+    assert "### m1" not in report.markdown(rows[:1])
+    lines = report.markdown(rows).splitlines()
+    sections = [i for i, l in enumerate(lines) if l.startswith("### ")]
+    assert [lines[i] for i in sections] == ["### All rows", "### m1", "### m2"]
+
+    def sel_mean(section):
+        return next(l for l in lines[section:] if l.startswith("| sel-L/2 |"))
+
+    assert "-12.5 [-25.0, +0.0] (n=2)" in sel_mean(sections[0])
+    assert "| -25.0 (n=1) |" in sel_mean(sections[1])
+    assert "| +0.0 (n=1) |" in sel_mean(sections[2])
+
+
 def _args(tmp_path, *argv):
     parser = argparse.ArgumentParser()
     add_cli_args(parser)

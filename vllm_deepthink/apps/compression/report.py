@@ -56,6 +56,8 @@ def _gain(summary) -> str:
     if summary is None:
         return "–"
     mean, lo, hi, n = summary
+    if n < 2:  # no interval over one pair (the row's own paired interval is in its JSON)
+        return f"{100 * mean:+.1f} (n={n})"
     return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (n={n})"
 
 
@@ -82,9 +84,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += ["", "## Means over (task, seed) pairs", "",
               "Mean accuracy difference in points with a 95% bootstrap interval over the "
               "pairs; `+dev`: each adapter with its own dev-prior calibration (the "
-              "label_calibration it carries).", "",
-              "| column | vs source | vs calibrated ICL (icl+dev) | +dev vs icl+dev | "
-              "agreement | build s (mean) |", "|---|---|---|---|---|---|"]
+              "label_calibration it carries). All rows first, then each model's rows "
+              "when the table holds more than one model.", ""]
+    lines += _means("All rows", rows)
+    models = list(dict.fromkeys(_model(r) for r in rows))
+    if len(models) > 1:
+        for model in models:
+            lines += [""] + _means(model, [r for r in rows if _model(r) == model])
+    return "\n".join(lines) + "\n"
+
+
+def _model(row: dict[str, Any]) -> str:
+    return row["row"].get("model", "?")
+
+
+def _means(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    """A means table over `rows`: each column against the source and calibrated ICL."""
+    lines = [f"### {title}", "",
+             "| column | vs source | vs calibrated ICL (icl+dev) | +dev vs icl+dev | "
+             "agreement | build s (mean) |", "|---|---|---|---|---|---|"]
     for name in ["source"] + list(COLUMN_NAMES):
         have = [r for r in rows if "acc" in r["columns"].get(name, {})]
         if not have:
@@ -98,7 +116,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                  f"{100 * sum(agree) / len(agree):.1f}%" if agree else "–",
                  f"{sum(build) / len(build):.0f}" if build else "–"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -109,8 +127,10 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     markers = {"source": "o", "calibrated": "s", "ensemble": "^", "ensemble-calibrated": "v"}
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 17 rows: no colour twice
+    styles = {m: s for m, s in zip(dict.fromkeys(_model(r) for r in rows), ["-", "--", ":"])}
     for row in rows:
         source = row["columns"].get("source", {}).get("acc")
         if source is None:
@@ -119,7 +139,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
         sel = sorted((c["k"] / L, 100 * (c["acc"] - source)) for n, c in row["columns"].items()
                      if n.startswith("sel-") and "acc" in c)
         if sel:
-            line, = ax.plot(*zip(*sel), "-", alpha=0.6, label=row["row"]["key"])
+            line, = ax.plot(*zip(*sel), styles.get(_model(row), "-"), alpha=0.6,
+                            label=row["row"]["key"])
             color = line.get_color()
             for n, c in row["columns"].items():
                 if n.startswith("dist-") and "acc" in c:
@@ -132,7 +153,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     ax.set_title("Selection (lines); distilled: ● source, ■ calibrated, ▲ ensemble, "
                  "▼ calibrated ensemble teacher", fontsize=9)
     if rows:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
