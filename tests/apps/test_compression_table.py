@@ -82,6 +82,11 @@ def test_report_cells_and_means():
     assert "† r1 dist-L/8-cal: teacher 'calibrated' needs ..." in text.splitlines()
     mean = next(l for l in text.splitlines() if l.startswith("| sel-L/2 |"))
     assert "-25.0 [-25.0, -25.0] (n=3)" in mean and "| 75.0% | 3 |" in mean
+    assert mean.split(" | ")[3] == "–"  # no column carries a dev-prior accuracy here
+    for r in rows:  # sel-L/2+dev answers every item right; source+dev 7 of 8
+        r["columns"]["sel-L/2"]["acc_dev"], r["columns"]["source"]["acc_dev"] = 1.0, 0.875
+    mean = next(l for l in report.markdown(rows).splitlines() if l.startswith("| sel-L/2 |"))
+    assert mean.split(" | ")[3] == "+12.5 [+12.5, +12.5] (n=3)"
     assert report.gains(rows, "sel-L/2", "icl+dev")[0] == pytest.approx(0.0)
 
 

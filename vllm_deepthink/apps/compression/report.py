@@ -84,7 +84,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += ["", "## Means over (task, seed) pairs", "",
               "Mean accuracy difference in points with a 95% bootstrap interval over the "
               "pairs; `+dev`: each adapter with its own dev-prior calibration (the "
-              "label_calibration it carries). All rows first, then each model's rows "
+              "label_calibration it carries; `+dev vs source+dev` asks what a column loses "
+              "beyond a shift of the label prior). All rows first, then each model's rows "
               "when the table holds more than one model.", ""]
     lines += _means("All rows", rows)
     models = list(dict.fromkeys(_model(r) for r in rows))
@@ -101,8 +102,9 @@ def _model(row: dict[str, Any]) -> str:
 def _means(title: str, rows: list[dict[str, Any]]) -> list[str]:
     """A means table over `rows`: each column against the source and calibrated ICL."""
     lines = [f"### {title}", "",
-             "| column | vs source | vs calibrated ICL (icl+dev) | +dev vs icl+dev | "
-             "agreement | build s (mean) |", "|---|---|---|---|---|---|"]
+             "| column | vs source | vs calibrated ICL (icl+dev) | +dev vs source+dev | "
+             "+dev vs icl+dev | agreement | build s (mean) |",
+             "|---|---|---|---|---|---|---|"]
     for name in ["source"] + list(COLUMN_NAMES):
         have = [r for r in rows if "acc" in r["columns"].get(name, {})]
         if not have:
@@ -112,6 +114,7 @@ def _means(title: str, rows: list[dict[str, Any]]) -> list[str]:
                  if (b := r["columns"][name].get("seconds", {}).get("build")) is not None]
         cells = [_gain(gains(have, name, "source")) if name != "source" else "–",
                  _gain(gains(have, name, "icl+dev")),
+                 _gain(gains(have, name + "+dev", "source+dev")) if name != "source" else "–",
                  _gain(gains(have, name + "+dev", "icl+dev")),
                  f"{100 * sum(agree) / len(agree):.1f}%" if agree else "–",
                  f"{sum(build) / len(build):.0f}" if build else "–"]
