@@ -166,6 +166,7 @@ def test_search_bookkeeping(monkeypatch, tiny_llama_loaded):
     summary = selection.summary
     # ema and momentum tie at 0.62: the earlier candidate in the grid wins
     assert summary["best_run"] == grid[1].name and selection.iteration == 3
+    assert candidates.selected_dev_acc(summary) == 0.62 == summary["best_dev_acc"]
     assert summary["guard"]["discordant"] == [0, 12] and summary["guard"]["passed"]
     assert [c["name"] for c in summary["candidates"]] == [c.name for c in grid]
     assert [len(c["trace"]) for c in summary["candidates"]] == [4, 4, 4]
@@ -195,6 +196,11 @@ def test_guard_keeps_plain_icl(monkeypatch, tiny_llama_loaded):
     selection = candidates.choose(runs, icl, policy)
     assert runs[0].best_iteration == 2 and selection.iteration == 1
     assert not selection.summary["guard"]["passed"]
+    # the kept iteration's dev accuracy is T=1's, not the best iteration's
+    assert selection.summary["best_dev_acc"] == 0.52
+    assert candidates.selected_dev_acc(selection.summary) == 0.50
+    written_before = {k: v for k, v in selection.summary.items() if k != "selected_dev_acc"}
+    assert candidates.selected_dev_acc(written_before) == 0.50
     keys, _ = steps_of(model, tokenizer, search.PUBLISHED, 1)
     assert all(torch.equal(a, b) for a, b in zip(selection.keys, keys))
     relaxed = candidates.choose(runs, icl, SelectionPolicy(guard_k=0.0))

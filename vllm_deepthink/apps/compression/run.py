@@ -104,7 +104,7 @@ def rebuild_source(spec: RowSpec, ctx, row: dict[str, Any], inputs: RowInputs):
     """(the source adapter with its label_calibration, its dev check)."""
     import torch
 
-    from vllm_deepthink.producers.deepthink import builder, dev_scoring, search
+    from vllm_deepthink.producers.deepthink import builder, candidates, dev_scoring, search
 
     selection = row["selection"][source_name(row)]
     grid = search.search_grid(search.position_modes(ctx.model.config))
@@ -126,7 +126,7 @@ def rebuild_source(spec: RowSpec, ctx, row: dict[str, Any], inputs: RowInputs):
     adapter.config.label_calibration = dev_scoring.label_calibration(dev, result,
                                                                      build.label_words)
     check = {"recipe": selection["selected"], "iteration": selection["selected_iteration"],
-             "dev_acc": result.acc, "dev_acc_recorded": selection["best_dev_acc"]}
+             "dev_acc": result.acc, "dev_acc_recorded": candidates.selected_dev_acc(selection)}
     return adapter, check
 
 

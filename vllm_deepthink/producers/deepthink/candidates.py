@@ -177,5 +177,18 @@ def choose(runs: Sequence[CandidateRun], icl: tuple[DevResult | None, list, list
         selection = Selection(run, 1, icl_keys, icl_values, icl_dev, summary)
     summary["selected"] = run.candidate.name
     summary["selected_iteration"] = selection.iteration
+    summary["selected_dev_acc"] = selection.dev.acc if selection.dev is not None else None
     summary["candidates"] = [r.summary() for r in runs]
     return selection
+
+
+def selected_dev_acc(summary: dict[str, Any]) -> float | None:
+    """The dev accuracy of the iteration a selection summary (choose()) kept. Not
+    best_dev_acc: when the guard fails, the kept iteration is T=1, scored t1_dev_acc.
+    Summaries written before selected_dev_acc was recorded are read the same way."""
+    if "selected_dev_acc" in summary:
+        return summary["selected_dev_acc"]
+    if summary.get("select_on") != "dev":
+        return None
+    return (summary["t1_dev_acc"] if summary["selected_iteration"] == 1
+            else summary["best_dev_acc"])
