@@ -81,7 +81,6 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--out", default=str(HERE / "rotation_check.json"))
     args = parser.parse_args()
-    torch.manual_seed(0)
     rows = [check(Path(args.models_dir) / name) for name in args.models.split(",")]
     for row in rows:
         print(json.dumps(row))
