@@ -97,6 +97,11 @@ def test_report_means_per_model_when_the_table_holds_two():
                  icl_dev=[1, 1, 0, 1, 1, 0, 0, 0])]
     rows[0]["row"]["model"], rows[1]["row"]["model"] = "m1", "m2"
     assert "### m1" not in report.markdown(rows[:1])
+    header = report.markdown(rows).splitlines()[2]
+    assert "from results/compression/json/;" in header and "Distillation steps" not in header
+    rows[0]["settings"]["steps"], rows[1]["settings"]["steps"] = 240, 60
+    header = report.markdown(rows, "elsewhere/json").splitlines()[2]
+    assert "from elsewhere/json/;" in header and "Distillation steps: 60, 240 " in header
     lines = report.markdown(rows).splitlines()
     sections = [i for i, l in enumerate(lines) if l.startswith("### ")]
     assert [lines[i] for i in sections] == ["### All rows", "### m1", "### m2"]
@@ -195,3 +200,26 @@ def test_compute_row_records_a_refused_column_and_goes_on(tmp_path, monkeypatch)
     calls.clear()
     again = run.compute_row(spec, None, options, tmp_path, write=write)
     assert calls == [] and again["columns"] == json.loads(json.dumps(cols))
+
+
+def test_plot_draws_distilled_columns_of_a_table_without_selection(tmp_path, monkeypatch):
+    """A table of distilled columns only (e.g. `--columns dist-L/8 --out elsewhere`) still
+    plots each row, labelled, in one colour per row."""
+    from matplotlib.axes import Axes
+
+    calls = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: calls.append((a, kw))
+                        or real(self, *a, **kw))
+    rows = [_row(f"r{i}", source=[0, 1, 0, 1, 1, 0, 0, 1], sel=[0, 1, 0, 1, 1, 0, 1, 0],
+                 icl_dev=[1, 1, 0, 1, 1, 0, 0, 0]) for i in range(2)]
+    for r in rows:
+        r["columns"]["dist-L/8"] = dict(r["columns"].pop("sel-L/2"), teacher="source")
+        r["columns"]["dist-L/8-cal"] = dict(r["columns"]["dist-L/8"], teacher="calibrated")
+    report.plot(rows, tmp_path / "p.png")
+    drawn = [(a[2], kw) for a, kw in calls if len(a) == 3 and a[2] in ("o", "s")]
+    assert [m for m, _ in drawn] == ["o", "s", "o", "s"]
+    assert [kw["label"] for _, kw in drawn] == ["r0", None, "r1", None]
+    assert drawn[0][1]["color"] is None and drawn[1][1]["color"] is not None
+    assert drawn[1][1]["color"] != drawn[3][1]["color"]
+    assert (tmp_path / "p.png").stat().st_size > 0
